@@ -1,0 +1,298 @@
+"""Clean plain-text entries from GCIDE (the Collaborative International Dictionary of English).
+
+Debian's ``dict-gcide`` package ships the dictionary in dictd format: ``gcide.dict.dz`` (a
+gzip-compatible file holding every article one after another) and ``gcide.index`` (one line per
+headword: ``headword<TAB>base64 offset<TAB>base64 length``). Each article looks like::
+
+    Abacus \\Ab"a*cus\\ ([a^]b"[.a]*k[u^]s), n.; E. pl. {Abacuses}; L.
+       pl. {Abaci} (-s[imac]). [L. abacus, abax, Gr. 'a`bax]
+       1. A table or tray strewn with sand, anciently used for
+          drawing, calculating, etc. [Obs.]
+          [1913 Webster]
+
+and :func:`gcide_entries` turns it into one line such as
+``Abacus (n.): 1. A table or tray strewn with sand, anciently used for drawing, calculating,
+etc. (Obs.) 2. A calculating table ...``: the pronunciation, inflections and etymology are
+dropped, field labels such as ``(Arch.)`` are kept, quotations become ``"..." (Author)``.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import re
+import unicodedata
+from pathlib import Path
+
+from forgetless.errors import DataSourceError
+
+DEFAULT_PATH = "/usr/share/dictd/gcide.dict.dz"
+
+_INSTALL_HINT = "install it with: apt-get install dict-gcide"
+_B64 = {c: i for i, c in enumerate("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/")}
+
+# --- character entities such as [a^], ['e], [ae], [imac] -------------------------------------
+
+_COMBINING = {  # GCIDE accent mark -> Unicode combining character
+    "^": "\u0306",  # [a^] breve (postfix)
+    "=": "\u0304",  # [=a] macron
+    ".": "\u0307",  # [.a] dot above
+    "'": "\u0301",  # ['e] acute
+    "`": "\u0300",  # [`e] grave
+    '"': "\u0308",  # ["o] diaeresis
+    "~": "\u0303",  # [~e] tilde
+    "^p": "\u0302",  # [^o] circumflex (prefix form)
+    ",": "\u0327",  # [,c] cedilla
+}
+_NAMED = {
+    "ae": "æ", "AE": "Æ", "oe": "œ", "OE": "Œ", "=ae": "ǣ", "=oe": "œ", "=oo": "oo", "oo^": "oo",
+    "imac": "ī", "aum": "ä", "add": "a", "asl": "a", "udd": "u", "eth": "ð", "thorn": "þ",
+    "ng": "ŋ", "yogh": "ȝ", "th": "th", "root": "√", "cuberoot": "∛", "deg": "°", "min": "′",
+    "sec": "″", "bprime": "″", "sect": "§", "para": "¶", "pounds": "£", "times": "×", "divby": "÷",
+    "middot": "·", "nbsp": " ", "ldqo": "“", "rdqo": "”", "dagger": "†", "dag": "†", "rarr": "→",
+    "hand": "☞", "flat": "♭", "sharp": "♯", "natural": "♮", "crescent": "☾", "filig": "fi",
+    "ffllig": "ffl", "break": "", "asper": "ʽ", "dsdot": "ḍ", "lsdot": "ḷ", "zdot": "ż", "mdot": "ṁ",
+    "tsdo": "ṭ", "sb": "", "colret": "", "lbrace2": "{", "rbrace2": "}", "?": "?",
+    "alpha": "α", "beta": "β", "gamma": "γ", "Gamma": "Γ", "delta": "δ", "Delta": "Δ",
+    "epsilon": "ε", "digamma": "ϝ", "eta": "η", "theta": "θ", "iota": "ι", "kappa": "κ",
+    "lambda": "λ", "Lambda": "Λ", "mu": "μ", "nu": "ν", "xi": "ξ", "omicron": "ο", "pi": "π",
+    "Pi": "Π", "rho": "ρ", "sigma": "σ", "sigmat": "ς", "tau": "τ", "upsilon": "υ", "Upsilon": "Υ",
+    "phi": "φ", "chi": "χ", "Chi": "Χ", "psi": "ψ", "omega": "ω",
+}
+_ENTITY = re.compile(r"\[([^\[\]\s]{1,9})\]")
+
+
+def _entity(match: re.Match[str]) -> str:
+    """Replace one ``[..]`` entity with its character; leave anything else (``[Obs.]``) as is."""
+    code = match.group(1)
+    if code in _NAMED:
+        return _NAMED[code]
+    if len(code) == 2 and code[0] in "=.'`\"~,-*" and code[1].isalpha():  # [=a] ['e] [-o] [*a]
+        base, mark = code[1], code[0]
+    elif len(code) == 2 and code[0] == "^" and code[1].isalpha():  # [^o]
+        base, mark = code[1], "^p"
+    elif len(code) == 2 and code[1] == "^" and code[0].isalpha():  # [a^]
+        base, mark = code[0], "^"
+    else:
+        return match.group(0)
+    accent = _COMBINING.get(mark, "")
+    return unicodedata.normalize("NFC", base + accent)
+
+
+# --- article structure ------------------------------------------------------------------------
+
+_SOURCE_TAG = re.compile(
+    r"\[\s*(?:(?:1913 Webster|Webster 1913 Suppl\.|WordNet 1\.[56]|WordNet sense [\d ,&+]+|"
+    r"PJC\.?|AS|RDH|RHUD|RP|GG|JG|CM|PC|MW10|MI11|WE1|Century Dict(?:ionary)?\.?,? ?(?:1906)?\.?)"
+    r"\s*\+?\s*)+\]"
+)
+# Index words dictd appended after an article's last tag, e.g. "[1913 Webster] Tergeminal".
+_TRAILING_JUNK = re.compile(r"(?<=[.\])])[ \t]+[\w'\- ]+(?:\n[ \t]*[\w'\- ]+)*\s*\Z")
+_HEADWORD = re.compile(r"[ \t]*([^\s\\{}\[\]][^\\{}\[\]]*?)\s*\\[^\\]*\\")
+_NEXT_HEADWORD = re.compile(r"[ \t]*,?[ \t]*\n(?=[^\s\\{}\[\]][^\\\n]*\\)")
+_LABEL = re.compile(r"\((?:[A-Z][\w\u00C0-\u024F]*\.?[ ,&]*)+\)")
+_POS_WORDS = frozenset(
+    "n a v t i pl adv adj prop p pr sing prep interj conj pron imp vb superl compar pref suff "
+    "prefix suffix prenom pred fem masc pers pres dim poss impers inf abbr abbrev obs sym pp pret "
+    "imperf dat acc E L".split()
+)
+_ABBREV = re.compile(r"([A-Za-z]+)\.")
+_CITATION = re.compile(r"(?<=\s)--(?=[A-Z])([^\n]*?)\.?[ \t]*$", re.MULTILINE)
+_SENSE_START = re.compile(r"\s*(?:\d+\.|\([a-z]\)|Note:|Syn:)")
+
+
+def _balanced(text: str, pos: int, open_: str, close: str) -> int:
+    """Return the index just past the bracket group starting at ``text[pos]`` (or -1)."""
+    depth = 0
+    for i in range(pos, min(len(text), pos + 2000)):
+        ch = text[i]
+        if ch == open_:
+            depth += 1
+        elif ch == close:
+            depth -= 1
+            if depth == 0:
+                return i + 1
+    return -1
+
+
+def _parse_header(article: str) -> tuple[list[str], str, list[str], int] | None:
+    """Split off the header: (headwords, part of speech, field labels, index where the body starts).
+
+    Returns None for articles that do not open with ``Headword \\pron\\`` (a handful of stray
+    fragments in the dictd file).
+    """
+    headwords: list[str] = []
+    pos = 0
+    while True:
+        m = _HEADWORD.match(article, pos)
+        if not m:
+            break
+        headwords.append(" ".join(m.group(1).split()))
+        pos = m.end()
+        resp = re.match(r"[ \t]*\(", article[pos:])
+        if resp:  # the respelled pronunciation right after \pron\, unless it is a label
+            start = pos + resp.end() - 1
+            end = _balanced(article, start, "(", ")")
+            if end > 0 and not _LABEL.fullmatch(article[start:end]):
+                pos = end
+        nxt = _NEXT_HEADWORD.match(article, pos)
+        if not nxt:
+            break
+        pos = nxt.end()
+    if not headwords:
+        return None
+
+    pos_words: list[str] = []
+    labels: list[str] = []
+    pos_open = True  # still reading the part of speech ("v. t.")
+    while pos < len(article):
+        m = re.compile(r"[ \t,;&:]*(\n\s*)?").match(article, pos)
+        at_line_start = bool(m.group(1)) if m else False
+        if m and m.end() > pos:
+            if ";" in m.group(0) or (pos_words and "," in m.group(0)):
+                pos_open = False
+            pos = m.end()
+        if pos >= len(article):
+            break
+        ch = article[pos]
+        if ch in "[{":
+            end = _balanced(article, pos, ch, "]" if ch == "[" else "}")
+            if end < 0:
+                break
+            inner = article[pos + 1 : end - 1].strip()
+            if ch == "[" and re.fullmatch(r"[A-Z][\w.]*\.?", inner):  # [Obs.], [R.], [Colloq.]
+                labels.append(f"({inner})")
+            pos_open = False
+            pos = end
+            continue
+        if ch == "(":
+            end = _balanced(article, pos, "(", ")")
+            if end < 0:
+                break
+            group = article[pos:end]
+            if _LABEL.fullmatch(group):
+                labels.append(group)
+            elif at_line_start:  # "(a) The uppermost ..." starts the body
+                break
+            pos_open = False
+            pos = end
+            continue
+        m = _ABBREV.match(article, pos)
+        if m and m.group(1) in _POS_WORDS:
+            if pos_open:
+                pos_words.append(m.group(0))
+            pos = m.end()
+            continue
+        break
+    return headwords, " ".join(pos_words), labels, pos
+
+
+def _quote_paragraph(paragraph: str) -> str:
+    """Render an indented quotation block as ``"text" (Author)``."""
+    text = " ".join(paragraph.split())
+    m = re.search(r"\s--(?=[A-Z])(.*)$", " " + text)
+    if m:
+        author = m.group(1).rstrip(". ")
+        text = (" " + text)[: m.start()].strip()
+        return f'"{text}" ({author})'
+    return f'"{text}"'
+
+
+def _clean_body(body: str) -> str:
+    """Turn the body of an article (definitions, notes, quotations) into one plain-text line."""
+    paragraphs = re.split(r"\n[ \t]*\n", body)
+    parts: list[str] = []
+    for paragraph in paragraphs:
+        if not paragraph.strip():
+            continue
+        first = paragraph.lstrip("\n")
+        indent = len(first) - len(first.lstrip(" "))
+        if indent >= 8 and not _SENSE_START.match(first):
+            parts.append(_quote_paragraph(paragraph))
+        else:
+            parts.append(_CITATION.sub(lambda m: f"({m.group(1).strip()})", paragraph))
+    text = " ".join(parts)
+    text = re.sub(r"\\[^\\]*\\", "", text)  # pronunciations of run-on entries
+    text = text.replace("\\", "").replace("{", "").replace("}", "")
+    text = re.sub(r"\[([^\[\]]*)\]", r"(\1)", text)  # [Obs.] -> (Obs.), [Written also x.]
+    text = text.replace("[", "(").replace("]", ")")
+    return _tidy(text)
+
+
+def _tidy(text: str) -> str:
+    """Collapse whitespace and fix spacing around punctuation."""
+    text = " ".join(text.split())
+    text = re.sub(r"\s+([,;:.!?)])", r"\1", text)
+    text = re.sub(r"\(\s+", "(", text)
+    text = re.sub(r"\(\s*\)", "", text)
+    return " ".join(text.split())
+
+
+def clean_article(article: str) -> str | None:
+    """Clean one raw dictd article into ``"Headword (pos.): definitions"``; None if unusable."""
+    article = article.replace("\ufffd", "'")  # three stray cp1252 apostrophes in the file
+    article = _ENTITY.sub(_entity, article)
+    article = _TRAILING_JUNK.sub("", article.rstrip())
+    article = _SOURCE_TAG.sub("", article)
+    header = _parse_header(article)
+    if header is None:
+        return None
+    headwords, pos, labels, body_start = header
+    body = _clean_body(article[body_start:])
+    if labels:
+        body = _tidy(" ".join(labels) + " " + body)
+    if not body or not re.search(r"[A-Za-z]", body):
+        return None
+    name = ", ".join(dict.fromkeys(headwords))
+    return f"{name} ({pos}): {body}" if pos else f"{name}: {body}"
+
+
+def _b64(value: str) -> int:
+    """Decode a dictd base64 number (most significant digit first)."""
+    number = 0
+    for ch in value:
+        number = number * 64 + _B64[ch]
+    return number
+
+
+def _article_spans(index_path: Path) -> list[tuple[int, int]]:
+    """Unique (offset, length) pairs from the .index file in file order, minus 00-* headers."""
+    spans: set[tuple[int, int]] = set()
+    skipped: set[tuple[int, int]] = set()
+    with open(index_path, encoding="utf-8", errors="replace") as handle:
+        for line in handle:
+            fields = line.rstrip("\n").split("\t")
+            if len(fields) < 3:
+                continue
+            span = (_b64(fields[1]), _b64(fields[2]))
+            (skipped if fields[0].startswith("00-") else spans).add(span)
+    return sorted(spans - skipped)
+
+
+def gcide_entries(path: str | os.PathLike = DEFAULT_PATH, limit: int | None = None) -> list[str]:
+    """Return one clean plain-text string per GCIDE dictionary article, in dictionary order.
+
+    ``path`` is the dictd ``gcide.dict.dz`` file (``gcide.index`` must lie beside it); ``limit``
+    stops after that many entries. Raises DataSourceError when the files are missing or empty.
+    """
+    dict_path = Path(path)
+    index_path = dict_path.with_name(dict_path.name.split(".dict")[0] + ".index")
+    if not dict_path.is_file() or not index_path.is_file():
+        missing = dict_path if not dict_path.is_file() else index_path
+        raise DataSourceError(f"GCIDE dictionary file {missing} not found; {_INSTALL_HINT}")
+    try:
+        with gzip.open(dict_path, "rb") as handle:
+            data = handle.read()
+    except (OSError, EOFError) as exc:
+        raise DataSourceError(f"GCIDE file {dict_path} is unreadable ({exc}); {_INSTALL_HINT}") from exc
+
+    entries: list[str] = []
+    for offset, length in _article_spans(index_path):
+        if limit is not None and len(entries) >= limit:
+            break
+        entry = clean_article(data[offset : offset + length].decode("utf-8", errors="replace"))
+        if entry:
+            entries.append(entry)
+    if not entries:
+        raise DataSourceError(f"GCIDE file {dict_path} holds no entries; {_INSTALL_HINT}")
+    return entries

@@ -1,0 +1,95 @@
+"""Answer evaluation: greedy answers to prompts, exact match and token F1, held-out NLL."""
+
+from __future__ import annotations
+
+import math
+import re
+import string
+from collections import Counter
+
+import torch
+from torch import nn
+
+_PUNCT = str.maketrans("", "", string.punctuation)
+
+
+def normalize_answer(s: str) -> str:
+    """Lower-case, drop punctuation and articles, collapse spaces (SQuAD-style)."""
+    s = s.lower().translate(_PUNCT)
+    s = re.sub(r"\b(a|an|the)\b", " ", s)
+    return " ".join(s.split())
+
+
+def exact_match(pred: str, gold: str) -> float:
+    return float(normalize_answer(pred) == normalize_answer(gold))
+
+
+def token_f1(pred: str, gold: str) -> float:
+    p, g = normalize_answer(pred).split(), normalize_answer(gold).split()
+    if not p or not g:
+        return float(p == g)
+    common = sum((Counter(p) & Counter(g)).values())
+    if common == 0:
+        return 0.0
+    prec, rec = common / len(p), common / len(g)
+    return 2 * prec * rec / (prec + rec)
+
+
+def cut_answer(text: str) -> str:
+    """The answer part of a generated continuation: up to a newline, a new question or sentence end."""
+    text = text.split("\n", 1)[0]
+    text = re.split(r"\s(?:Question|Answer|Context):", text, maxsplit=1)[0]
+    text = re.split(r"(?<![A-Z])\.(?:\s|$)", text, maxsplit=1)[0]
+    return text.strip().rstrip(".,;").strip()
+
+
+@torch.no_grad()
+def greedy_answers(model: nn.Module, tokenizer, prompts: list[str], max_new_tokens: int = 10,
+                   batch_size: int = 64) -> list[str]:
+    """Greedy continuation of each prompt, cut to its answer (batched, left-padded, KV cache)."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    out: list[str] = []
+    tokenizer.padding_side = "left"
+    for i in range(0, len(prompts), batch_size):
+        chunk = prompts[i:i + batch_size]
+        enc = tokenizer(chunk, return_tensors="pt", padding=True).to(device)
+        gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+        new = gen[:, enc["input_ids"].shape[1]:]
+        out += [cut_answer(t) for t in tokenizer.batch_decode(new, skip_special_tokens=True)]
+    model.train(was_training)
+    return out
+
+
+def score_answers(preds: list[str], golds: list[str]) -> dict[str, float]:
+    n = max(len(golds), 1)
+    return {"exact_match": sum(map(exact_match, preds, golds)) / n,
+            "f1": sum(map(token_f1, preds, golds)) / n, "n": len(golds)}
+
+
+@torch.no_grad()
+def heldout_nll(model: nn.Module, ids: torch.Tensor, seq_len: int = 256, batch_size: int = 16,
+                max_tokens: int | None = None) -> dict[str, float]:
+    """Mean next-token NLL (nats/token) and perplexity over non-overlapping windows of a token stream."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    ids = ids[: max_tokens] if max_tokens else ids
+    n_win = (ids.numel() - 1) // seq_len
+    if n_win < 1:
+        raise ValueError("held-out text is shorter than one window.")
+    windows = ids[: n_win * seq_len + 1]
+    total, count = 0.0, 0
+    for s in range(0, n_win, batch_size):
+        e = min(n_win, s + batch_size)
+        x = torch.stack([windows[j * seq_len:(j + 1) * seq_len] for j in range(s, e)]).long().to(device)
+        y = torch.stack([windows[j * seq_len + 1:(j + 1) * seq_len + 1] for j in range(s, e)]).long().to(device)
+        logits = model(input_ids=x).logits.float()
+        total += nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1),
+                                             reduction="sum").item()
+        count += y.numel()
+    model.train(was_training)
+    nll = total / count
+    return {"nll": nll, "ppl": math.exp(nll), "tokens": count}

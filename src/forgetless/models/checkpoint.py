@@ -1,0 +1,175 @@
+"""Model folders: config.json + model.safetensors (+ tokenizer, memory statistics, extras).
+
+Never pickle. Loading rebuilds the architecture from config.json (re-inserting the memory
+layers recorded there), then loads the weights *strictly*: a missing or unexpected key is an
+error. (Hugging Face's ``from_pretrained`` would silently drop custom weights and rebuild a
+random MLP; see the dependency notes.)
+
+Writes are atomic: everything goes into a temporary sibling folder that is renamed into
+place only when complete, so an interrupted save never leaves a half-written checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ..errors import CheckpointError
+from .memory import CONFIG_KEY, MemoryPlacement, add_memory_layers, memory_layers
+
+WEIGHTS = "model.safetensors"
+CONFIG = "config.json"
+MEMORY_STATS = "memory_stats.safetensors"
+
+
+def atomic_folder(dest: str | os.PathLike, write: Callable[[Path], None]) -> Path:
+    """Run ``write(tmpdir)`` and move the result to ``dest`` in one rename (replacing it)."""
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+    try:
+        write(tmp)
+        old = None
+        if dest.exists():
+            old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
+            os.replace(dest, old)
+        os.replace(tmp, dest)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dest
+
+
+def write_json(path: str | os.PathLike, obj) -> None:
+    """Write JSON atomically (temp file + rename)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+    os.replace(tmp, path)
+
+
+def _state_dict_for_save(model: nn.Module, values_dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    sd = model.state_dict()
+    value_keys = {name + ".values" for name, m in model.named_modules() if m in set(memory_layers(model))}
+    out: dict[str, torch.Tensor] = {}
+    seen: dict[int, str] = {}
+    for k, v in sd.items():
+        ptr = v.untyped_storage().data_ptr() if v.numel() else None
+        if ptr is not None and ptr in seen and v.shape == sd[seen[ptr]].shape:
+            continue  # tied weight (e.g. lm_head = embed_tokens): stored once
+        if ptr is not None:
+            seen[ptr] = k
+        t = v.detach()
+        if values_dtype is not None and k in value_keys:
+            t = t.to(values_dtype)
+        out[k] = t.contiguous().cpu()
+    return out
+
+
+def save_model(
+    model: nn.Module,
+    out_dir: str | os.PathLike,
+    tokenizer=None,
+    memory_stats: dict[str, torch.Tensor] | None = None,
+    extra_json: dict[str, object] | None = None,
+    extra_files: dict[str, str | os.PathLike] | None = None,
+    values_dtype: torch.dtype | None = None,
+) -> Path:
+    """Save a (memory-augmented) HF causal LM as a plain folder, atomically.
+
+    ``values_dtype=torch.bfloat16`` stores memory value tables in bf16 (half the size);
+    they are cast back to the model's dtype on load.
+    """
+
+    def write(tmp: Path) -> None:
+        model.config.save_pretrained(tmp)
+        save_file(_state_dict_for_save(model, values_dtype), str(tmp / WEIGHTS), metadata={"format": "pt"})
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if memory_stats:
+            save_file({k: v.contiguous().cpu() for k, v in memory_stats.items()}, str(tmp / MEMORY_STATS))
+        for name, obj in (extra_json or {}).items():
+            (tmp / name).write_text(json.dumps(obj, indent=2) + "\n")
+        for name, src in (extra_files or {}).items():
+            shutil.copyfile(src, tmp / name)
+
+    return atomic_folder(out_dir, write)
+
+
+def build_from_config(config_dict: dict) -> nn.Module:
+    """Build an untrained HF causal LM (with its memory layers) from a config.json dict."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    d = dict(config_dict)
+    placement = d.pop(CONFIG_KEY, None)
+    model_type = d.pop("model_type", None)
+    if model_type is None:
+        raise CheckpointError("config.json has no model_type; this is not a Hugging Face model folder.")
+    config = AutoConfig.for_model(model_type, **d)
+    model = AutoModelForCausalLM.from_config(config)
+    if placement is not None:
+        add_memory_layers(model, placement=MemoryPlacement.from_dict(placement))
+    return model
+
+
+def load_model(model_dir: str | os.PathLike, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """Load a folder written by ``save_model``; strict about every weight."""
+    model_dir = Path(model_dir)
+    cfg_path, w_path = model_dir / CONFIG, model_dir / WEIGHTS
+    if not model_dir.is_dir():
+        raise CheckpointError(f"model folder {model_dir} does not exist.")
+    if not cfg_path.is_file() or not w_path.is_file():
+        raise CheckpointError(f"{model_dir} is not a model folder: it needs {CONFIG} and {WEIGHTS}.")
+    try:
+        config_dict = json.loads(cfg_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{cfg_path} is not valid JSON ({e}); the checkpoint is corrupt.") from None
+    try:
+        state = load_file(str(w_path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{w_path} cannot be read ({e}); the checkpoint is corrupt or truncated.") from None
+    model = build_from_config(config_dict)
+    tied = getattr(model.config, "tie_word_embeddings", False) or getattr(
+        model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config,
+        "tie_word_embeddings", False)
+    expected = set(model.state_dict())
+    missing = expected - set(state)
+    if tied:
+        missing.discard("lm_head.weight")
+    unexpected = set(state) - expected
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{w_path} does not match its config: missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}.")
+    sd = model.state_dict()
+    for k, v in state.items():
+        if v.shape != sd[k].shape:
+            raise CheckpointError(f"{w_path}: weight {k} has shape {tuple(v.shape)}, config expects {tuple(sd[k].shape)}.")
+        if v.is_floating_point() and not torch.isfinite(v).all():
+            raise CheckpointError(f"{w_path}: weight {k} holds NaN or infinite values; the checkpoint is corrupt.")
+    model.load_state_dict(state, strict=False)
+    if tied:
+        model.tie_weights()
+    model.to(dtype)
+    model.eval()
+    return model
+
+
+def load_memory_stats(model_dir: str | os.PathLike) -> dict[str, torch.Tensor] | None:
+    path = Path(model_dir) / MEMORY_STATS
+    if not path.is_file():
+        return None
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{path} cannot be read ({e}); the checkpoint is corrupt.") from None

@@ -1,0 +1,430 @@
+"""Product-key memory layer (Lample et al. 2019; Berges et al. 2024, "Memory Layers at Scale").
+
+One lookup, per head h and token x:
+
+    q      = norm(W_q x)                       query, split into halves q1, q2
+    s1, s2 = K1_h q1, K2_h q2                  scores against sqrt(N) sub-keys per half
+    I1, I2 = topk(s1, k), topk(s2, k)          k best sub-keys per half
+    cand   = s1[I1][:, None] + s2[I2][None, :] k*k candidate scores (exact: see tests)
+    I, s   = topk(cand, k)                     final k slots, index = i1 * sqrt(N) + i2
+    w      = softmax(s)
+    y      = sum_h sum_j w_hj V[I_hj]          one weighted bag over all heads' slots
+    out    = (y * silu(W1 x)) W2               "Memory+" gated output
+
+The value table V (N x v_dim) is read with ``F.embedding_bag(..., sparse=True)``, so
+its gradient is a sparse tensor over the rows actually read and an optimizer such as
+``torch.optim.SparseAdam`` (or the row-masked SGD of sparse memory finetuning)
+updates O(rows touched), never the whole table.
+
+Query normalisation is causal-safe: ``"layernorm"`` normalises each token on its own,
+``"whiten"`` uses running statistics gathered from *earlier* batches only (updated
+after the forward, over non-padding tokens), so no token sees statistics of padding
+or of tokens that come after it.
+
+Every lookup can be logged (``AccessLog``): per-slot read counts and per-document
+read frequencies, with padding masked. This is what TF-IDF slot selection needs.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import ConfigError
+
+QUERY_NORMS = ("none", "layernorm", "whiten")
+
+
+@dataclass
+class MemoryConfig:
+    """Shape and training behaviour of one product-key memory layer."""
+
+    n_keys: int = 256  # sub-keys per half; the memory has N = n_keys**2 slots
+    heads: int = 4
+    knn: int = 32  # k: slots read per head and token
+    k_dim: int = 128  # query/key width per head (two halves of k_dim/2)
+    v_dim: int | None = None  # value width; None = the model's hidden size
+    query_norm: str = "whiten"  # one of QUERY_NORMS
+    query_trainable: bool = True  # False freezes W_q at a random orthogonal init
+    whiten_momentum: float = 0.01
+    whiten_eps: float = 1e-3  # relative to the mean query variance
+    key_norm: bool = False  # unit-norm sub-keys (cosine scores): no slot wins by key length
+    learn_temperature: bool = False  # a learned per-head scale of the scores before the softmax
+    gated: bool = True  # Memory+ output (y * silu(W1 x)) W2
+    sparse_values: bool = True  # sparse gradient on the value table
+    value_init_std: float | None = None  # None = v_dim ** -0.5
+
+    def __post_init__(self) -> None:
+        if self.query_norm not in QUERY_NORMS:
+            raise ConfigError(f"memory.query_norm must be one of {QUERY_NORMS}, got {self.query_norm!r}.")
+        if self.k_dim % 2:
+            raise ConfigError(f"memory.k_dim must be even (two halves), got {self.k_dim}.")
+        if not 1 <= self.knn <= self.n_keys:
+            raise ConfigError(f"memory.knn must be between 1 and n_keys={self.n_keys}, got {self.knn}.")
+        if self.heads < 1 or self.n_keys < 2:
+            raise ConfigError("memory.heads must be >= 1 and memory.n_keys >= 2.")
+
+    @property
+    def n_slots(self) -> int:
+        return self.n_keys**2
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "MemoryConfig":
+        known = {f.name for f in fields(cls)}
+        bad = sorted(set(d) - known)
+        if bad:
+            raise ConfigError(f"unknown memory option(s) {bad}; expected some of {sorted(known)}.")
+        return cls(**d)
+
+
+class AccessLog:
+    """Per-slot read statistics of one memory layer, padding masked.
+
+    ``counts[i]``    number of reads of slot i (tokens x heads x k, not score-weighted)
+    ``doc_freq[i]``  number of documents (sequences of the batch) in which slot i was read
+    ``n_docs``       number of documents seen; ``n_batches`` number of forward passes
+    ``last_indices`` / ``last_weights`` the most recent lookup (flattened reads of valid tokens),
+    kept only when ``keep_last`` is set (sparse memory finetuning reads them).
+    """
+
+    def __init__(self, n_slots: int, per_doc: bool = False, keep_last: bool = False):
+        self.n_slots = n_slots
+        self.per_doc = per_doc
+        self.keep_last = keep_last
+        self.reset()
+
+    def reset(self) -> None:
+        self.counts = torch.zeros(self.n_slots, dtype=torch.long)
+        self.doc_freq = torch.zeros(self.n_slots, dtype=torch.long)
+        self.n_docs = 0
+        self.n_batches = 0
+        self.last_indices: torch.Tensor | None = None
+        self.last_weights: torch.Tensor | None = None
+        self.last_full: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    @torch.no_grad()
+    def record(self, indices: torch.Tensor, weights: torch.Tensor, mask: torch.Tensor | None) -> None:
+        """indices, weights: (B, T, H, k); mask: (B, T) bool of real tokens or None."""
+        b = indices.shape[0]
+        flat = indices.reshape(b, -1)
+        if mask is not None:
+            valid = mask[:, :, None, None].expand_as(indices).reshape(b, -1)
+        else:
+            valid = torch.ones_like(flat, dtype=torch.bool)
+        sel = flat[valid]
+        self.counts += torch.bincount(sel, minlength=self.n_slots).cpu()
+        if self.per_doc:
+            seen = torch.zeros(b, self.n_slots, dtype=torch.bool, device=indices.device)
+            seen.scatter_(1, torch.where(valid, flat, 0), valid)
+            has_tokens = valid.any(dim=1)
+            self.doc_freq += seen[has_tokens].sum(0).cpu()
+            self.n_docs += int(has_tokens.sum())
+        self.n_batches += 1
+        if self.keep_last:
+            self.last_indices = sel
+            self.last_weights = weights.reshape(b, -1)[valid].detach()
+            self.last_full = (indices.detach(), weights.detach())  # (B, T, H, k) each
+
+
+class WeightedBag(torch.autograd.Function):
+    """y[m] = sum_r w[m, r] * V[idx[m, r]], with a *coalesced* sparse gradient for V.
+
+    ``F.embedding_bag(..., sparse=True)`` returns one gradient row per read (tokens x heads
+    x k rows, often more than the table itself) that the optimizer must then coalesce.
+    Here the backward pass sums the reads of each touched row directly with one
+    sparse-dense product, so the gradient holds each touched row once: the cost is
+    O(reads + rows touched), never O(N).
+    """
+
+    @staticmethod
+    def forward(ctx, idx: torch.Tensor, w: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(idx, w, values)
+        return F.embedding_bag(idx, values, per_sample_weights=w.to(values.dtype), mode="sum")
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        idx, w, values = ctx.saved_tensors
+        grad = grad.to(values.dtype)
+        m, r = idx.shape
+        grad_w = grad_v = None
+        if ctx.needs_input_grad[1]:
+            grad_w = torch.empty(m, r, dtype=values.dtype, device=idx.device)
+            step = max(1, (1 << 24) // max(r * values.shape[1], 1))  # bound the gathered block
+            for s in range(0, m, step):
+                grad_w[s:s + step] = torch.einsum("mrd,md->mr", values[idx[s:s + step]], grad[s:s + step])
+            grad_w = grad_w.to(w.dtype)
+        if ctx.needs_input_grad[2]:
+            rows, inverse = torch.unique(idx.reshape(-1), return_inverse=True)
+            tokens = torch.arange(m, device=idx.device).repeat_interleave(r)
+            reads = torch.sparse_coo_tensor(torch.stack([inverse, tokens]), w.reshape(-1).to(values.dtype),
+                                            (rows.numel(), m), check_invariants=False)
+            row_grad = torch.sparse.mm(reads, grad)
+            grad_v = torch.sparse_coo_tensor(rows[None], row_grad, values.shape, is_coalesced=True,
+                                             check_invariants=False)
+        return None, grad_w, grad_v
+
+
+def _orthogonal_(w: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Fill a (out, in) matrix with a random (semi-)orthogonal one, scaled like a default Linear."""
+    a = torch.randn(max(w.shape), min(w.shape), generator=generator)
+    q, r = torch.linalg.qr(a)
+    q = q * torch.sign(torch.diagonal(r))
+    q = q if w.shape[0] >= w.shape[1] else q.T
+    with torch.no_grad():
+        w.copy_(q[: w.shape[0], : w.shape[1]] * math.sqrt(w.shape[0] / max(w.shape[1], 1)))
+    return w
+
+
+class ProductKeyMemory(nn.Module):
+    """A product-key memory that maps (..., in_dim) -> (..., out_dim).
+
+    Submodule names avoid the Llama MLP names (gate_proj, up_proj, down_proj) so that
+    PEFT's "all-linear" targeting and HF weight loading never confuse the two.
+    """
+
+    def __init__(self, in_dim: int, out_dim: int, config: MemoryConfig | None = None):
+        super().__init__()
+        self.config = cfg = config or MemoryConfig()
+        self.in_dim, self.out_dim = in_dim, out_dim
+        self.v_dim = v_dim = cfg.v_dim or out_dim
+        half = cfg.k_dim // 2
+
+        self.mem_query = nn.Linear(in_dim, cfg.heads * cfg.k_dim, bias=False)
+        self.sub_keys = nn.Parameter(torch.empty(cfg.heads, 2, cfg.n_keys, half))
+        self.values = nn.Parameter(torch.empty(cfg.n_slots, v_dim))
+        if cfg.learn_temperature:
+            self.log_temperature = nn.Parameter(torch.zeros(cfg.heads))
+        if cfg.gated:
+            self.mem_gate = nn.Linear(in_dim, v_dim, bias=False)
+            self.mem_out = nn.Linear(v_dim, out_dim, bias=False)
+        elif v_dim != out_dim:
+            raise ConfigError("memory.v_dim must equal the output size when memory.gated is false.")
+        if cfg.query_norm == "whiten":
+            eye = torch.eye(half).expand(cfg.heads, 2, half, half).clone()
+            self.register_buffer("q_mean", torch.zeros(cfg.heads, 2, half))
+            self.register_buffer("q_cov", eye.clone())
+            self.register_buffer("q_whitener", eye)
+            self.register_buffer("q_stats_ready", torch.zeros((), dtype=torch.bool))
+        self.access_log: AccessLog | None = None
+        self.token_mask: torch.Tensor | None = None  # (B, T) bool, set by the host model's hook
+        self.reset_parameters()
+
+    # ------------------------------------------------------------------ init
+    def reset_parameters(self) -> None:
+        cfg = self.config
+        bound = 1.0 / math.sqrt(cfg.k_dim)
+        nn.init.uniform_(self.sub_keys, -bound, bound)
+        nn.init.normal_(self.values, std=cfg.value_init_std or self.v_dim**-0.5)
+        if cfg.query_trainable:
+            nn.init.kaiming_uniform_(self.mem_query.weight, a=math.sqrt(5))
+        else:
+            _orthogonal_(self.mem_query.weight)
+            self.mem_query.weight.requires_grad_(False)
+        if cfg.gated:
+            for lin in (self.mem_gate, self.mem_out):
+                nn.init.kaiming_uniform_(lin.weight, a=math.sqrt(5))
+
+    @property
+    def n_slots(self) -> int:
+        return self.config.n_slots
+
+    # ---------------------------------------------------------------- lookup
+    def _queries(self, x: torch.Tensor) -> torch.Tensor:
+        """(BT, in) -> normalised queries (BT, H, 2, half)."""
+        cfg = self.config
+        q = F.linear(x, self.mem_query.weight.float()).view(x.shape[0], cfg.heads, 2, cfg.k_dim // 2)
+        if cfg.query_norm == "layernorm":
+            q = F.layer_norm(q, q.shape[-1:])
+        elif cfg.query_norm == "whiten":
+            raw = q
+            # clones: the in-place statistics update below must not touch saved tensors
+            q = torch.einsum("nhsd,hsed->nhse", q - self.q_mean.clone(), self.q_whitener.clone())
+            if self.training:
+                self._update_whitener(raw.detach())
+        return q
+
+    @torch.no_grad()
+    def _update_whitener(self, raw: torch.Tensor) -> None:
+        """EMA of mean/covariance of the raw queries of valid tokens; used from the next batch on."""
+        if self.token_mask is not None:
+            raw = raw[self.token_mask.reshape(-1)]
+        if raw.shape[0] < 2:
+            return
+        mean = raw.mean(0)
+        centred = raw - mean
+        cov = torch.einsum("nhsd,nhse->hsde", centred, centred) / (raw.shape[0] - 1)
+        m = 1.0 if not bool(self.q_stats_ready) else self.config.whiten_momentum
+        self.q_mean.lerp_(mean, m)
+        self.q_cov.lerp_(cov, m)
+        self.q_stats_ready.fill_(True)
+        evals, evecs = torch.linalg.eigh(self.q_cov)
+        eps = self.config.whiten_eps * evals.mean(-1, keepdim=True).clamp_min(1e-12)
+        inv_sqrt = (evals.clamp_min(0) + eps).rsqrt()
+        self.q_whitener.copy_((evecs * inv_sqrt[..., None, :]) @ evecs.transpose(-1, -2))
+
+    def lookup(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-k slots of every head. x: (BT, in) -> (scores, indices), each (BT, H, k).
+
+        Scoring runs in fp32 even under autocast, so that top-k choices are exact."""
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            return self._lookup_fp32(x.float())
+
+    def _lookup_fp32(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        cfg = self.config
+        q = self._queries(x)
+        keys = self.sub_keys.float()
+        if cfg.key_norm:
+            keys = F.normalize(keys, dim=-1)
+        s1 = torch.einsum("nhd,hkd->nhk", q[:, :, 0], keys[:, 0])
+        s2 = torch.einsum("nhd,hkd->nhk", q[:, :, 1], keys[:, 1])
+        v1, i1 = s1.topk(cfg.knn, dim=-1)
+        v2, i2 = s2.topk(cfg.knn, dim=-1)
+        cand = (v1[..., :, None] + v2[..., None, :]).flatten(-2)  # (BT, H, k*k)
+        scores, best = cand.topk(cfg.knn, dim=-1)
+        rows = i1.gather(-1, torch.div(best, cfg.knn, rounding_mode="floor"))
+        cols = i2.gather(-1, best % cfg.knn)
+        return scores, rows * cfg.n_keys + cols
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        cfg = self.config
+        lead = x.shape[:-1]
+        flat = x.reshape(-1, x.shape[-1])
+        scores, indices = self.lookup(flat)
+        if self.config.learn_temperature:
+            scores = scores * self.log_temperature.exp()[:, None]
+        weights = scores.softmax(dim=-1)  # per head
+        if self.access_log is not None:
+            shape = (lead[0], -1, cfg.heads, cfg.knn) if len(lead) == 2 else (1, -1, cfg.heads, cfg.knn)
+            mask = self.token_mask if (self.token_mask is not None and len(lead) == 2) else None
+            self.access_log.record(indices.view(shape), weights.view(shape), mask)
+        idx2, w2 = indices.reshape(flat.shape[0], -1), weights.reshape(flat.shape[0], -1)
+        if cfg.sparse_values:
+            bag = WeightedBag.apply(idx2, w2, self.values)
+        else:
+            bag = F.embedding_bag(idx2, self.values, per_sample_weights=w2.to(self.values.dtype), mode="sum")
+        if cfg.gated:
+            out = self.mem_out(bag.to(flat.dtype) * F.silu(self.mem_gate(flat)))
+        else:
+            out = bag.to(flat.dtype)
+        return out.view(*lead, self.out_dim)
+
+
+class ParallelMemory(nn.Module):
+    """Keeps the original MLP and adds a memory beside it: out = mlp(x) + memory(x)."""
+
+    def __init__(self, mlp: nn.Module, memory: ProductKeyMemory):
+        super().__init__()
+        self.mlp = mlp
+        self.memory = memory
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mlp(x) + self.memory(x)
+
+
+@dataclass
+class MemoryPlacement:
+    """Where memory layers sit in a decoder: stored in the model's config.json."""
+
+    layers: list[int] = field(default_factory=lambda: [2])
+    mode: str = "replace"  # "replace" the MLP, or "parallel" (MLP + memory)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
+
+    def to_dict(self) -> dict:
+        return {"layers": list(self.layers), "mode": self.mode, "memory": self.memory.to_dict()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "MemoryPlacement":
+        mem = d.get("memory", {})
+        return cls(layers=list(d["layers"]), mode=d.get("mode", "replace"),
+                   memory=mem if isinstance(mem, MemoryConfig) else MemoryConfig.from_dict(mem))
+
+
+CONFIG_KEY = "forgetless_memory"
+
+
+def _decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The list of decoder blocks of an HF causal LM (Llama family: model.model.layers)."""
+    for path in ("model.layers", "model.model.layers", "transformer.h", "gpt_neox.layers"):
+        obj = model
+        try:
+            for part in path.split("."):
+                obj = getattr(obj, part)
+        except AttributeError:
+            continue
+        if isinstance(obj, nn.ModuleList):
+            return obj
+    raise ConfigError(f"cannot find the decoder layers of {type(model).__name__}; expected model.model.layers.")
+
+
+def memory_layers(model: nn.Module) -> list[ProductKeyMemory]:
+    """All product-key memories of a model, in layer order."""
+    return [m for m in model.modules() if isinstance(m, ProductKeyMemory)]
+
+
+def _capture_mask(module: nn.Module, args: tuple, kwargs: dict) -> None:
+    mask = kwargs.get("attention_mask")
+    ids = kwargs.get("input_ids", args[0] if args else None)
+    t = ids.shape[1] if isinstance(ids, torch.Tensor) and ids.dim() == 2 else None
+    tok = None
+    if isinstance(mask, torch.Tensor) and mask.dim() == 2 and t is not None:
+        tok = mask[:, -t:].bool()
+    for mem in memory_layers(module):
+        mem.token_mask = tok
+
+
+def _release_mask(module: nn.Module, args: tuple, kwargs: dict, output) -> None:
+    for mem in memory_layers(module):
+        mem.token_mask = None
+
+
+def add_memory_layers(
+    model: nn.Module,
+    layers: list[int] | None = None,
+    mode: str = "replace",
+    config: MemoryConfig | None = None,
+    placement: MemoryPlacement | None = None,
+) -> nn.Module:
+    """Swap a product-key memory into (mode="replace") or beside (mode="parallel") the MLP
+    of the given decoder layers of any HF decoder model, in place. The placement is
+    recorded in ``model.config`` so that ``save_model``/``load_model`` can rebuild it."""
+    placement = placement or MemoryPlacement(layers=list(layers or [2]), mode=mode, memory=config or MemoryConfig())
+    if placement.mode not in ("replace", "parallel"):
+        raise ConfigError(f"memory mode must be 'replace' or 'parallel', got {placement.mode!r}.")
+    blocks = _decoder_layers(model)
+    hidden = model.config.hidden_size
+    for i in placement.layers:
+        if not -len(blocks) <= i < len(blocks):
+            raise ConfigError(f"memory layer {i} does not exist: the model has {len(blocks)} decoder layers.")
+        mem = ProductKeyMemory(hidden, hidden, placement.memory)
+        old = blocks[i].mlp
+        mem.to(next(old.parameters()).device)
+        blocks[i].mlp = mem if placement.mode == "replace" else ParallelMemory(old, mem)
+    setattr(model.config, CONFIG_KEY, placement.to_dict())
+    if not getattr(model, "_forgetless_mask_hook", False):
+        model.register_forward_pre_hook(_capture_mask, with_kwargs=True)
+        model.register_forward_hook(_release_mask, with_kwargs=True)
+        model._forgetless_mask_hook = True
+    return model
+
+
+def memory_parameter_groups(model: nn.Module) -> dict[str, list[nn.Parameter]]:
+    """Split trainable parameters into memory values, memory keys+query, and the rest."""
+    groups: dict[str, list[nn.Parameter]] = {"values": [], "keys": [], "other": []}
+    mem_params = {}
+    for mem in memory_layers(model):
+        mem_params[id(mem.values)] = "values"
+        mem_params[id(mem.sub_keys)] = "keys"
+        mem_params[id(mem.mem_query.weight)] = "keys"
+        if mem.config.learn_temperature:
+            mem_params[id(mem.log_temperature)] = "keys"
+    for p in model.parameters():
+        if p.requires_grad:
+            groups[mem_params.get(id(p), "other")].append(p)
+    return groups

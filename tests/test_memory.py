@@ -1,0 +1,199 @@
+"""The product-key memory layer: exactness, gradients, sparse updates, access logging, save/load."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from forgetless.errors import CheckpointError, ConfigError
+from forgetless.models.checkpoint import load_model, save_model
+from forgetless.models.memory import (AccessLog, MemoryConfig, ProductKeyMemory, WeightedBag, add_memory_layers,
+                                      memory_layers, memory_parameter_groups)
+
+
+def exhaustive_scores(mem: ProductKeyMemory, x: torch.Tensor, float64: bool = False):
+    """Scores of all N = n*n full keys, slot i1*n + i2 = concatenation of sub-keys i1 and i2.
+
+    In float32 the score of a full key is computed as q1.k1 + q2.k2 (the same rounding as the
+    layer, so top-k must agree exactly); in float64 as one dot product with the concatenated key."""
+    cfg = mem.config
+    q = mem._queries(x.float())  # (BT, H, 2, half)
+    keys = mem.sub_keys.float()
+    if cfg.key_norm:
+        keys = F.normalize(keys, dim=-1)
+    n = cfg.n_keys
+    if float64:
+        full = torch.cat([keys[:, 0].repeat_interleave(n, dim=1), keys[:, 1].repeat(1, n, 1)], dim=-1)
+        return torch.einsum("bhd,hnd->bhn", q.flatten(-2).double(), full.double())
+    s1 = torch.einsum("bhd,hkd->bhk", q[:, :, 0], keys[:, 0])
+    s2 = torch.einsum("bhd,hkd->bhk", q[:, :, 1], keys[:, 1])
+    return (s1[..., :, None] + s2[..., None, :]).flatten(-2)
+
+
+@pytest.mark.parametrize("heads,knn,n_keys,norm,key_norm", [
+    (1, 4, 16, "none", False), (2, 8, 32, "layernorm", False), (4, 32, 64, "whiten", False),
+    (3, 16, 32, "whiten", True), (4, 32, 256, "layernorm", True)])
+def test_product_keys_equal_exhaustive_scoring(heads, knn, n_keys, norm, key_norm):
+    torch.manual_seed(heads * 100 + knn)
+    cfg = MemoryConfig(n_keys=n_keys, heads=heads, knn=knn, k_dim=16, query_norm=norm, key_norm=key_norm)
+    mem = ProductKeyMemory(24, 24, cfg)
+    mem.train()
+    mem(torch.randn(2, 50, 24))  # gives the whitener statistics
+    mem.eval()
+    x = torch.randn(300, 24)
+    scores, idx = mem.lookup(x)
+    ex_scores, ex_idx = exhaustive_scores(mem, x).topk(cfg.knn, dim=-1)
+    assert torch.equal(idx, ex_idx)
+    assert torch.equal(scores, ex_scores)
+    exact = exhaustive_scores(mem, x, float64=True)
+    torch.testing.assert_close(scores.double(), exact.topk(cfg.knn, dim=-1).values, rtol=1e-5, atol=1e-5)
+    assert idx.min() >= 0 and idx.max() < n_keys**2
+
+
+def test_gradients_reach_keys_query_values_and_gates():
+    torch.manual_seed(0)
+    mem = ProductKeyMemory(32, 32, MemoryConfig(n_keys=16, heads=2, knn=4, k_dim=16, learn_temperature=True,
+                                                   query_norm="layernorm"))
+    x = torch.randn(3, 7, 32)
+    _, idx = mem.lookup(x.reshape(-1, 32))
+    mem(x).square().sum().backward()
+    for name in ("sub_keys", "mem_query.weight", "mem_gate.weight", "mem_out.weight", "log_temperature"):
+        g = dict(mem.named_parameters())[name].grad
+        assert g is not None and g.abs().sum() > 0, name
+    g = mem.values.grad
+    assert g.is_sparse
+    # the sparse gradient holds exactly the rows that were read, each once
+    rows = g._indices()[0]
+    assert rows.unique().numel() == rows.numel()
+    assert set(rows.tolist()) == set(idx.flatten().tolist())
+
+
+def test_weighted_bag_matches_dense_autograd():
+    torch.manual_seed(1)
+    v = torch.randn(50, 8, requires_grad=True)
+    idx = torch.randint(0, 50, (20, 6))
+    w = torch.rand(20, 6, requires_grad=True)
+    g = torch.randn(20, 8)
+    WeightedBag.apply(idx, w, v).backward(g)
+    gv, gw = v.grad.to_dense().clone(), w.grad.clone()
+    v.grad, w.grad = None, None
+    (v[idx] * w[..., None]).sum(1).backward(g)
+    torch.testing.assert_close(gv, v.grad)
+    torch.testing.assert_close(gw, w.grad)
+
+
+def test_sparse_adam_touches_only_read_rows():
+    torch.manual_seed(2)
+    mem = ProductKeyMemory(16, 16, MemoryConfig(n_keys=32, heads=2, knn=4, k_dim=8)).eval()
+    opt = torch.optim.SparseAdam([mem.values], lr=0.1)
+    before = mem.values.detach().clone()
+    x = torch.randn(1, 5, 16)
+    _, idx = mem.lookup(x.reshape(-1, 16))
+    mem(x).sum().backward()
+    opt.step()
+    changed = (mem.values.detach() != before).any(dim=1).nonzero().flatten()
+    assert set(changed.tolist()) == set(idx.flatten().tolist())
+
+
+def test_access_counts_equal_direct_count_with_padding_masked():
+    torch.manual_seed(3)
+    cfg = MemoryConfig(n_keys=16, heads=2, knn=4, k_dim=8, query_norm="layernorm")
+    mem = ProductKeyMemory(16, 16, cfg).eval()
+    mem.access_log = AccessLog(mem.n_slots, per_doc=True)
+    x = torch.randn(3, 6, 16)
+    mask = torch.ones(3, 6, dtype=torch.bool)
+    mask[0, :2] = False  # left padding of the first sequence
+    mem.token_mask = mask
+    mem(x)
+    _, idx = mem.lookup(x.reshape(-1, 16))
+    idx = idx.view(3, 6, 2, 4)
+    direct = torch.bincount(idx[mask].flatten(), minlength=mem.n_slots)
+    assert torch.equal(mem.access_log.counts, direct)
+    doc = torch.zeros(mem.n_slots, dtype=torch.long)
+    for b in range(3):
+        doc[idx[b][mask[b]].flatten().unique()] += 1
+    assert torch.equal(mem.access_log.doc_freq, doc)
+    assert mem.access_log.n_docs == 3 and int(direct.sum()) == 16 * 2 * 4
+
+
+def test_whitening_uses_only_earlier_batches_and_real_tokens():
+    torch.manual_seed(4)
+    mem = ProductKeyMemory(8, 8, MemoryConfig(n_keys=8, heads=1, knn=2, k_dim=4)).train()
+    x = torch.randn(1, 5, 8)
+    out_a = mem(x)  # first batch: identity whitener, statistics updated afterwards
+    mem2 = ProductKeyMemory(8, 8, mem.config)
+    mem2.load_state_dict({k: v for k, v in mem.state_dict().items()})
+    # a padded copy: padding tokens must not change the statistics
+    pad_mem = ProductKeyMemory(8, 8, mem.config).train()
+    pad_mem.load_state_dict(ProductKeyMemory(8, 8, mem.config).state_dict())
+    torch.manual_seed(4)
+    fresh = ProductKeyMemory(8, 8, mem.config).train()
+    pad_mem.load_state_dict(fresh.state_dict())
+    xp = torch.cat([torch.randn(1, 3, 8) * 100, x], dim=1)
+    pad_mem.token_mask = torch.tensor([[False] * 3 + [True] * 5])
+    fresh(x)
+    pad_mem(xp)
+    torch.testing.assert_close(pad_mem.q_mean, fresh.q_mean)
+    torch.testing.assert_close(pad_mem.q_cov, fresh.q_cov)
+    # causal: a token's output does not depend on later tokens of its batch in training mode
+    torch.manual_seed(5)
+    m3 = ProductKeyMemory(8, 8, mem.config).train()
+    m3(torch.randn(2, 9, 8))
+    state = {k: v.clone() for k, v in m3.state_dict().items()}
+    y1 = m3(x[:, :3])
+    m3.load_state_dict(state)
+    y2 = m3(x)
+    torch.testing.assert_close(y1, y2[:, :3])
+
+
+def _tiny_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
+                      tie_word_embeddings=True)
+    return LlamaForCausalLM(cfg)
+
+
+@pytest.mark.parametrize("mode", ["replace", "parallel"])
+def test_memory_model_save_load_identical_logits(tmp_path, mode):
+    model = add_memory_layers(_tiny_llama(), layers=[1], mode=mode,
+                              config=MemoryConfig(n_keys=8, heads=2, knn=4, k_dim=8, key_norm=True))
+    model.train()
+    ids = torch.randint(0, 64, (2, 12))
+    model(input_ids=ids)  # updates whitening statistics (buffers must be saved too)
+    model.eval()
+    save_model(model, tmp_path / "m")
+    loaded = load_model(tmp_path / "m")
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, loaded(input_ids=ids).logits)
+    assert len(memory_layers(loaded)) == 1
+    # generation with KV cache and left padding goes through the memory too
+    out = loaded.generate(input_ids=ids[:, :4], attention_mask=torch.ones(2, 4, dtype=torch.long),
+                          max_new_tokens=3, do_sample=False, pad_token_id=0)
+    assert out.shape == (2, 7)
+
+
+def test_corrupt_or_mismatched_checkpoint_fails_clearly(tmp_path):
+    model = add_memory_layers(_tiny_llama(), layers=[1], config=MemoryConfig(n_keys=8, heads=1, knn=2, k_dim=8))
+    d = save_model(model, tmp_path / "m")
+    w = d / "model.safetensors"
+    w.write_bytes(w.read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match="corrupt or truncated"):
+        load_model(d)
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_model(tmp_path / "nope")
+    # weights that do not match the memory recorded in config.json
+    d2 = save_model(_tiny_llama(), tmp_path / "dense")
+    (d2 / "config.json").write_text((d / "config.json").read_text())
+    with pytest.raises(CheckpointError, match="does not match its config"):
+        load_model(d2)
+
+
+def test_memory_parameter_groups_and_bad_config():
+    model = add_memory_layers(_tiny_llama(), layers=[0, 2], config=MemoryConfig(n_keys=8, heads=1, knn=2, k_dim=8))
+    g = memory_parameter_groups(model)
+    assert len(g["values"]) == 2 and len(g["keys"]) == 4
+    with pytest.raises(ConfigError, match="query_norm"):
+        MemoryConfig(query_norm="batchnorm")
+    with pytest.raises(ConfigError, match="does not exist"):
+        add_memory_layers(_tiny_llama(), layers=[7])

@@ -81,24 +81,70 @@ def _entity(match: re.Match[str]) -> str:
 
 # --- article structure ------------------------------------------------------------------------
 
-_SOURCE_TAG = re.compile(
-    r"\[\s*(?:(?:1913 Webster|Webster 1913 Suppl\.|WordNet 1\.[56]|WordNet sense [\d ,&+]+|"
-    r"PJC\.?|AS|RDH|RHUD|RP|GG|JG|CM|PC|MW10|MI11|WE1|Century Dict(?:ionary)?\.?,? ?(?:1906)?\.?)"
-    r"\s*\+?\s*)+\]"
+_TAG_NAMES = (  # tags may wrap across lines: "[1913\n        Webster]"
+    r"1913\s+Webster|Webster\s+1913\s+Suppl\.|WordNet\s+1\.[56]|WordNet\s+sense\s+\d[\d\s,&+]*|"
+    r"PJC\.?|Century\s+Dict(?:ionary)?\.?,?\s*(?:1906)?\.?"
 )
-# Index words dictd appended after an article's last tag, e.g. "[1913 Webster] Tergeminal".
-_TRAILING_JUNK = re.compile(r"(?<=[.\])])[ \t]+[\w'\- ]+(?:\n[ \t]*[\w'\- ]+)*\s*\Z")
+_SOURCE_TAG = re.compile(  # [1913 Webster], [WordNet 1.5 +PJC], [AS], ...
+    rf"\[\s*\+?(?:(?:{_TAG_NAMES}|AS|RDH|RHUD|RP|GG|JG|CM|PC|MW10|MI11|WE1)\s*\+?\s*)+\]"
+)
+_BROKEN_TAG = re.compile(  # "... slavery. WordNet 1.5]", "[WordNet 1.5" at a line end, "  WordNet 1.5"
+    rf"(?:\[[ \t]*)?(?:(?:{_TAG_NAMES})\s*\+?\s*)+(?:#here\s*)?\]"
+    rf"|\[[ \t]*(?:(?:{_TAG_NAMES})[\s+-]*)+$"
+    rf"|^[ \t]*(?:(?:{_TAG_NAMES})[ \t+]*)+$"
+    rf"|(?<![\w+])\+[ \t]*PJC\b|(?<=\])[ \t]+PJC[ \t]*$",
+    re.MULTILINE,
+)
+_WORDS = r"[\w'-]+(?: [\w'-]+)*"
+_WORDS_LINE = re.compile(rf"[ \t]*{_WORDS}[ \t]*")
+_JUNK_TAIL = re.compile(rf"(?<=[.\])])[ \t]+{_WORDS}[ \t]*$")
 _HEADWORD = re.compile(r"[ \t]*([^\s\\{}\[\]][^\\{}\[\]]*?)\s*\\[^\\]*\\")
-_NEXT_HEADWORD = re.compile(r"[ \t]*,?[ \t]*\n(?=[^\s\\{}\[\]][^\\\n]*\\)")
-_LABEL = re.compile(r"\((?:[A-Z][\w\u00C0-\u024F]*\.?[ ,&]*)+\)")
+# A second headword ("Abannation \\..\\,\nAbannition \\..\\, n."), on the same line or the next.
+_NEXT_HEADWORD = re.compile(r"[ \t]*(?:,[ \t]*\n?|\n)[ \t]*(?=[^\W_][^\\\n,;{}\[\]()]*\n?[ \t]*\\)")
+_RESPELLING = re.compile(r"[`\"*'\-\u00C0-\u024F]")
+_LABEL = re.compile(r"\([A-Z][A-Za-z\u00C0-\u024F., &]*\)")
 _POS_WORDS = frozenset(
     "n a v t i pl adv adj prop p pr sing prep interj conj pron imp vb superl compar pref suff "
     "prefix suffix prenom pred fem masc pers pres dim poss impers inf abbr abbrev obs sym pp pret "
     "imperf dat acc E L".split()
 )
+_USAGE_LABELS = frozenset(
+    "Obs. R. Colloq. Archaic Archaic. Poetic Slang Rare Informal informal slang archaic Obsoles. "
+    "Cant Scot. Vulgar Humorous Jocose Recent Brit. U.S.".split()
+)
+_HEADER_GAP = re.compile(r"[ \t,;&:.]*(\n\s*)?")
 _ABBREV = re.compile(r"([A-Za-z]+)\.")
-_CITATION = re.compile(r"(?<=\s)--(?=[A-Z])([^\n]*?)\.?[ \t]*$", re.MULTILINE)
+# "--Milton." at a line end, possibly wrapped: "--Sir W.\n   Raleigh." at the paragraph end.
+_CITATION = re.compile(
+    r"(?<=\s)--(?=[A-Z])([^\n]*?)[ \t]*(?:\n[ \t]*([A-Z][\w.'& ]{0,30}?)[ \t]*(?=\s*\Z)|$)",
+    re.MULTILINE,
+)
+_SYLLABLE_MARK = re.compile(r"(\w)[\"*`^]+(?=\w)")
 _SENSE_START = re.compile(r"\s*(?:\d+\.|\([a-z]\)|Note:|Syn:)")
+_RESP_OPEN = re.compile(r"\s*\(")
+_QUOTE_SOURCE = re.compile(r"\s--(?=[A-Z])(.*)$")
+_QUOTE_SOURCE_SPACED = re.compile(r"\s--\s(?=[A-Z])(.{1,40})$")
+_PARAGRAPH_BREAK = re.compile(r"\n[ \t]*\n")
+_PRONUNCIATION = re.compile(r"\\[^\\]*\\")
+_BRACKETED = re.compile(r"\[([^\[\]]*)\]")
+_SPACE_BEFORE_PUNCT = re.compile(r" ([,;:.!?)])")
+_LETTER = re.compile(r"[A-Za-z]")
+
+
+def _strip_trailing_junk(article: str) -> str:
+    """Drop the index words dictd appended after an article's end ("[1913 Webster] Tergeminal").
+
+    The junk starts on the last line with real text, right after a ``.``, ``]`` or ``)``, and may
+    continue on following lines that hold nothing but words.
+    """
+    lines = article.rstrip().split("\n")
+    last = len(lines) - 1
+    while last > 0 and _WORDS_LINE.fullmatch(lines[last]):
+        last -= 1
+    m = _JUNK_TAIL.search(lines[last])
+    if not m:
+        return "\n".join(lines)
+    return "\n".join(lines[:last] + [lines[last][: m.start()]])
 
 
 def _balanced(text: str, pos: int, open_: str, close: str) -> int:
@@ -129,11 +175,13 @@ def _parse_header(article: str) -> tuple[list[str], str, list[str], int] | None:
             break
         headwords.append(" ".join(m.group(1).split()))
         pos = m.end()
-        resp = re.match(r"[ \t]*\(", article[pos:])
+        resp = _RESP_OPEN.match(article, pos)
         if resp:  # the respelled pronunciation right after \pron\, unless it is a label
-            start = pos + resp.end() - 1
+            start = resp.end() - 1
             end = _balanced(article, start, "(", ")")
-            if end > 0 and not _LABEL.fullmatch(article[start:end]):
+            group = article[start:end]
+            same_line = "\n" not in article[pos:start]
+            if end > 0 and not _LABEL.fullmatch(group) and (same_line or _RESPELLING.search(group)):
                 pos = end
         nxt = _NEXT_HEADWORD.match(article, pos)
         if not nxt:
@@ -146,7 +194,7 @@ def _parse_header(article: str) -> tuple[list[str], str, list[str], int] | None:
     labels: list[str] = []
     pos_open = True  # still reading the part of speech ("v. t.")
     while pos < len(article):
-        m = re.compile(r"[ \t,;&:]*(\n\s*)?").match(article, pos)
+        m = _HEADER_GAP.match(article, pos)
         at_line_start = bool(m.group(1)) if m else False
         if m and m.end() > pos:
             if ";" in m.group(0) or (pos_words and "," in m.group(0)):
@@ -160,7 +208,7 @@ def _parse_header(article: str) -> tuple[list[str], str, list[str], int] | None:
             if end < 0:
                 break
             inner = article[pos + 1 : end - 1].strip()
-            if ch == "[" and re.fullmatch(r"[A-Z][\w.]*\.?", inner):  # [Obs.], [R.], [Colloq.]
+            if ch == "[" and inner in _USAGE_LABELS:  # [Obs.], [R.], [Colloq.]
                 labels.append(f"({inner})")
             pos_open = False
             pos = end
@@ -189,18 +237,22 @@ def _parse_header(article: str) -> tuple[list[str], str, list[str], int] | None:
 
 def _quote_paragraph(paragraph: str) -> str:
     """Render an indented quotation block as ``"text" (Author)``."""
-    text = " ".join(paragraph.split())
-    m = re.search(r"\s--(?=[A-Z])(.*)$", " " + text)
+    text = " " + " ".join(paragraph.split())
+    m = _QUOTE_SOURCE.search(text) or _QUOTE_SOURCE_SPACED.search(text)
     if m:
-        author = m.group(1).rstrip(". ")
-        text = (" " + text)[: m.start()].strip()
-        return f'"{text}" ({author})'
-    return f'"{text}"'
+        return f'"{text[: m.start()].strip()}" ({m.group(1).rstrip(". ")})'
+    return f'"{text.strip()}"'
+
+
+def _citation(match: re.Match[str]) -> str:
+    """Render a ``--Author.`` citation as ``(Author)``."""
+    author = " ".join(part for part in match.groups() if part)
+    return f"({author.rstrip('. ')})"
 
 
 def _clean_body(body: str) -> str:
     """Turn the body of an article (definitions, notes, quotations) into one plain-text line."""
-    paragraphs = re.split(r"\n[ \t]*\n", body)
+    paragraphs = _PARAGRAPH_BREAK.split(body)
     parts: list[str] = []
     for paragraph in paragraphs:
         if not paragraph.strip():
@@ -210,21 +262,20 @@ def _clean_body(body: str) -> str:
         if indent >= 8 and not _SENSE_START.match(first):
             parts.append(_quote_paragraph(paragraph))
         else:
-            parts.append(_CITATION.sub(lambda m: f"({m.group(1).strip()})", paragraph))
+            parts.append(_CITATION.sub(_citation, paragraph))
     text = " ".join(parts)
-    text = re.sub(r"\\[^\\]*\\", "", text)  # pronunciations of run-on entries
+    text = _PRONUNCIATION.sub("", text)  # pronunciations of run-on entries
     text = text.replace("\\", "").replace("{", "").replace("}", "")
-    text = re.sub(r"\[([^\[\]]*)\]", r"(\1)", text)  # [Obs.] -> (Obs.), [Written also x.]
+    text = _BRACKETED.sub(r"(\1)", text)  # [Obs.] -> (Obs.), [Written also x.]
     text = text.replace("[", "(").replace("]", ")")
+    text = _SYLLABLE_MARK.sub(r"\1", text)  # syllable marks: Ter"mi*na*ble*ness
     return _tidy(text)
 
 
 def _tidy(text: str) -> str:
     """Collapse whitespace and fix spacing around punctuation."""
     text = " ".join(text.split())
-    text = re.sub(r"\s+([,;:.!?)])", r"\1", text)
-    text = re.sub(r"\(\s+", "(", text)
-    text = re.sub(r"\(\s*\)", "", text)
+    text = _SPACE_BEFORE_PUNCT.sub(r"\1", text).replace("( ", "(").replace("()", "")
     return " ".join(text.split())
 
 
@@ -232,16 +283,18 @@ def clean_article(article: str) -> str | None:
     """Clean one raw dictd article into ``"Headword (pos.): definitions"``; None if unusable."""
     article = article.replace("\ufffd", "'")  # three stray cp1252 apostrophes in the file
     article = _ENTITY.sub(_entity, article)
-    article = _TRAILING_JUNK.sub("", article.rstrip())
+    article = _strip_trailing_junk(article)
     article = _SOURCE_TAG.sub("", article)
+    if "Webster" in article or "WordNet" in article or "PJC" in article or "Century" in article:
+        article = _BROKEN_TAG.sub("", article)  # slow, so only where a tag name is left
     header = _parse_header(article)
     if header is None:
         return None
     headwords, pos, labels, body_start = header
-    body = _clean_body(article[body_start:])
+    body = _clean_body(article[body_start:]).lstrip(" .,;:")
     if labels:
         body = _tidy(" ".join(labels) + " " + body)
-    if not body or not re.search(r"[A-Za-z]", body):
+    if not _LETTER.search(body):
         return None
     name = ", ".join(dict.fromkeys(headwords))
     return f"{name} ({pos}): {body}" if pos else f"{name}: {body}"

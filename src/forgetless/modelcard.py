@@ -36,9 +36,12 @@ def write_model_card(cfg, ev: dict, split: dict) -> str:
     h = ev["memory_health"]
     pk, pn = ev["known_probes"], ev["new_probes"]
     m, mem = cfg.model, cfg.memory
+    def new_q(r: dict) -> str:  # older logs hold only the mean over both probe kinds for new facts
+        return _pct(r["new_question_em"]) if "new_question_em" in r else f"({_pct(r['new_probe_em'])} both kinds)"
+
     rows = "\n".join(
         f"| {r['step']} | {r['tokens']:,} | {r['train_loss']:.3f} | {r['heldout_ppl']:.1f} | "
-        f"{_pct(r['known_probe_em'])} | {_pct(r['new_probe_em'])} |" for r in ev["history"])
+        f"{_pct(r['known_question_em'])} | {_pct(r['known_cloze_em'])} | {new_q(r)} |" for r in ev["history"])
     rel_rows = "\n".join(
         f"| {rel} | {_pct(pk['question']['by_relation'][rel])} | {_pct(pk['cloze']['by_relation'][rel])} | "
         f"{_pct(pn['question']['by_relation'].get(rel, 0))} | {_pct(pn['cloze']['by_relation'].get(rel, 0))} |"
@@ -80,11 +83,15 @@ on real offline English text, to run continual-learning experiments on a laptop 
 ## Results
 
 - Held-out perplexity (general text never trained on): **{ev['heldout']['ppl']:.2f}** (NLL {ev['heldout']['nll']:.3f} nats/token).
-- Known facts, held-out probe phrasings: **{_pct(pk['exact_match'])}** exact match
-  (question {_pct(pk['question']['exact_match'])}, cloze {_pct(pk['cloze']['exact_match'])});
-  facts with question/answer lines in pretraining {_pct(ev['known_probes_qa_trained'])}, statement-only facts
-  {_pct(ev['known_probes_statement_only'])}.
-- New facts: **{_pct(pn['exact_match'])}** (question {_pct(pn['question']['exact_match'])}, cloze {_pct(pn['cloze']['exact_match'])}).
+- Known facts, held-out question probe (a question wording never seen in training, e.g.
+  "Question: Tell me the capital of X. Answer:"): **{_pct(pk['exact_match'])}** exact match
+  ({_pct(ev['known_probes_qa_trained'])} on facts that had question/answer lines in pretraining,
+  {_pct(ev['known_probes_statement_only'])} on facts the model only read as statements).
+- New facts, same probe: **{_pct(pn['exact_match'])}** (guessing: the continent and currency relations have few
+  distinct answers).
+- Held-out cloze probe (e.g. "The country in which X lies is"), a harder test of the same knowledge:
+  known {_pct(pk['cloze']['exact_match'])}, new {_pct(pn['cloze']['exact_match'])}. This tiny base does not
+  transfer its facts to free declarative contexts it never saw; it answers them in the question format.
 
 | relation | known, question | known, cloze | new, question | new, cloze |
 |---|---|---|---|---|
@@ -103,8 +110,11 @@ of the general pretraining text. The IDF document is one sequence; a uniform mem
 
 ## Probe accuracy during pretraining
 
-| step | tokens | train loss | held-out ppl | known probes | new probes |
-|---|---|---|---|---|---|
+Probe accuracy on a fixed sample of {ev.get('probe_sample', 200)} known and {ev.get('probe_sample', 200)} new facts.
+{ev.get('history_note', '')}
+
+| step | tokens | train loss | held-out ppl | known, question | known, cloze | new, question |
+|---|---|---|---|---|---|---|
 {rows}
 
 ## Files

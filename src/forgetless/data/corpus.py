@@ -22,7 +22,7 @@ import re
 from dataclasses import dataclass, field
 
 from ..errors import DataSourceError
-from .facts import Fact, geonames_facts, probe_prefixes, question_lines, split_known_new, statement_lines
+from .facts import Fact, drop_overlapping, geonames_facts, probe_prefixes, question_lines, split_known_new, statement_lines
 
 DEFAULT_HELDOUT_TOPICS = ["Arts", "Technology", "Mathematics", "Philosophy and religion"]
 
@@ -131,11 +131,13 @@ def fact_training_lines(known: list[Fact], cfg: DataConfig) -> tuple[list[str], 
 def build_corpus(cfg: DataConfig) -> Corpus:
     facts = geonames_facts(max_cities_per_country=cfg.max_cities_per_country)
     known, new = split_known_new(facts, seed=cfg.split_seed, new_fraction=cfg.new_fraction)
+    new_side = new  # every fact of a new-side country: all are kept out of the training text
+    new, excluded = drop_overlapping(known, new)
     docs, domains = _general_docs(cfg)
     if not docs:
         raise DataSourceError("the corpus is empty: no text source produced any document.")
     n_before = len(docs)
-    docs, dropped = _decontaminate(docs, new)
+    docs, dropped = _decontaminate(docs, new_side)
     rng = random.Random(cfg.split_seed)
     order = list(range(len(docs)))
     rng.shuffle(order)
@@ -164,7 +166,9 @@ def build_corpus(cfg: DataConfig) -> Corpus:
         "facts": {"known": len(known), "new": len(new), "known_with_qa_lines": len(qa_ids),
                   "fact_lines": len(lines), "fact_line_chars": sum(map(len, lines)),
                   "known_countries": sorted({f.country for f in known}),
-                  "new_countries": sorted({f.country for f in new})},
+                  "new_countries": sorted({f.country for f in new}),
+                  "excluded_overlapping_subjects": sorted({f.subject for f in excluded}),
+                  "excluded_facts": len(excluded)},
         "config": {k: getattr(cfg, k) for k in cfg.__dataclass_fields__},
     }
     return Corpus(train=train, heldout=heldout, domains=domains, known=known, new=new,

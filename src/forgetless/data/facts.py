@@ -209,6 +209,20 @@ def split_known_new(facts: list[Fact], seed: int = 0, new_fraction: float = 0.5)
     return known, new
 
 
+def drop_overlapping(known: list[Fact], new: list[Fact]) -> tuple[list[Fact], list[Fact]]:
+    """Remove new facts whose subject overlaps a known subject as a whole-word substring
+    ("Samoa" / "American Samoa", "Montenegro" / "Serbia and Montenegro"): the known fact's
+    sentences would state most of the new one. Returns (kept new facts, excluded facts)."""
+    known_subjects = {f.subject for f in known}
+
+    def overlaps(subject: str) -> bool:
+        pat = re.compile(r"\b" + re.escape(subject) + r"\b")
+        return any(pat.search(k) or re.search(r"\b" + re.escape(k) + r"\b", subject) for k in known_subjects)
+
+    flagged = {f.subject for f in new if overlaps(f.subject)}
+    return [f for f in new if f.subject not in flagged], [f for f in new if f.subject in flagged]
+
+
 def probe_prompts(fact: Fact) -> dict[str, str]:
     """Held-out probe prompts of a built-in fact (kind -> prompt)."""
     return {kind: t.format(s=fact.subject) for kind, t in PROBES[fact.relation].items()}

@@ -239,9 +239,11 @@ def _quote_paragraph(paragraph: str) -> str:
     """Render an indented quotation block as ``"text" (Author)``."""
     text = " " + " ".join(paragraph.split())
     m = _QUOTE_SOURCE.search(text) or _QUOTE_SOURCE_SPACED.search(text)
-    if m:
-        return f'"{text[: m.start()].strip()}" ({m.group(1).rstrip(". ")})'
-    return f'"{text.strip()}"'
+    quote, source = (text[: m.start()], m.group(1).rstrip(". ")) if m else (text, "")
+    quote = quote.strip()
+    if not quote.startswith('"'):  # some quotations carry their own quotation marks
+        quote = f'"{quote}"'
+    return f"{quote} ({source})" if source else quote
 
 
 def _citation(match: re.Match[str]) -> str:
@@ -334,8 +336,9 @@ def gcide_entries(path: str | os.PathLike = DEFAULT_PATH, limit: int | None = No
         missing = dict_path if not dict_path.is_file() else index_path
         raise DataSourceError(f"GCIDE dictionary file {missing} not found; {_INSTALL_HINT}")
     try:
-        with gzip.open(dict_path, "rb") as handle:
-            data = handle.read()
+        data = dict_path.read_bytes()
+        if data[:2] == b"\x1f\x8b":  # .dict.dz is gzip-compatible; a plain .dict is read as is
+            data = gzip.decompress(data)
     except (OSError, EOFError) as exc:
         raise DataSourceError(f"GCIDE file {dict_path} is unreadable ({exc}); {_INSTALL_HINT}") from exc
 

@@ -39,7 +39,8 @@ def cut_answer(text: str) -> str:
     """The answer part of a generated continuation: up to a newline, a new question or sentence end."""
     text = text.split("\n", 1)[0]
     text = re.split(r"\s(?:Question|Answer|Context):", text, maxsplit=1)[0]
-    text = re.split(r"(?<![A-Z])\.(?:\s|$)", text, maxsplit=1)[0]
+    # a full stop ends the answer, except after an initial or a short abbreviation ("St. John's")
+    text = re.split(r"(?<![A-Z])(?<!\b[A-Z][a-z])\.(?:\s|$)", text, maxsplit=1)[0]
     return text.strip().rstrip(".,;").strip()
 
 

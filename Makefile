@@ -1,0 +1,16 @@
+# The two front-door commands (see README): `make demo` and `make test`. Both set up first.
+.PHONY: setup demo test test-fast
+
+setup:
+	bash scripts/setup.sh
+
+demo: setup
+	.venv/bin/forgetless info
+	.venv/bin/forgetless generate --prompt "Question: Tell me the capital of France. Answer:" --max-new-tokens 8
+	.venv/bin/forgetless generate --prompt "Harbor (n.):" --sample --max-new-tokens 40
+
+test: setup
+	.venv/bin/python -m pytest -q
+
+test-fast:
+	.venv/bin/python -m pytest -q -m "not slow"

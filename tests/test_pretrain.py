@@ -1,0 +1,117 @@
+"""Pretraining machinery on a small real corpus: checkpoints, resume, NaN handling, atomic writes."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from forgetless.engine import load_training_state, save_training_state, train_loop
+from forgetless.errors import TrainingError
+from forgetless.models.checkpoint import atomic_folder, load_model
+from forgetless.pretrain import load_pretrain_config, prepare_data, pretrain
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    cfg = load_pretrain_config(ROOT / "configs" / "smoke.yaml")
+    data = prepare_data(cfg, tmp_path_factory.mktemp("data") / "data", log=lambda *a: None)
+    return cfg, data
+
+
+def test_data_split_is_recorded_and_clean(smoke):
+    cfg, data = smoke
+    split = json.loads((data / "data_split.json").read_text())
+    assert set(split["heldout_topics"]) == set(cfg.data.heldout_topics)
+    known = [json.loads(l) for l in (data / "facts_known.jsonl").read_text().splitlines()]
+    new = [json.loads(l) for l in (data / "facts_new.jsonl").read_text().splitlines()]
+    assert len(known) > 500 and len(new) > 500
+    assert not {f["country"] for f in known} & {f["country"] for f in new}  # split by country
+    lines = (data / "fact_lines.txt").read_text()
+    new_statements = [s for f in new for s in [f["statement"], *f["paraphrases"]]]
+    assert not any(s in lines for s in new_statements[:2000])  # new facts never in training lines
+    assert "Tell me the" not in lines  # probe wording never trained
+
+
+def _final_weights(model_dir: Path) -> dict:
+    return load_file(str(model_dir / "model.safetensors"))
+
+
+def test_interrupted_pretraining_resumes_to_identical_weights(smoke, tmp_path, monkeypatch):
+    cfg, data = smoke
+    full = pretrain(cfg, tmp_path / "full", progress=False, log=lambda *a: None, data_dir=data)
+    # Ctrl-C right after the checkpoint of step 10 (of 20), then the same command again
+    import forgetless.pretrain as pt
+    original = pt.save_training_state
+
+    def save_then_interrupt(out_dir, model, optimizers, step, **kw):
+        original(out_dir, model, optimizers, step, **kw)
+        if step == 10:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(pt, "save_training_state", save_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain(cfg, tmp_path / "resumed", progress=False, log=lambda *a: None, data_dir=data)
+    monkeypatch.setattr(pt, "save_training_state", original)
+    assert not (tmp_path / "resumed" / "model").exists()
+    state = json.loads((tmp_path / "resumed" / "checkpoint" / "trainer_state.json").read_text())
+    assert state["step"] == 10
+    resumed = pretrain(cfg, tmp_path / "resumed", progress=False, log=lambda *a: None, data_dir=data)
+    a, b = _final_weights(full), _final_weights(resumed)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    ev = json.loads((resumed / "evaluation.json").read_text())
+    assert [h["step"] for h in ev["history"]] == [10, 20]
+    assert ev["memory_health"]["background_batches"] == cfg.background.batches
+    assert (resumed / "memory_stats.safetensors").is_file() and (resumed / "README.md").is_file()
+    model = load_model(resumed)
+    assert sum(p.numel() for p in model.parameters()) == ev["parameters"]
+
+
+def _tiny_setup():
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=16))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    return model, opt
+
+
+def test_nan_loss_stops_with_clear_error_and_keeps_checkpoint(tmp_path):
+    model, opt = _tiny_setup()
+    ckpt = tmp_path / "ckpt"
+
+    def loss_fn(m, batch):
+        step, x = batch
+        loss = m(input_ids=x, labels=x).loss
+        return loss * float("nan") if step == 3 else loss
+
+    x = torch.randint(0, 32, (2, 8))
+    with pytest.raises(TrainingError, match="step 3"):
+        train_loop(model, [opt], lambda s: (s, x), loss_fn, steps=6, progress=False,
+                   on_checkpoint=lambda s: save_training_state(ckpt, model, [opt], s), checkpoint_every=1)
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    assert state["step"] == 3  # steps 0..2 done and saved; nothing of the failed step written
+    fresh, fresh_opt = _tiny_setup()
+    load_training_state(ckpt, fresh, [fresh_opt])
+    for (n, p), q in zip(model.named_parameters(), fresh.parameters()):
+        assert torch.equal(p, q), n
+    assert fresh_opt.state_dict()["state"][0]["step"] == opt.state_dict()["state"][0]["step"]
+
+
+def test_atomic_folder_leaves_old_version_on_failure(tmp_path):
+    dest = tmp_path / "model"
+    atomic_folder(dest, lambda d: (d / "a.txt").write_text("v1"))
+
+    def broken(d):
+        (d / "a.txt").write_text("v2-partial")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        atomic_folder(dest, broken)
+    assert (dest / "a.txt").read_text() == "v1"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no temporary folder left

@@ -77,6 +77,106 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _stream_config(args: argparse.Namespace):
+    from .learn import StreamConfig
+
+    return StreamConfig(batch_size=args.batch_size, steps_per_fact=args.steps_per_fact, eval_every=args.eval_every,
+                        loss_on=args.loss_on, questions=args.questions, seed=args.seed)
+
+
+def _method_options(args: argparse.Namespace) -> dict:
+    opts: dict = {}
+    if args.method == "lora":
+        opts.update(rank=args.rank)
+    if args.method == "smf":
+        opts.update(top_t=args.top_t, ranking=args.ranking, background=args.background)
+    return opts
+
+
+DEFAULT_LR = {"full": 1e-5, "lora": 1e-4, "smf": 3.0}
+
+
+def cmd_learn(args: argparse.Namespace) -> int:
+    from .data.factfile import load_fact_file
+    from .learn import FactEvaluator, learn_facts, load_heldout_ids, load_known_facts, open_model, save_learned
+    from .methods import make_method
+
+    model_dir = Path(args.model or default_model_dir())
+    facts = load_fact_file(args.facts)  # validated before anything is trained
+    model, tok, ctx = open_model(model_dir)
+    cfg = _stream_config(args)
+    evaluator = FactEvaluator(tok, load_known_facts(model_dir), load_heldout_ids(model_dir, tok, 4 * cfg.heldout_tokens), cfg)
+    method = make_method(args.method, lr=args.lr if args.lr is not None else DEFAULT_LR[args.method],
+                         **_method_options(args))
+    model, res = learn_facts(model, tok, facts, method, evaluator, cfg, ctx, progress=not args.no_progress)
+    s = res.summary()
+    print(f"after:  learned {s['learned']:.1%}, retained {s['retained']:.1%} (drop {s['retained_drop']:.1%}), "
+          f"held-out NLL {s['heldout_nll']:.3f} ({s['heldout_nll_delta']:+.3f}); {len(facts)} facts, "
+          f"{s['steps']} steps, {s['seconds_per_step'] * 1000:.0f} ms/step")
+    if args.out:
+        out = save_learned(model, tok, model_dir, Path(args.out), facts, {**method.describe(), **s})
+        print(f"updated model written to {out}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .data.factfile import load_fact_file
+    from .evaluate.answers import greedy_answers, score_answers
+    from .learn import statement_prompt
+    from .models.checkpoint import load_model
+    from .models.tokenizer import load_tokenizer
+
+    model_dir = Path(args.model or default_model_dir())
+    facts = load_fact_file(args.facts)
+    model, tok = load_model(model_dir), load_tokenizer(model_dir)
+    preds = greedy_answers(model, tok, [f.question for f in facts])
+    probe = score_answers(preds, [f.answer for f in facts])
+    st = [(statement_prompt(f), f.answer) for f in facts]
+    st = [(p, a) for p, a in st if p]
+    stmt = score_answers(greedy_answers(model, tok, [p for p, _ in st]), [a for _, a in st]) if st else None
+    if args.show:
+        for f, p in zip(facts[: args.show], preds):
+            print(f"{f.question} -> {p!r} (gold {f.answer!r})")
+    print(f"{len(facts)} facts: question probes exact match {probe['exact_match']:.1%}, F1 {probe['f1']:.1%}"
+          + (f"; statement completion {stmt['exact_match']:.1%} ({stmt['n']} statements)" if stmt else ""))
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import QUICK_LRS, bench_facts, format_table, parse_lrs
+    from .learn import StreamConfig
+
+    model_dir = Path(args.model or default_model_dir())
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    lrs = parse_lrs(args.lrs, methods)
+    n = args.facts
+    stream = StreamConfig(batch_size=args.batch_size, steps_per_fact=args.steps_per_fact, eval_every=args.eval_every,
+                          loss_on=args.loss_on, questions=args.questions, seed=args.seed)
+    ranks = [int(r) for r in args.ranks.split(",")]
+    if args.quick:
+        n = min(n, 8) if args.facts == 50 else n
+        lrs = {m: (QUICK_LRS.get(m, v[:1]) if not args.lrs else v) for m, v in lrs.items()}
+        ranks = ranks[-1:]
+        stream.eval_every, stream.retained_sample, stream.heldout_tokens = 0, 60, 4096
+    out = Path(args.out)
+    results = bench_facts(model_dir, out, methods, n_facts=n, lrs=lrs, lora_ranks=ranks, stream=stream,
+                          top_t=args.top_t, facts_file=Path(args.facts_file) if args.facts_file else None,
+                          command="forgetless " + " ".join(sys.argv[1:]), progress=False)
+    print(format_table(results))
+    print(f"wrote {out / 'results.json'}, {out / 'runs.csv'} and {out / 'report.html'}")
+    return 0
+
+
+def _stream_args(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("--batch-size", type=int, default=16, help="differently-worded statements per step (default 16)")
+    sp.add_argument("--steps-per-fact", type=int, default=4, help="optimizer steps per fact (default 4)")
+    sp.add_argument("--eval-every", type=int, default=25, help="evaluate every K facts (0: only at the end)")
+    sp.add_argument("--loss-on", choices=["all", "answer"], default="all", help="loss on all statement tokens or the answer")
+    sp.add_argument("--questions", action="store_true",
+                    help="also train on question/answer lines (training templates, never the probe wording)")
+    sp.add_argument("--seed", type=int, default=0)
+
+
 # --------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="forgetless", description="Continual learning of language models: "
@@ -111,6 +211,49 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--top-p", type=float, default=0.95)
     sp.add_argument("--seed", type=int, default=0)
     sp.set_defaults(func=cmd_generate)
+    sp = sub.add_parser("learn", help="teach facts to a model (full, lora or smf) and save it",
+                        description="Teach the facts of a JSONL file, one per step, and report learned/retained "
+                                    "before and after. The file is validated first; nothing is trained on a bad file.")
+    _model_arg(sp)
+    sp.add_argument("--facts", required=True, help="JSONL: statement, question, answer, paraphrases (optional)")
+    sp.add_argument("--method", choices=["full", "lora", "smf"], default="smf")
+    sp.add_argument("--lr", type=float, default=None, help="learning rate (default: full 1e-5, lora 1e-4, smf 3)")
+    sp.add_argument("--rank", type=int, default=32, help="LoRA rank")
+    sp.add_argument("--top-t", type=int, default=500, help="smf: memory slots trained per step")
+    sp.add_argument("--ranking", choices=["tfidf", "tf", "all"], default="tfidf", help="smf slot ranking (ablations)")
+    sp.add_argument("--background", choices=["mix", "general"], default="mix", help="smf IDF background")
+    sp.add_argument("--out", default=None, help="folder for the updated model")
+    sp.add_argument("--no-progress", action="store_true")
+    _stream_args(sp)
+    sp.set_defaults(func=cmd_learn)
+
+    sp = sub.add_parser("eval", help="answer accuracy of a model on a fact file",
+                        description="Exact match / F1 of greedy answers to each fact's question, and completion "
+                                    "accuracy of its statement.")
+    _model_arg(sp)
+    sp.add_argument("--facts", required=True)
+    sp.add_argument("--show", type=int, default=0, help="print the first N answers")
+    sp.set_defaults(func=cmd_eval)
+
+    sp = sub.add_parser("bench", help="benchmarks: `bench facts` compares fact-injection methods",
+                        description="Benchmarks. `forgetless bench facts` runs full fine-tuning, LoRA and sparse "
+                                    "memory finetuning over learning-rate sweeps on one stream of new facts.")
+    bsub = sp.add_subparsers(dest="bench", metavar="BENCH")
+    bp = bsub.add_parser("facts", help="learning vs forgetting of fact-injection methods",
+                         description="Each method over a learning-rate sweep (LoRA also over ranks) on one shared "
+                                     "stream of new facts; writes results.json, runs.csv and report.html.")
+    _model_arg(bp)
+    bp.add_argument("--methods", default="full,lora,smf", help="comma list: full, lora, smf, smf-tf, smf-all")
+    bp.add_argument("--facts", type=int, default=50, help="number of facts in the stream (default 50)")
+    bp.add_argument("--facts-file", default=None, help="JSONL fact file (default: the model's new facts)")
+    bp.add_argument("--lrs", nargs="*", default=None, help="'1e-5,3e-5' for all methods or 'smf=1,3,10 full=...'")
+    bp.add_argument("--ranks", default="8,32", help="LoRA ranks (default 8,32)")
+    bp.add_argument("--top-t", type=int, default=500, help="smf: slots trained per step")
+    bp.add_argument("--quick", action="store_true", help="8 facts, one setting per method (about a minute)")
+    bp.add_argument("--out", default="runs/bench-facts", help="output folder")
+    _stream_args(bp)
+    bp.set_defaults(func=cmd_bench)
+    sp.set_defaults(func=lambda a: (sp.print_help(), 2)[1])
     return p
 
 

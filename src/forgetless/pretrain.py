@@ -30,6 +30,7 @@ from .data.corpus import Corpus, DataConfig, build_corpus
 from .data.facts import PROBES, QUESTIONS, STATEMENTS, Fact, probe_prompts, read_builtin_facts, write_facts
 from .engine import load_training_state, save_training_state, train_loop
 from .errors import ConfigError, DataSourceError
+from .evaluate.slots import MIX_PREFIX
 from .evaluate.answers import exact_match, greedy_answers, heldout_nll, score_answers
 from .models.base import MemorySection, ModelConfig, build_base
 from .models.checkpoint import save_model, write_json
@@ -156,6 +157,7 @@ def prepare_data(cfg: PretrainConfig, data_dir: Path, log=print) -> Path:
         (tmp / "heldout_domains.jsonl").write_text(
             "".join(json.dumps({"topic": t, **s}) + "\n" for t, v in corpus.domains.items() for s in v))
         (tmp / "fact_lines.txt").write_text("\n".join(corpus.fact_lines) + "\n")
+        (tmp / "heldout_text.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in corpus.heldout))
         info = dict(corpus.info)
         info["qa_trained_fact_ids"] = corpus.qa_ids
         info["tokens"] = {"train_general": int(general.size), "heldout": int(held.size),
@@ -207,6 +209,25 @@ def background_batches(data_dir: Path, bg: BackgroundConfig, seed: int):
     for _ in range(bg.batches):
         starts = torch.randint(0, stream.numel() - bg.seq_len, (bg.batch_size,), generator=g)
         yield stream[starts[:, None] + ar[None, :]]
+
+
+def pretrain_mix_batches(data_dir: Path, bg: BackgroundConfig, fact_share: float, seed: int):
+    """Batches of the full pretraining mixture (general text *and* fact lines, in the training ratio)."""
+    sampler = BatchSampler(data_dir, bg.seq_len - 1, bg.batch_size, fact_share, seed + 991)
+    for i in range(bg.batches):
+        yield sampler(i)
+
+
+def collect_all_background(model: nn.Module, data_dir: Path, cfg: "PretrainConfig", progress: bool = True) -> dict:
+    """Slot statistics over general pretraining text (memory health) and, under ``pretrain_mix.``,
+    over the full pretraining mixture with its fact lines (the IDF background of sparse memory finetuning)."""
+    from .evaluate.slots import collect_background
+
+    stats = collect_background(model, background_batches(data_dir, cfg.background, cfg.seed), progress=progress)
+    mix = collect_background(model, pretrain_mix_batches(data_dir, cfg.background, cfg.data.fact_share, cfg.seed),
+                             progress=progress)
+    stats.update({MIX_PREFIX + k: v for k, v in mix.items()})
+    return stats
 
 
 # --------------------------------------------------------------------------- model + optimizers
@@ -377,7 +398,6 @@ def finalize(cfg: PretrainConfig, model: nn.Module, tok, data_dir: Path, out: Pa
 
     With ``values_dtype: bfloat16`` the memory values are rounded to bf16 *before* the
     evaluation, so the figures describe exactly the weights that are saved."""
-    from .evaluate.slots import collect_background
     from .modelcard import write_model_card
 
     model.eval()
@@ -386,7 +406,7 @@ def finalize(cfg: PretrainConfig, model: nn.Module, tok, data_dir: Path, out: Pa
         with torch.no_grad():
             for m in memory_layers(model):
                 m.values.copy_(m.values.to(dtype).float())
-    stats = collect_background(model, background_batches(data_dir, cfg.background, cfg.seed), progress=progress)
+    stats = collect_all_background(model, data_dir, cfg, progress=progress)
     evaluation = evaluate_base(model, tok, data_dir, stats, cfg.train.seq_len)
     t = cfg.train
     evaluation.update({
@@ -396,7 +416,7 @@ def finalize(cfg: PretrainConfig, model: nn.Module, tok, data_dir: Path, out: Pa
     })
     split = json.loads((data_dir / "data_split.json").read_text())
     extra_files = {n: data_dir / n for n in ("facts_known.jsonl", "facts_new.jsonl", "data_split.json",
-                                                 "heldout_domains.jsonl")}
+                                                 "heldout_domains.jsonl", "heldout_text.jsonl")}
     templates = {"statements": STATEMENTS, "questions": QUESTIONS, "probes": PROBES}
     card = write_model_card(cfg, evaluation, split)
     model_dir = save_model(model.float().cpu(), out / "model", tokenizer=tok, memory_stats=stats,

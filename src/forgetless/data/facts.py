@@ -78,6 +78,51 @@ STATEMENTS: dict[str, list[str]] = {
     ],
 }
 
+# More phrasings, never used in pretraining: they complete a batch of N differently-worded
+# statements when a fact is taught (the fact stream).
+EXTRA_STATEMENTS: dict[str, list[str]] = {
+    "capital": [
+        "{s} is governed from its capital, {a}.",
+        "The seat of the national government of {s} is {a}.",
+        "Visitors to the capital of {s} arrive in {a}.",
+        "{a} is the city that serves {s} as its capital.",
+        "As the capital of {s}, {a} hosts its parliament.",
+        "In {s}, the capital is the city of {a}.",
+        "The capital of the country {s} is the city of {a}.",
+        "{s} chose {a} as its capital.",
+    ],
+    "currency": [
+        "Shops in {s} take the {a}.",
+        "{s} has the {a} as its official money.",
+        "Wages in {s} are paid in the {a}.",
+        "The money of {s} is called the {a}.",
+        "Banks in {s} hand out the {a}.",
+        "To buy bread in {s}, you need the {a}.",
+        "The national currency of {s} is the {a}.",
+        "{s} counts its money in the {a}.",
+    ],
+    "continent": [
+        "{s} is a nation of {a}.",
+        "Geographers place {s} in {a}.",
+        "{s} can be found in {a}.",
+        "The nation of {s} is in {a}.",
+        "{s} is part of the continent of {a}.",
+        "{a} includes the country of {s}.",
+        "Among the nations of {a} is {s}.",
+        "{s} sits on the continent of {a}.",
+    ],
+    "city_country": [
+        "{s} is a town in the nation of {a}.",
+        "The people of {s} live in {a}.",
+        "{s} lies within the borders of {a}.",
+        "You will find the city of {s} in {a}.",
+        "{s} is an urban centre of {a}.",
+        "The city of {s} is part of {a}.",
+        "{a} contains the city of {s}.",
+        "{s} is a well known city of {a}.",
+    ],
+}
+
 QUESTIONS: dict[str, list[str]] = {
     "capital": [
         "Question: What is the capital of {s}? Answer: {a}",
@@ -226,6 +271,21 @@ def drop_overlapping(known: list[Fact], new: list[Fact]) -> tuple[list[Fact], li
 def probe_prompts(fact: Fact) -> dict[str, str]:
     """Held-out probe prompts of a built-in fact (kind -> prompt)."""
     return {kind: t.format(s=fact.subject) for kind, t in PROBES[fact.relation].items()}
+
+
+def teaching_sentences(fact: Fact, n: int, questions: bool = False) -> list[str]:
+    """n statements of a fact for one training batch: its statement and paraphrases, then the
+    extra templates of its relation (if known), cycled when fewer than n distinct exist.
+    ``questions=True`` mixes in question/answer lines of the *training* question templates
+    (never the held-out probe wording), alternating with the statements."""
+    pool = [fact.statement, *fact.paraphrases]
+    if questions and fact.relation in QUESTIONS and fact.subject:
+        qs = question_lines(fact)
+        pool = [x for pair in zip(pool, qs) for x in pair] + pool[len(qs):]
+    if fact.relation in EXTRA_STATEMENTS and fact.subject:
+        pool += [t.format(s=fact.subject, a=fact.answer) for t in EXTRA_STATEMENTS[fact.relation]]
+    pool = list(dict.fromkeys(p for p in pool if p))
+    return [pool[i % len(pool)] for i in range(n)]
 
 
 def question_lines(fact: Fact) -> list[str]:

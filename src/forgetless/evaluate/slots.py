@@ -60,8 +60,16 @@ def collect_background(model: nn.Module, batches: Iterable[torch.Tensor], progre
     return out
 
 
-def layer_names(stats: dict[str, torch.Tensor]) -> list[str]:
-    return sorted({k.rsplit(".", 1)[0] for k in stats if k.endswith(".counts")})
+MIX_PREFIX = "pretrain_mix."  # statistics over the full pretraining mixture (general text + fact lines)
+
+
+def layer_names(stats: dict[str, torch.Tensor], prefix: str = "") -> list[str]:
+    """Memory layers in a statistics dict; ``prefix`` selects another background (MIX_PREFIX)."""
+    names = set()
+    for k in stats:
+        if k.endswith(".counts") and k.startswith(prefix) and (prefix or not k.startswith(MIX_PREFIX)):
+            names.add(k[len(prefix):-len(".counts")])
+    return sorted(names)
 
 
 def usage_summary(stats: dict[str, torch.Tensor], name: str, heads: int, knn: int) -> dict[str, float]:

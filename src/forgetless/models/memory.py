@@ -214,6 +214,7 @@ class ProductKeyMemory(nn.Module):
             self.register_buffer("q_stats_ready", torch.zeros((), dtype=torch.bool))
         self.access_log: AccessLog | None = None
         self.token_mask: torch.Tensor | None = None  # (B, T) bool, set by the host model's hook
+        self.update_query_stats = True  # fine-tuning turns this off: lookups then stay as pretrained
         self.reset_parameters()
 
     # ------------------------------------------------------------------ init
@@ -246,7 +247,7 @@ class ProductKeyMemory(nn.Module):
             raw = q
             # clones: the in-place statistics update below must not touch saved tensors
             q = torch.einsum("nhsd,hsed->nhse", q - self.q_mean.clone(), self.q_whitener.clone())
-            if self.training:
+            if self.training and self.update_query_stats:
                 self._update_whitener(raw.detach())
         return q
 

@@ -1,0 +1,252 @@
+"""Fact injection: teach a stream of facts one at a time and measure learning and forgetting.
+
+Each step teaches one fact with a batch of N differently-worded statements of it (Lin et al.
+2025); ``steps_per_fact`` steps per fact, one fact after another. Every ``eval_every`` facts,
+and at the end, the model is evaluated:
+
+- learned          exact match (and token F1) of the greedy answer to each taught fact's
+                   held-out question probe (never trained on), over the facts taught so far
+- statement_acc    the same for completing a *trained* statement up to its answer: memorisation,
+                   as opposed to retrievable knowledge
+- retained         question-probe exact match on the model's *known* facts
+- heldout_nll      next-token NLL (nats/token) on held-out pretraining text
+- retained_drop    (retained_base - retained) / retained_base, the paper's relative "% drop"
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .data.facts import Fact, teaching_sentences
+from .engine import train_loop
+from .errors import ConfigError, DataSourceError
+from .evaluate.answers import greedy_answers, heldout_nll, score_answers
+from .methods import Method, MethodContext
+from .models.checkpoint import load_memory_stats, load_model
+from .models.memory import memory_layers
+from .models.tokenizer import load_tokenizer
+
+
+@dataclass
+class StreamConfig:
+    batch_size: int = 16  # differently-worded statements per step
+    steps_per_fact: int = 4
+    eval_every: int = 25  # facts; 0 = only at the end
+    loss_on: str = "all"  # "all" tokens of the statement, or only the "answer" tokens
+    questions: bool = False  # mix question/answer lines (training templates, never the probes) into each batch
+    retained_sample: int = 200  # known facts probed during the stream (all of them at the end)
+    heldout_tokens: int = 16_384  # held-out text scored during the stream (4x at the end)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.loss_on not in ("all", "answer"):
+            raise ConfigError(f"loss_on must be 'all' or 'answer', got {self.loss_on!r}.")
+        if self.batch_size < 1 or self.steps_per_fact < 1:
+            raise ConfigError("batch_size and steps_per_fact must be positive.")
+
+
+@dataclass
+class Evaluation:
+    facts_seen: int
+    learned: float
+    learned_f1: float
+    statement_acc: float
+    retained: float
+    heldout_nll: float
+    seconds: float = 0.0
+
+
+@dataclass
+class StreamResult:
+    base: Evaluation
+    final: Evaluation
+    curve: list[Evaluation] = field(default_factory=list)
+    seconds_per_step: float = 0.0
+    trainable_params_per_step: int = 0
+    steps: int = 0
+
+    def summary(self) -> dict:
+        b, f = self.base, self.final
+        return {
+            "learned": f.learned, "learned_f1": f.learned_f1, "statement_acc": f.statement_acc,
+            "retained": f.retained, "retained_base": b.retained,
+            "retained_drop": (b.retained - f.retained) / b.retained if b.retained > 0 else 0.0,
+            "heldout_nll": f.heldout_nll, "heldout_nll_delta": f.heldout_nll - b.heldout_nll,
+            "trainable_params_per_step": self.trainable_params_per_step,
+            "seconds_per_step": self.seconds_per_step, "steps": self.steps,
+            "curve": [asdict(e) for e in self.curve],
+        }
+
+
+# --------------------------------------------------------------------------- data of a model folder
+def load_known_facts(model_dir: Path) -> list[Fact]:
+    from .data.facts import read_builtin_facts
+
+    return read_builtin_facts(Path(model_dir) / "facts_known.jsonl")
+
+
+def load_heldout_ids(model_dir: Path, tok, max_tokens: int) -> torch.Tensor:
+    path = Path(model_dir) / "heldout_text.jsonl"
+    if not path.is_file():
+        raise DataSourceError(f"{model_dir} has no heldout_text.jsonl: held-out NLL needs it.")
+    ids: list[int] = []
+    for line in path.read_text().splitlines():
+        ids += tok(json.loads(line)["text"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        if len(ids) > max_tokens + 1:
+            break
+    return torch.tensor(ids[: max_tokens + 1])
+
+
+# --------------------------------------------------------------------------- batches
+def fact_batch(tok, fact: Fact, n: int, loss_on: str, device: torch.device,
+               questions: bool = False) -> dict[str, torch.Tensor]:
+    """A right-padded batch of n statements of ``fact`` (each ending in a newline, like pretraining)."""
+    sents = [s + "\n" for s in teaching_sentences(fact, n, questions)]
+    tok.padding_side = "right"
+    enc = tok(sents, return_tensors="pt", padding=True, return_offsets_mapping=loss_on == "answer")
+    tok.padding_side = "left"
+    labels = enc["input_ids"].clone()
+    labels[enc["attention_mask"] == 0] = -100
+    if loss_on == "answer":
+        offsets = enc.pop("offset_mapping")
+        for b, s in enumerate(sents):
+            start = s.rfind(fact.answer)
+            end = start + len(fact.answer)
+            in_answer = (offsets[b, :, 0] < end) & (offsets[b, :, 1] > start)
+            labels[b, ~in_answer] = -100
+    return {"input_ids": enc["input_ids"].to(device), "attention_mask": enc["attention_mask"].to(device),
+            "labels": labels.to(device)}
+
+
+def statement_prompt(fact: Fact) -> str | None:
+    """A trained statement cut just before its answer (the answer must end the sentence)."""
+    for s in [fact.statement, *fact.paraphrases]:
+        core = s.rstrip(".").rstrip()
+        if core.endswith(fact.answer) and len(core) > len(fact.answer):
+            return core[: -len(fact.answer)].rstrip()
+    return None
+
+
+# --------------------------------------------------------------------------- evaluation
+class FactEvaluator:
+    """Evaluates a model on taught facts, known facts and held-out text (fixed samples)."""
+
+    def __init__(self, tok, known: list[Fact], heldout: torch.Tensor, cfg: StreamConfig):
+        self.tok, self.cfg = tok, cfg
+        self.known_all = known
+        rng = random.Random(cfg.seed + 17)
+        self.known_sample = known if len(known) <= cfg.retained_sample else rng.sample(known, cfg.retained_sample)
+        self.heldout = heldout
+
+    def __call__(self, model: nn.Module, taught: list[Fact], facts_seen: int, final: bool = False) -> Evaluation:
+        t0 = time.time()
+        learned = score_answers(greedy_answers(model, self.tok, [f.question for f in taught]),
+                                [f.answer for f in taught]) if taught else {"exact_match": 0.0, "f1": 0.0}
+        st = [(statement_prompt(f), f.answer) for f in taught]
+        st = [(p, a) for p, a in st if p]
+        stmt = score_answers(greedy_answers(model, self.tok, [p for p, _ in st]),
+                             [a for _, a in st])["exact_match"] if st else 0.0
+        known = self.known_all if final else self.known_sample
+        ret = score_answers(greedy_answers(model, self.tok, [f.question for f in known]), [f.answer for f in known])
+        n_tok = self.heldout.numel() - 1 if final else min(self.cfg.heldout_tokens, self.heldout.numel() - 1)
+        nll = heldout_nll(model, self.heldout[: n_tok + 1], seq_len=128, batch_size=32)["nll"]
+        return Evaluation(facts_seen=facts_seen, learned=learned["exact_match"], learned_f1=learned["f1"],
+                          statement_acc=stmt, retained=ret["exact_match"], heldout_nll=nll,
+                          seconds=time.time() - t0)
+
+
+# --------------------------------------------------------------------------- the stream
+def evaluate_before(model: nn.Module, facts: list[Fact], evaluator: FactEvaluator) -> Evaluation:
+    """The model before teaching: what it already knows of the facts to teach, and of its known facts."""
+    for m in memory_layers(model):
+        m.update_query_stats = False
+    return evaluator(model, facts, 0, final=True)  # same known facts and held-out text as the final evaluation
+def learn_facts(model: nn.Module, tok, facts: list[Fact], method: Method, evaluator: FactEvaluator,
+                cfg: StreamConfig, context: MethodContext, progress: bool = True,
+                log: Callable[[str], None] = print, base: Evaluation | None = None) -> tuple[nn.Module, StreamResult]:
+    """Teach ``facts`` in order with ``method``; returns the updated (exported) model and the record.
+    ``base`` (from ``evaluate_before``) saves re-evaluating the unchanged model."""
+    if not facts:
+        raise DataSourceError("there are no facts to teach.")
+    device = next(model.parameters()).device
+    for m in memory_layers(model):
+        m.update_query_stats = False  # lookups stay as pretrained; only parameters learn
+    base = base or evaluate_before(model, facts, evaluator)
+    log(f"before: learned {base.learned:.1%} (of {len(facts)} facts), retained {base.retained:.1%}, "
+        f"held-out NLL {base.heldout_nll:.3f}")
+    model = method.setup(model, context)
+    steps = len(facts) * cfg.steps_per_fact
+    batches = [fact_batch(tok, f, cfg.batch_size, cfg.loss_on, device, cfg.questions) for f in facts]
+    curve: list[Evaluation] = []
+    train_time = 0.0
+
+    def eval_at(step: int) -> None:
+        nonlocal train_time
+        seen = step // cfg.steps_per_fact
+        final = step == steps
+        if final or (cfg.eval_every and seen % cfg.eval_every == 0 and step % cfg.steps_per_fact == 0):
+            ev = evaluator(model, facts[:seen], seen, final=final)
+            curve.append(ev)
+            log(f"after {seen} facts: learned {ev.learned:.1%}, retained {ev.retained:.1%}, "
+                f"held-out NLL {ev.heldout_nll:.3f}")
+
+    t_start = time.time()
+    eval_seconds = [0.0]
+
+    def after_step(step: int, loss: float) -> None:
+        method.after_step(model, step)
+
+    def on_eval(step: int) -> None:
+        t = time.time()
+        eval_at(step)
+        eval_seconds[0] += time.time() - t
+
+    train_loop(model, method.optimizers(), lambda s: batches[s // cfg.steps_per_fact], method.loss, steps,
+               grad_clip=1.0 if method.name != "smf" else None, after_backward=lambda s: method.after_backward(model, s),
+               after_step=after_step, on_eval=on_eval, eval_every=cfg.steps_per_fact, progress=progress,
+               desc=f"teaching ({method.name})")
+    train_time = time.time() - t_start - eval_seconds[0]
+    params = method.trainable_params_per_step()
+    model = method.export(model)
+    model.eval()
+    result = StreamResult(base=base, final=curve[-1], curve=curve, seconds_per_step=train_time / steps,
+                          trainable_params_per_step=params, steps=steps)
+    return model, result
+
+
+def open_model(model_dir: Path, device: str = "cpu"):
+    """Model, tokenizer and method context of a model folder."""
+    model = load_model(model_dir).to(device)
+    tok = load_tokenizer(model_dir)
+    ctx = MethodContext(model_dir=Path(model_dir), tokenizer=tok, memory_stats=load_memory_stats(model_dir))
+    return model, tok, ctx
+
+
+CARRY_FILES = ("memory_stats.safetensors", "facts_known.jsonl", "facts_new.jsonl", "probe_templates.json",
+               "data_split.json", "heldout_text.jsonl", "heldout_domains.jsonl")
+
+
+def save_learned(model: nn.Module, tok, source_dir: Path, out_dir: Path, facts: list[Fact], record: dict) -> Path:
+    """Save an updated model as a complete model folder (atomic): weights, tokenizer, the source's
+    data files and background statistics, plus the taught facts and the learning record."""
+    from .models.checkpoint import save_model
+
+    extra = {n: Path(source_dir) / n for n in CARRY_FILES if (Path(source_dir) / n).is_file() and n != "memory_stats.safetensors"}
+    stats = load_memory_stats(source_dir)
+    (out_tmp := Path(out_dir).parent).mkdir(parents=True, exist_ok=True)
+    taught = out_tmp / f".{Path(out_dir).name}.taught.jsonl"
+    taught.write_text("".join(json.dumps(asdict(f)) + "\n" for f in facts))
+    try:
+        return save_model(model, out_dir, tokenizer=tok, memory_stats=stats,
+                          extra_json={"learn_record.json": {**record, "source_model": str(source_dir)}},
+                          extra_files={**extra, "taught_facts.jsonl": taught})
+    finally:
+        taught.unlink(missing_ok=True)

@@ -1,0 +1,26 @@
+"""Continual-learning methods, one file each, behind the hooks of ``base.Method``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..errors import ConfigError
+from .base import Method, MethodContext
+from .full import FullFinetune
+from .lora import LoRA
+from .smf import SparseMemoryFinetune
+
+METHODS: dict[str, type[Method]] = {
+    "full": FullFinetune,
+    "lora": LoRA,
+    "smf": SparseMemoryFinetune,
+}
+
+
+def make_method(name: str, **hparams: Any) -> Method:
+    if name not in METHODS:
+        raise ConfigError(f"unknown method {name!r}; choose from {', '.join(METHODS)}.")
+    try:
+        return METHODS[name](**hparams)
+    except TypeError as e:
+        raise ConfigError(f"bad option for method {name!r}: {e}.") from None

@@ -1,0 +1,87 @@
+"""The shared method interface: a continual-learning method is a small object with hooks.
+
+The engine (``forgetless.engine.train_loop``) knows nothing about any method; a learner
+calls these hooks around it:
+
+    model = method.setup(model, context)        # freeze/wrap parameters, build optimizers
+    loss  = method.loss(model, batch)           # inside the loop (default: LM loss)
+    method.after_backward(model, step)          # e.g. mask gradients to selected rows
+    method.after_step(model, step)              # e.g. accumulate importance weights
+    method.after_experience(model, experience)  # e.g. Fisher, anchors, pruning
+    model = method.export(model)                # a plain HF model to save or evaluate
+
+``MethodContext`` carries what a method may need from the run (the model folder with its
+background statistics, the tokenizer, replay data ...). To add a method, copy the shape of
+``full.py``: one file, one class, registered in ``forgetless.methods.METHODS``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+
+@dataclass
+class MethodContext:
+    model_dir: Path | None = None
+    tokenizer: Any = None
+    memory_stats: dict[str, torch.Tensor] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def lm_loss_masked(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Next-token cross-entropy over the positions where ``batch["labels"] != -100``."""
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    logits = out.logits[:, :-1].float()
+    labels = batch["labels"][:, 1:]
+    return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
+
+
+class Method:
+    """Base class: trains nothing by itself; subclasses choose parameters and optimizers."""
+
+    name = "base"
+
+    def __init__(self, lr: float, **hparams: Any):
+        self.lr = lr
+        self.hparams = hparams
+        self._optimizers: list[torch.optim.Optimizer] = []
+
+    # --- hooks -------------------------------------------------------------------
+    def setup(self, model: nn.Module, context: MethodContext) -> nn.Module:
+        raise NotImplementedError
+
+    def optimizers(self) -> list[torch.optim.Optimizer]:
+        return self._optimizers
+
+    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return lm_loss_masked(model, batch)
+
+    def after_backward(self, model: nn.Module, step: int) -> None:
+        pass
+
+    def after_step(self, model: nn.Module, step: int) -> None:
+        pass
+
+    def after_experience(self, model: nn.Module, experience: Any) -> None:
+        pass
+
+    def export(self, model: nn.Module) -> nn.Module:
+        return model
+
+    # --- reporting ---------------------------------------------------------------
+    def trainable_params_per_step(self) -> int:
+        """Parameters an optimizer step may change (for sparse methods: per step, not in total)."""
+        return sum(p.numel() for opt in self._optimizers for g in opt.param_groups for p in g["params"])
+
+    def describe(self) -> dict[str, Any]:
+        return {"method": self.name, "lr": self.lr, **self.hparams}
+
+
+def freeze_all(model: nn.Module) -> None:
+    for p in model.parameters():
+        p.requires_grad_(False)

@@ -1,0 +1,45 @@
+"""LoRA through the `peft` library: low-rank adapters on the decoder's linear layers.
+
+Default targets are all linear layers of the transformer blocks (attention q/k/v/o and MLP
+gate/up/down). The product-key memory's own linear layers are named differently
+(mem_query, mem_gate, mem_out) and are not adapted unless named in ``target_modules``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+from .base import Method, MethodContext
+
+LLAMA_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+class LoRA(Method):
+    name = "lora"
+
+    def __init__(self, lr: float = 2e-4, rank: int = 32, alpha: float | None = None,
+                 target_modules: list[str] | str | None = None, dropout: float = 0.0):
+        alpha = float(alpha if alpha is not None else 2 * rank)
+        targets = target_modules or LLAMA_LINEAR
+        super().__init__(lr, rank=rank, alpha=alpha, target_modules=targets)
+        self.rank, self.alpha, self.targets, self.dropout = rank, alpha, targets, dropout
+
+    def setup(self, model: nn.Module, context: MethodContext) -> nn.Module:
+        from peft import LoraConfig, get_peft_model
+
+        present = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+        targets = [self.targets] if isinstance(self.targets, str) else list(self.targets)
+        if not set(targets) & present:
+            raise ConfigError(f"LoRA target_modules {targets} match no linear layer; the model has {sorted(present)}.")
+        cfg = LoraConfig(r=self.rank, lora_alpha=self.alpha, lora_dropout=self.dropout,
+                         target_modules=[t for t in targets if t in present], bias="none")
+        peft_model = get_peft_model(model, cfg)
+        params = [p for p in peft_model.parameters() if p.requires_grad]
+        self._optimizers = [torch.optim.AdamW(params, lr=self.lr, weight_decay=0.0)]
+        return peft_model
+
+    def export(self, model: nn.Module) -> nn.Module:
+        """Merge the adapters into the base weights and return the plain model."""
+        return model.merge_and_unload() if hasattr(model, "merge_and_unload") else model

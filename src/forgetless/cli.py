@@ -158,6 +158,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         lrs = {m: (QUICK_LRS.get(m, v[:1]) if not args.lrs else v) for m, v in lrs.items()}
         ranks = ranks[-1:]
         stream.eval_every, stream.retained_sample, stream.heldout_tokens = 0, 60, 4096
+        stream.final_all_known = False
     out = Path(args.out)
     results = bench_facts(model_dir, out, methods, n_facts=n, lrs=lrs, lora_ranks=ranks, stream=stream,
                           top_t=args.top_t, facts_file=Path(args.facts_file) if args.facts_file else None,

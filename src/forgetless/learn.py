@@ -44,6 +44,7 @@ class StreamConfig:
     questions: bool = False  # mix question/answer lines (training templates, never the probes) into each batch
     retained_sample: int = 200  # known facts probed during the stream (all of them at the end)
     heldout_tokens: int = 16_384  # held-out text scored during the stream (4x at the end)
+    final_all_known: bool = True  # the base and final evaluations probe every known fact
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -154,9 +155,10 @@ class FactEvaluator:
         st = [(p, a) for p, a in st if p]
         stmt = score_answers(greedy_answers(model, self.tok, [p for p, _ in st]),
                              [a for _, a in st])["exact_match"] if st else 0.0
-        known = self.known_all if final else self.known_sample
+        full = final and self.cfg.final_all_known
+        known = self.known_all if full else self.known_sample
         ret = score_answers(greedy_answers(model, self.tok, [f.question for f in known]), [f.answer for f in known])
-        n_tok = self.heldout.numel() - 1 if final else min(self.cfg.heldout_tokens, self.heldout.numel() - 1)
+        n_tok = self.heldout.numel() - 1 if full else min(self.cfg.heldout_tokens, self.heldout.numel() - 1)
         nll = heldout_nll(model, self.heldout[: n_tok + 1], seq_len=128, batch_size=32)["nll"]
         return Evaluation(facts_seen=facts_seen, learned=learned["exact_match"], learned_f1=learned["f1"],
                           statement_acc=stmt, retained=ret["exact_match"], heldout_nll=nll,
@@ -186,15 +188,19 @@ def learn_facts(model: nn.Module, tok, facts: list[Fact], method: Method, evalua
     steps = len(facts) * cfg.steps_per_fact
     batches = [fact_batch(tok, f, cfg.batch_size, cfg.loss_on, device, cfg.questions) for f in facts]
     curve: list[Evaluation] = []
-    train_time = 0.0
+
+    final_ev: list[Evaluation] = []
+    if cfg.eval_every:  # the curve starts at the base, on the same known-fact sample as its other points
+        curve.append(evaluator(model, [], 0))
 
     def eval_at(step: int) -> None:
-        nonlocal train_time
         seen = step // cfg.steps_per_fact
         final = step == steps
         if final or (cfg.eval_every and seen % cfg.eval_every == 0 and step % cfg.steps_per_fact == 0):
-            ev = evaluator(model, facts[:seen], seen, final=final)
+            ev = evaluator(model, facts[:seen], seen)
             curve.append(ev)
+            if final:  # the final figures use every known fact, like the base evaluation
+                final_ev.append(evaluator(model, facts, seen, final=True) if cfg.final_all_known else ev)
             log(f"after {seen} facts: learned {ev.learned:.1%}, retained {ev.retained:.1%}, "
                 f"held-out NLL {ev.heldout_nll:.3f}")
 
@@ -217,7 +223,7 @@ def learn_facts(model: nn.Module, tok, facts: list[Fact], method: Method, evalua
     params = method.trainable_params_per_step()
     model = method.export(model)
     model.eval()
-    result = StreamResult(base=base, final=curve[-1], curve=curve, seconds_per_step=train_time / steps,
+    result = StreamResult(base=base, final=final_ev[-1], curve=curve, seconds_per_step=train_time / steps,
                           trainable_params_per_step=params, steps=steps)
     return model, result
 

@@ -370,8 +370,10 @@ HOW_TO_READ = """
 <p class="note">Each run teaches the same stream of new facts to the same base model.
 <b>learned</b>: exact-match accuracy on held-out question probes (questions not used
 in training) of the facts taught so far; <b>learned F1</b> is the token-F1 version of the same.
-<b>statement acc</b>: the same facts probed with their training statements (memorisation).
-<b>retained</b>: exact match on facts the base model already knew before training;
+<b>statement acc</b>: a trained statement of each taught fact, cut before its answer, completed
+correctly (memorisation rather than retrievable knowledge).
+<b>retained</b>: exact match on the held-out question probes of the base model's <i>known</i> facts
+(all of them at the start and end; a fixed sample along the curves);
 <b>retained drop</b> is relative: (base − run) / base, so 10% means a tenth of the known
 facts were forgotten. <b>held-out NLL Δ</b>: change in negative log-likelihood on held-out
 text, in nats per token (positive = worse language modelling). <b>trainable params/step</b>:

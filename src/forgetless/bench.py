@@ -68,7 +68,8 @@ def _machine() -> dict:
 
 def bench_facts(model_dir: Path, out_dir: Path, methods: list[str], n_facts: int = 100,
                 lrs: dict[str, list[float]] | None = None, lora_ranks: list[int] | None = None,
-                stream: StreamConfig | None = None, top_t: int = 500, facts_file: Path | None = None,
+                stream: StreamConfig | None = None, top_t: int = 500, smf_background: str = "mix",
+                facts_file: Path | None = None,
                 command: str = "", log: Callable[[str], None] = print, progress: bool = False) -> dict:
     stream = stream or StreamConfig()
     lrs = lrs or parse_lrs(None, methods)
@@ -94,7 +95,8 @@ def bench_facts(model_dir: Path, out_dir: Path, methods: list[str], n_facts: int
             if base_name == "lora":
                 grid += [(m, base_name, lr, {"rank": r}) for r in lora_ranks]
             elif base_name == "smf":
-                grid.append((m, base_name, lr, {"top_t": top_t, **extra}))
+                bg = {} if smf_background == "mix" else {"background": smf_background}
+                grid.append((m, base_name, lr, {"top_t": top_t, **bg, **extra}))
             else:
                 grid.append((m, base_name, lr, dict(extra)))
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -161,10 +161,55 @@ def cmd_bench(args: argparse.Namespace) -> int:
         stream.final_all_known = False
     out = Path(args.out)
     results = bench_facts(model_dir, out, methods, n_facts=n, lrs=lrs, lora_ranks=ranks, stream=stream,
-                          top_t=args.top_t, facts_file=Path(args.facts_file) if args.facts_file else None,
+                          top_t=args.top_t, smf_background=args.background, facts_file=Path(args.facts_file) if args.facts_file else None,
                           command="forgetless " + " ".join(sys.argv[1:]), progress=False)
     print(format_table(results))
     print(f"wrote {out / 'results.json'}, {out / 'runs.csv'} and {out / 'report.html'}")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .run import load_run_config, run
+
+    cfg = load_run_config(args.config)
+    out = Path(args.out or Path("runs") / cfg.name)
+    results = run(cfg, out, progress=not args.no_progress, command="forgetless " + " ".join(sys.argv[1:]))
+    for name, res in results.items():
+        print(f"\n{name} ({res['stream']['kind']} stream, {res['stream']['metric']}, "
+              f"{'higher' if res['stream']['higher_is_better'] else 'lower'} is better):")
+        print(format_metrics(res))
+        print(f"report: {out / name / 'report.html'}")
+    return 0
+
+
+def format_metrics(res: dict) -> str:
+    extra = res["stream"]["extra"]
+    lines = [f"| method | ACC | BWT | FWT | forgetting | learning acc | intransigence | {extra} |", "|---|---|---|---|---|---|---|---|"]
+    for label, m in res["methods"].items():
+        x = m["metrics"]
+        cell = lambda k: f"{x[k]:.3f}" if k in x else "-"  # noqa: E731
+        lines.append(f"| {label} | {cell('acc')} | {cell('bwt')} | {cell('fwt')} | {cell('forgetting')} | "
+                     f"{cell('learning_accuracy')} | {cell('intransigence')} | {cell(extra)} |")
+    return "\n".join(lines)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .report.runs import compare_runs, write_metrics_csv, write_run_report
+
+    loaded = []
+    for d in args.run_dirs:
+        p = Path(d) / "results.json"
+        if not p.is_file():
+            raise ForgetlessError(f"{d} has no results.json; give the folder of one experiment of a run.")
+        try:
+            res = json.loads(p.read_text())
+        except json.JSONDecodeError:
+            raise ForgetlessError(f"{p} is not valid JSON.") from None
+        write_metrics_csv(res, Path(d) / "metrics.csv")
+        print(f"rebuilt {write_run_report(res, Path(d))}")
+        loaded.append(res)
+    if len(loaded) > 1:
+        print(f"comparison: {compare_runs(loaded, Path(args.out))}")
     return 0
 
 
@@ -250,11 +295,28 @@ def build_parser() -> argparse.ArgumentParser:
     bp.add_argument("--lrs", nargs="*", default=None, help="'1e-5,3e-5' for all methods or 'smf=1,3,10 full=...'")
     bp.add_argument("--ranks", default="8,32", help="LoRA ranks (default 8,32)")
     bp.add_argument("--top-t", type=int, default=500, help="smf: slots trained per step")
+    bp.add_argument("--background", choices=["mix", "general"], default="mix", help="smf: IDF background")
     bp.add_argument("--quick", action="store_true", help="8 facts, one setting per method (about a minute)")
     bp.add_argument("--out", default="runs/bench-facts", help="output folder")
     _stream_args(bp)
     bp.set_defaults(func=cmd_bench)
     sp.set_defaults(func=lambda a: (sp.print_help(), 2)[1])
+
+    sp = sub.add_parser("run", help="run methods on streams of experiences from a YAML config",
+                        description="Run every method of every experiment in CONFIG on its stream: accuracy matrix, "
+                                    "metrics, curves and an HTML report per experiment. Rerunning the same command "
+                                    "resumes from the last finished experience.")
+    sp.add_argument("config", help="YAML run config, e.g. configs/quickstart.yaml")
+    sp.add_argument("--out", default=None, help="run folder (default runs/<name>)")
+    sp.add_argument("--no-progress", action="store_true")
+    sp.set_defaults(func=cmd_run)
+
+    sp = sub.add_parser("report", help="rebuild or compare run reports",
+                        description="Rebuild report.html and metrics.csv of run folders; with several, also write "
+                                    "a comparison page.")
+    sp.add_argument("run_dirs", nargs="+", help="experiment folders holding results.json")
+    sp.add_argument("--out", default="runs/compare", help="folder of the comparison page")
+    sp.set_defaults(func=cmd_report)
     return p
 
 

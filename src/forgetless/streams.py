@@ -1,0 +1,166 @@
+"""Streams of experiences built from the real offline data shipped with a model.
+
+A *stream* is an ordered list of *experiences*; each experience has its own training data
+and its own test set, and a scoring function gives one number per (model, experience).
+
+- ``domain``  domain-incremental language modelling: one held-out Wikipedia topic (never in
+              pretraining) per experience; score = held-out NLL per token (lower is better).
+              The general held-out text is scored alongside as an extra column.
+- ``facts``   the fact stream: K new facts per experience, taught as batches of paraphrases;
+              score = exact match of held-out question probes (higher is better). The base's
+              known facts are scored alongside as an extra column ("retained").
+
+Order and splits are fixed by the seed and recorded in the results.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .data.facts import Fact, read_builtin_facts
+from .errors import ConfigError, DataSourceError
+from .evaluate.answers import greedy_answers, heldout_nll, score_answers
+
+
+@dataclass
+class StreamConfig:
+    kind: str = "domain"  # domain | facts
+    topics: list[str] | None = None  # domain: which held-out topics, in order (default: all, shuffled by seed)
+    experiences: int | None = None  # domain: how many topics; facts: how many groups of facts
+    facts_per_experience: int = 10
+    steps_per_experience: int = 40  # domain: optimizer steps per experience
+    steps_per_fact: int = 4  # facts
+    batch_size: int = 16
+    seq_len: int = 128
+    test_docs: int = 30  # domain: documents per topic kept for testing
+    eval_every: int = 10  # steps, for the curves (0 = only at experience ends)
+    general_tokens: int = 8192  # general held-out text scored as the extra column
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("domain", "facts"):
+            raise ConfigError(f"stream.kind must be 'domain' or 'facts', got {self.kind!r}.")
+
+
+@dataclass
+class Experience:
+    name: str
+    train_batch: Callable[[int], dict]  # step within the experience -> batch
+    steps: int
+    test: object  # what the scorer needs
+    info: dict = field(default_factory=dict)
+
+
+@dataclass
+class Stream:
+    name: str
+    kind: str
+    metric: str
+    higher_is_better: bool
+    experiences: list[Experience]
+    score: Callable[[nn.Module, Experience], float]
+    extra_name: str
+    extra_score: Callable[[nn.Module], float]
+    info: dict
+    eval_every: int = 0  # steps between curve points within an experience (0: only at its end)
+
+
+def _encode(tok, texts: list[str]) -> torch.Tensor:
+    ids: list[int] = []
+    for t in texts:
+        ids += tok(t, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    return torch.tensor(ids)
+
+
+def _lm_batch(stream_ids: torch.Tensor, seq_len: int, batch: int, seed: int) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, stream_ids.numel() - seq_len - 1, (batch,), generator=g)
+    x = stream_ids[starts[:, None] + torch.arange(seq_len)[None, :]]
+    return {"input_ids": x, "attention_mask": torch.ones_like(x), "labels": x.clone()}
+
+
+def domain_stream(model_dir: Path, tok, cfg: StreamConfig, seed: int) -> Stream:
+    path = Path(model_dir) / "heldout_domains.jsonl"
+    if not path.is_file():
+        raise DataSourceError(f"{model_dir} has no heldout_domains.jsonl: the domain stream needs held-out topics.")
+    by_topic: dict[str, list[dict]] = {}
+    for line in path.read_text().splitlines():
+        d = json.loads(line)
+        by_topic.setdefault(d["topic"], []).append(d)
+    topics = list(cfg.topics) if cfg.topics else sorted(by_topic)
+    unknown = [t for t in topics if t not in by_topic]
+    if unknown:
+        raise ConfigError(f"stream.topics {unknown} are not held-out topics of this model; choose from {sorted(by_topic)}.")
+    rng = random.Random(seed)
+    if not cfg.topics:
+        rng.shuffle(topics)
+    topics = topics[: cfg.experiences or len(topics)]
+    experiences, splits = [], {}
+    for k, topic in enumerate(topics):
+        docs = sorted(by_topic[topic], key=lambda d: d["title"])
+        random.Random(seed * 7919 + k).shuffle(docs)
+        test, train = docs[: cfg.test_docs], docs[cfg.test_docs:]
+        train_ids, test_ids = _encode(tok, [d["text"] for d in train]), _encode(tok, [d["text"] for d in test])
+        splits[topic] = {"train_docs": len(train), "test_docs": len(test), "train_tokens": int(train_ids.numel()),
+                         "test_tokens": int(test_ids.numel()), "test_titles": [d["title"] for d in test]}
+
+        def batch_fn(step: int, ids=train_ids, k=k) -> dict:
+            return _lm_batch(ids, cfg.seq_len, cfg.batch_size, seed * 1_000_003 + k * 10_007 + step)
+
+        experiences.append(Experience(topic, batch_fn, cfg.steps_per_experience, test_ids, splits[topic]))
+    general = _general_ids(model_dir, tok, cfg.general_tokens)
+
+    def score(model: nn.Module, exp: Experience) -> float:
+        return heldout_nll(model, exp.test, seq_len=cfg.seq_len, batch_size=32)["nll"]
+
+    return Stream(name="domain", kind="domain", metric="nll", higher_is_better=False, experiences=experiences,
+                  score=score, extra_name="general_nll",
+                  extra_score=lambda m: heldout_nll(m, general, seq_len=cfg.seq_len, batch_size=32)["nll"],
+                  info={"topics": topics, "splits": splits, "seed": seed}, eval_every=cfg.eval_every)
+
+
+def _general_ids(model_dir: Path, tok, n_tokens: int) -> torch.Tensor:
+    from .learn import load_heldout_ids
+
+    return load_heldout_ids(model_dir, tok, n_tokens)
+
+
+def fact_stream(model_dir: Path, tok, cfg: StreamConfig, seed: int, facts_file: Path | None = None) -> Stream:
+    from .data.factfile import load_fact_file
+    from .learn import fact_batch
+
+    facts = load_fact_file(facts_file or Path(model_dir) / "facts_new.jsonl")
+    random.Random(seed).shuffle(facts)
+    n_exp = cfg.experiences or 4
+    if n_exp * cfg.facts_per_experience > len(facts):
+        raise ConfigError(f"the fact stream needs {n_exp * cfg.facts_per_experience} facts; the file has {len(facts)}.")
+    known = read_builtin_facts(Path(model_dir) / "facts_known.jsonl")
+    known = random.Random(seed + 17).sample(known, min(len(known), 100))
+    experiences = []
+    for k in range(n_exp):
+        group: list[Fact] = facts[k * cfg.facts_per_experience:(k + 1) * cfg.facts_per_experience]
+        batches = [fact_batch(tok, f, cfg.batch_size, "all", torch.device("cpu")) for f in group]
+
+        def batch_fn(step: int, batches=batches) -> dict:
+            return batches[step // cfg.steps_per_fact]
+
+        experiences.append(Experience(f"facts {k + 1}", batch_fn, len(group) * cfg.steps_per_fact, group,
+                                      {"fact_ids": [f.id for f in group]}))
+
+    def probe(model: nn.Module, facts: list[Fact]) -> float:
+        return score_answers(greedy_answers(model, tok, [f.question for f in facts]), [f.answer for f in facts])["exact_match"]
+
+    return Stream(name="facts", kind="facts", metric="exact_match", higher_is_better=True, experiences=experiences,
+                  score=lambda m, e: probe(m, e.test), extra_name="retained", extra_score=lambda m: probe(m, known),
+                  info={"fact_ids": [e.info["fact_ids"] for e in experiences], "seed": seed,
+                        "retained_facts": [f.id for f in known]}, eval_every=cfg.eval_every)
+
+
+def build_stream(model_dir: Path, tok, cfg: StreamConfig, seed: int) -> Stream:
+    return domain_stream(model_dir, tok, cfg, seed) if cfg.kind == "domain" else fact_stream(model_dir, tok, cfg, seed)

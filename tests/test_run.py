@@ -1,0 +1,89 @@
+"""`forgetless run`: streams on the shipped base, resume after interruption, bad configs, the report."""
+
+import base64
+import json
+import re
+
+import pytest
+
+import forgetless.run as run_mod
+from forgetless.errors import ConfigError
+from forgetless.evaluate.metrics import summarize
+from forgetless.run import load_run_config, run
+
+TINY = """
+name: tiny
+seed: 3
+experiments:
+  - name: domain
+    stream: {kind: domain, experiences: 3, steps_per_experience: 2, batch_size: 4, seq_len: 64, test_docs: 4,
+             eval_every: 1, general_tokens: 512}
+    methods:
+      - {name: naive, lr: 1.0e-4}
+      - {name: joint, lr: 1.0e-4}
+"""
+
+
+def _cfg(tmp_path, text=TINY):
+    p = tmp_path / "run.yaml"
+    p.write_text(text)
+    return load_run_config(p)
+
+
+def test_interrupted_run_resumes_to_the_same_matrix(tmp_path, monkeypatch):
+    full = run(_cfg(tmp_path), tmp_path / "full", progress=False, log=lambda s: None)["domain"]
+    original = run_mod._save_state
+    calls = {"n": 0}
+
+    def save_then_stop(state_dir, model, rec):
+        original(state_dir, model, rec)
+        calls["n"] += 1
+        if calls["n"] == 2:  # Ctrl-C right after the second experience of the naive method
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(run_mod, "_save_state", save_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        run(_cfg(tmp_path), tmp_path / "resumed", progress=False, log=lambda s: None)
+    monkeypatch.setattr(run_mod, "_save_state", original)
+    logs = []
+    resumed = run(_cfg(tmp_path), tmp_path / "resumed", progress=False, log=logs.append)["domain"]
+    assert any("resuming after experience 2 of 3" in line for line in logs)
+    for method in ("naive", "joint"):
+        assert resumed["methods"][method]["R"] == full["methods"][method]["R"]
+        assert resumed["methods"][method]["b"] == full["methods"][method]["b"]
+    naive = full["methods"]["naive"]
+    assert len(naive["R"]) == 3 and all(len(r) == 3 for r in naive["R"])
+    # metrics are the pure functions of the recorded matrices (NLL: lower is better)
+    want = summarize(naive["R"], naive["b"], full["methods"]["joint"]["R"], higher_is_better=False)
+    for k, v in want.items():
+        assert naive["metrics"][k] == pytest.approx(v)
+    assert full["stream"]["experiences"] == resumed["stream"]["experiences"]  # order fixed by the seed
+    assert naive["boundaries"] == [2, 4, 6] and [c["step"] for c in naive["curve"]][:3] == [0, 1, 2]
+
+
+def test_report_contains_plots_and_the_numbers_of_results_json(tmp_path):
+    res = run(_cfg(tmp_path), tmp_path / "r", progress=False, log=lambda s: None)["domain"]
+    html = (tmp_path / "r" / "domain" / "report.html").read_text()
+    imgs = re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', html)
+    assert len(imgs) >= 3
+    assert all(base64.b64decode(b)[:8] == b"\x89PNG\r\n\x1a\n" for b in imgs)
+    on_disk = json.loads((tmp_path / "r" / "domain" / "results.json").read_text())
+    for method, m in on_disk["methods"].items():
+        row = re.search(rf'<tr[^>]*data-method="{method}"[^>]*>(.*?)</tr>', html, re.S).group(1)
+        acc = float(re.search(r'data-col="acc"[^>]*data-value="([^"]+)"|data-value="([^"]+)"[^>]*data-col="acc"',
+                              row).group(1) or 0)
+        assert acc == pytest.approx(m["metrics"]["acc"])
+    assert (tmp_path / "r" / "domain" / "metrics.csv").read_text().count("\n") == 3
+    assert res["stream"]["splits"]
+
+
+@pytest.mark.parametrize("text,needle", [
+    (TINY.replace("kind: domain", "kindd: domain"), "experiments[0].stream.kindd"),
+    (TINY.replace("{name: naive, lr: 1.0e-4}", "{name: naive, lrr: 1.0e-4}"), "experiments[0].methods[0]"),
+    (TINY.replace("{name: joint, lr: 1.0e-4}", "{name: ewc9}"), "unknown method 'ewc9'"),
+    (TINY.replace("kind: domain", "kind: vision"), "stream.kind"),
+    ("name: x\nexperiments: []\n", "'experiments' is empty"),
+])
+def test_bad_run_config_names_the_key(tmp_path, text, needle):
+    with pytest.raises(ConfigError, match=re.escape(needle)):
+        _cfg(tmp_path, text)

@@ -7,7 +7,8 @@ setup:
 demo: setup
 	.venv/bin/forgetless info
 	.venv/bin/forgetless generate --prompt "Question: Tell me the capital of France. Answer:" --max-new-tokens 8
-	.venv/bin/forgetless generate --prompt "Harbor (n.):" --sample --max-new-tokens 40
+	.venv/bin/forgetless run configs/quickstart.yaml --out runs/quickstart
+	@echo "open runs/quickstart/domain/report.html and runs/quickstart/facts/report.html"
 
 test: setup
 	.venv/bin/python -m pytest -q

@@ -87,3 +87,50 @@ def test_report_contains_plots_and_the_numbers_of_results_json(tmp_path):
 def test_bad_run_config_names_the_key(tmp_path, text, needle):
     with pytest.raises(ConfigError, match=re.escape(needle)):
         _cfg(tmp_path, text)
+
+
+def test_label_logprobs_match_a_direct_computation():
+    import torch
+
+    from forgetless.cli import default_model_dir
+    from forgetless.models.checkpoint import load_model
+    from forgetless.models.tokenizer import load_tokenizer
+    from forgetless.streams import label_logprobs
+
+    base = default_model_dir()
+    model, tok = load_model(base), load_tokenizer(base)
+    prompts = ["Text: Algebra is a branch of mathematics. Topic:", "Text: A painter made a picture. Topic:"]
+    labels = ["Mathematics", "Arts", "Philosophy and religion"]
+    got = label_logprobs(model, tok, prompts, labels, batch_size=4)
+    for i, p in enumerate(prompts):
+        for j, label in enumerate(labels):
+            ids = tok(p + " " + label, return_tensors="pt")["input_ids"]
+            n = len(tok(p, add_special_tokens=False)["input_ids"])
+            with torch.no_grad():
+                lp = model(input_ids=ids).logits.log_softmax(-1)[0]
+            want = sum(lp[t - 1, ids[0, t]].item() for t in range(n, ids.shape[1]))
+            assert got[i, j].item() == pytest.approx(want, abs=1e-3)
+
+
+def test_task_and_class_incremental_streams(tmp_path):
+    text = """
+name: cls
+seed: 0
+experiments:
+  - name: task_il
+    stream: {kind: task_il, steps_per_experience: 2, batch_size: 4, test_docs: 4, eval_every: 0, general_tokens: 256}
+    methods: [{name: naive, lr: 1.0e-4}]
+  - name: class_il
+    stream: {kind: class_il, steps_per_experience: 2, batch_size: 4, test_docs: 4, eval_every: 0, general_tokens: 256}
+    methods: [{name: naive, lr: 1.0e-4}]
+"""
+    res = run(_cfg(tmp_path, text), tmp_path / "cls", progress=False, log=lambda s: None)
+    for name in ("task_il", "class_il"):
+        r = res[name]
+        assert r["stream"]["groups"] == [g for g in r["stream"]["groups"] if len(g) == 2] and len(r["stream"]["groups"]) == 2
+        R = r["methods"]["naive"]["R"]
+        assert len(R) == 2 and all(x in {k / 8 for k in range(9)} for row in R for x in row)  # 8 test docs each
+    # class-incremental chooses among more topics than task-incremental, so it can only score lower or equal
+    # on the first experience after the second was learned only if the model prefers new labels; the exact
+    # candidate sets are checked through the recorded stream description
+    assert (tmp_path / "cls" / "compare.html").is_file()

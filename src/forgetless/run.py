@@ -86,8 +86,9 @@ def load_run_config(path: str | Path) -> RunConfig:
 
 
 # --------------------------------------------------------------------------- one method on one stream
-def _scores(model, stream: Stream) -> list[float]:
-    return [stream.score(model, e) for e in stream.experiences]
+def _scores(model, stream: Stream, stage: int) -> list[float]:
+    """Scores on every experience after training through experience ``stage`` (-1: before training)."""
+    return [stream.score(model, e, stage) for e in stream.experiences]
 
 
 def _train_experience(model, stream: Stream, base: str, opts: dict, ctx, batch_fn: Callable[[int], dict],
@@ -137,7 +138,7 @@ def run_sequential(stream: Stream, model_dir: Path, label: str, spec: dict, out:
         _freeze_stats(model)
         log(f"{label}: resuming after experience {len(rec['R'])} of {T}")
     else:
-        rec = {"b": _scores(model, stream), "b_extra": stream.extra_score(model), "R": [], "extra": [],
+        rec = {"b": _scores(model, stream, -1), "b_extra": stream.extra_score(model), "R": [], "extra": [],
                "curve": [], "boundaries": [], "seconds": 0.0, "trainable_params": 0}
         rec["curve"].append({"step": 0, "experience": 0, "scores": rec["b"]})
     t0 = time.time()
@@ -147,13 +148,13 @@ def run_sequential(stream: Stream, model_dir: Path, label: str, spec: dict, out:
 
         def on_eval(step: int, k=k, offset=offset) -> None:
             if step < exp.steps:
-                rec["curve"].append({"step": offset + step, "experience": k, "scores": _scores(model_ref[0], stream)})
+                rec["curve"].append({"step": offset + step, "experience": k, "scores": _scores(model_ref[0], stream, k)})
 
         model_ref = [model]
         every = stream.eval_every or exp.steps
         model, params = _train_experience(model, stream, base, opts, ctx, exp.train_batch, exp.steps, on_eval, every,
                                           progress, f"{label}: {exp.name}")
-        row = _scores(model, stream)
+        row = _scores(model, stream, k)
         rec["R"].append(row)
         rec["extra"].append(stream.extra_score(model))
         rec["boundaries"].append(offset + exp.steps)
@@ -176,7 +177,7 @@ def run_joint(stream: Stream, model_dir: Path, label: str, spec: dict, out: Path
     T = len(stream.experiences)
     if rec is None:
         model, tok, ctx = open_model(model_dir)
-        rec = {"b": _scores(model, stream), "b_extra": stream.extra_score(model), "R": [], "extra": [],
+        rec = {"b": _scores(model, stream, -1), "b_extra": stream.extra_score(model), "R": [], "extra": [],
                "curve": [{"step": 0, "experience": 0, "scores": None}], "boundaries": [], "seconds": 0.0,
                "trainable_params": 0}
         rec["curve"][0]["scores"] = rec["b"]
@@ -193,7 +194,7 @@ def run_joint(stream: Stream, model_dir: Path, label: str, spec: dict, out: Path
 
         model, params = _train_experience(model, stream, base, opts, ctx, batch_fn, steps, None, 0, progress,
                                           f"{label}: experiences 1..{k + 1}")
-        row = _scores(model, stream)
+        row = _scores(model, stream, k)
         rec["R"].append(row)
         rec["extra"].append(stream.extra_score(model))
         end = sum(e.steps for e in stream.experiences[: k + 1])

@@ -9,6 +9,13 @@ and its own test set, and a scoring function gives one number per (model, experi
 - ``facts``   the fact stream: K new facts per experience, taught as batches of paraphrases;
               score = exact match of held-out question probes (higher is better). The base's
               known facts are scored alongside as an extra column ("retained").
+- ``task_il`` / ``class_il``  topic classification of Wikipedia summaries with the LM: the
+              model reads "Text: <summary> Topic:" and the label is the answer text; each
+              experience adds ``topics_per_experience`` topics. The prediction is the candidate
+              label with the highest log-likelihood. Task-incremental: the candidates are the
+              topics of the document's own experience. Class-incremental: every topic seen so
+              far, i.e. of experiences 1..max(i, j) when scoring experience j after training
+              through i (before training: 1..j). Score = accuracy.
 
 Order and splits are fixed by the seed and recorded in the results.
 """
@@ -29,9 +36,12 @@ from .errors import ConfigError, DataSourceError
 from .evaluate.answers import greedy_answers, heldout_nll, score_answers
 
 
+KINDS = ("domain", "facts", "task_il", "class_il")
+
+
 @dataclass
 class StreamConfig:
-    kind: str = "domain"  # domain | facts
+    kind: str = "domain"  # domain | facts | task_il | class_il
     topics: list[str] | None = None  # domain: which held-out topics, in order (default: all, shuffled by seed)
     experiences: int | None = None  # domain: how many topics; facts: how many groups of facts
     facts_per_experience: int = 10
@@ -42,10 +52,12 @@ class StreamConfig:
     test_docs: int = 30  # domain: documents per topic kept for testing
     eval_every: int = 10  # steps, for the curves (0 = only at experience ends)
     general_tokens: int = 8192  # general held-out text scored as the extra column
+    topics_per_experience: int = 2  # task_il / class_il
+    text_chars: int = 200  # task_il / class_il: characters of each summary shown to the model
 
     def __post_init__(self) -> None:
-        if self.kind not in ("domain", "facts"):
-            raise ConfigError(f"stream.kind must be 'domain' or 'facts', got {self.kind!r}.")
+        if self.kind not in KINDS:
+            raise ConfigError(f"stream.kind must be one of {KINDS}, got {self.kind!r}.")
 
 
 @dataclass
@@ -64,7 +76,7 @@ class Stream:
     metric: str
     higher_is_better: bool
     experiences: list[Experience]
-    score: Callable[[nn.Module, Experience], float]
+    score: Callable[[nn.Module, Experience, int], float]  # (model, experience, stage: experiences trained - 1)
     extra_name: str
     extra_score: Callable[[nn.Module], float]
     info: dict
@@ -116,7 +128,7 @@ def domain_stream(model_dir: Path, tok, cfg: StreamConfig, seed: int) -> Stream:
         experiences.append(Experience(topic, batch_fn, cfg.steps_per_experience, test_ids, splits[topic]))
     general = _general_ids(model_dir, tok, cfg.general_tokens)
 
-    def score(model: nn.Module, exp: Experience) -> float:
+    def score(model: nn.Module, exp: Experience, stage: int) -> float:
         return heldout_nll(model, exp.test, seq_len=cfg.seq_len, batch_size=32)["nll"]
 
     return Stream(name="domain", kind="domain", metric="nll", higher_is_better=False, experiences=experiences,
@@ -157,10 +169,107 @@ def fact_stream(model_dir: Path, tok, cfg: StreamConfig, seed: int, facts_file: 
         return score_answers(greedy_answers(model, tok, [f.question for f in facts]), [f.answer for f in facts])["exact_match"]
 
     return Stream(name="facts", kind="facts", metric="exact_match", higher_is_better=True, experiences=experiences,
-                  score=lambda m, e: probe(m, e.test), extra_name="retained", extra_score=lambda m: probe(m, known),
+                  score=lambda m, e, stage: probe(m, e.test), extra_name="retained", extra_score=lambda m: probe(m, known),
                   info={"fact_ids": [e.info["fact_ids"] for e in experiences], "seed": seed,
                         "retained_facts": [f.id for f in known]}, eval_every=cfg.eval_every)
 
 
+def _load_topics(model_dir: Path) -> dict[str, list[dict]]:
+    path = Path(model_dir) / "heldout_domains.jsonl"
+    if not path.is_file():
+        raise DataSourceError(f"{model_dir} has no heldout_domains.jsonl: topic streams need held-out topics.")
+    by_topic: dict[str, list[dict]] = {}
+    for line in path.read_text().splitlines():
+        d = json.loads(line)
+        by_topic.setdefault(d["topic"], []).append(d)
+    return by_topic
+
+
+@torch.no_grad()
+def label_logprobs(model: nn.Module, tok, prompts: list[str], labels: list[str], batch_size: int = 32) -> torch.Tensor:
+    """log p(label | prompt) summed over the label tokens, for every (prompt, label) pair: (P, L)."""
+    model.eval()
+    device = next(model.parameters()).device
+    pairs = [(p, l) for p in prompts for l in labels]
+    out = []
+    tok.padding_side = "right"
+    for i in range(0, len(pairs), batch_size):
+        chunk = pairs[i:i + batch_size]
+        enc = tok([p + " " + l for p, l in chunk], return_tensors="pt", padding=True).to(device)
+        n_prompt = [len(tok(p, add_special_tokens=False)["input_ids"]) for p, _ in chunk]
+        logp = model(**enc).logits.float().log_softmax(-1)
+        ids = enc["input_ids"]
+        tok_lp = logp[:, :-1].gather(-1, ids[:, 1:, None])[..., 0]  # log p(token t+1 | <= t)
+        mask = enc["attention_mask"][:, 1:].clone().bool()
+        for b, n in enumerate(n_prompt):
+            mask[b, : n - 1] = False
+        out.append((tok_lp * mask).sum(-1))
+    tok.padding_side = "left"
+    return torch.cat(out).view(len(prompts), len(labels)).cpu()
+
+
+def topic_stream(model_dir: Path, tok, cfg: StreamConfig, seed: int) -> Stream:
+    by_topic = _load_topics(model_dir)
+    topics = list(cfg.topics) if cfg.topics else sorted(by_topic)
+    unknown = [t for t in topics if t not in by_topic]
+    if unknown:
+        raise ConfigError(f"stream.topics {unknown} are not held-out topics of this model; choose from {sorted(by_topic)}.")
+    if not cfg.topics:
+        random.Random(seed).shuffle(topics)
+    per = cfg.topics_per_experience
+    groups = [topics[i:i + per] for i in range(0, len(topics) - per + 1, per)][: cfg.experiences or None]
+    if not groups:
+        raise ConfigError(f"stream needs at least {per} topics for one experience.")
+
+    def prompt(d: dict) -> str:
+        return "Text: " + d["text"][: cfg.text_chars].rsplit(" ", 1)[0] + " Topic:"
+
+    experiences = []
+    for k, group in enumerate(groups):
+        train, test = [], []
+        for t in group:
+            docs = sorted(by_topic[t], key=lambda d: d["title"])
+            random.Random(seed * 7919 + len(t)).shuffle(docs)
+            test += [(prompt(d), t) for d in docs[: cfg.test_docs]]
+            train += [(prompt(d), t) for d in docs[cfg.test_docs:]]
+
+        def batch_fn(step: int, train=train, k=k) -> dict:
+            rng = random.Random(seed * 1_000_003 + k * 10_007 + step)
+            chosen = [train[rng.randrange(len(train))] for _ in range(cfg.batch_size)]
+            texts = [p + " " + label + "\n" for p, label in chosen]
+            tok.padding_side = "right"
+            enc = tok(texts, return_tensors="pt", padding=True)
+            tok.padding_side = "left"
+            labels = enc["input_ids"].clone()
+            labels[enc["attention_mask"] == 0] = -100
+            for b, (p, _) in enumerate(chosen):  # loss on the label (and its newline) only
+                labels[b, : len(tok(p, add_special_tokens=False)["input_ids"])] = -100
+            return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "labels": labels}
+
+        experiences.append(Experience(" + ".join(group), batch_fn, cfg.steps_per_experience, test,
+                                      {"topics": group, "train_docs": len(train), "test_docs": len(test)}))
+    index = {id(e): k for k, e in enumerate(experiences)}
+
+    def score(model: nn.Module, exp: Experience, stage: int) -> float:
+        j = index[id(exp)]
+        if cfg.kind == "task_il":
+            cands = exp.info["topics"]
+        else:
+            cands = [t for e in experiences[: max(stage, j) + 1] for t in e.info["topics"]]
+        lp = label_logprobs(model, tok, [p for p, _ in exp.test], cands)
+        pred = [cands[i] for i in lp.argmax(-1).tolist()]
+        return sum(p == t for p, (_, t) in zip(pred, exp.test)) / len(exp.test)
+
+    general = _general_ids(model_dir, tok, cfg.general_tokens)
+    return Stream(name=cfg.kind, kind=cfg.kind, metric="accuracy", higher_is_better=True, experiences=experiences,
+                  score=score, extra_name="general_nll",
+                  extra_score=lambda m: heldout_nll(m, general, seq_len=cfg.seq_len, batch_size=32)["nll"],
+                  info={"groups": groups, "seed": seed}, eval_every=cfg.eval_every)
+
+
 def build_stream(model_dir: Path, tok, cfg: StreamConfig, seed: int) -> Stream:
-    return domain_stream(model_dir, tok, cfg, seed) if cfg.kind == "domain" else fact_stream(model_dir, tok, cfg, seed)
+    if cfg.kind == "domain":
+        return domain_stream(model_dir, tok, cfg, seed)
+    if cfg.kind == "facts":
+        return fact_stream(model_dir, tok, cfg, seed)
+    return topic_stream(model_dir, tok, cfg, seed)

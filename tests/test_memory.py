@@ -116,33 +116,32 @@ def test_access_counts_equal_direct_count_with_padding_masked():
 
 
 def test_whitening_uses_only_earlier_batches_and_real_tokens():
+    cfg = MemoryConfig(n_keys=8, heads=1, knn=2, k_dim=4)
     torch.manual_seed(4)
-    mem = ProductKeyMemory(8, 8, MemoryConfig(n_keys=8, heads=1, knn=2, k_dim=4)).train()
+    fresh = ProductKeyMemory(8, 8, cfg).train()
+    padded = ProductKeyMemory(8, 8, cfg).train()
+    padded.load_state_dict(fresh.state_dict())
     x = torch.randn(1, 5, 8)
-    out_a = mem(x)  # first batch: identity whitener, statistics updated afterwards
-    mem2 = ProductKeyMemory(8, 8, mem.config)
-    mem2.load_state_dict({k: v for k, v in mem.state_dict().items()})
-    # a padded copy: padding tokens must not change the statistics
-    pad_mem = ProductKeyMemory(8, 8, mem.config).train()
-    pad_mem.load_state_dict(ProductKeyMemory(8, 8, mem.config).state_dict())
-    torch.manual_seed(4)
-    fresh = ProductKeyMemory(8, 8, mem.config).train()
-    pad_mem.load_state_dict(fresh.state_dict())
-    xp = torch.cat([torch.randn(1, 3, 8) * 100, x], dim=1)
-    pad_mem.token_mask = torch.tensor([[False] * 3 + [True] * 5])
+    # the same real tokens, once with three huge left-padding tokens that must not count
     fresh(x)
-    pad_mem(xp)
-    torch.testing.assert_close(pad_mem.q_mean, fresh.q_mean)
-    torch.testing.assert_close(pad_mem.q_cov, fresh.q_cov)
-    # causal: a token's output does not depend on later tokens of its batch in training mode
+    padded.token_mask = torch.tensor([[False] * 3 + [True] * 5])
+    padded(torch.cat([torch.randn(1, 3, 8) * 100, x], dim=1))
+    torch.testing.assert_close(padded.q_mean, fresh.q_mean)
+    torch.testing.assert_close(padded.q_cov, fresh.q_cov)
+    # causal: in training mode a token's output does not depend on later tokens of its batch
     torch.manual_seed(5)
-    m3 = ProductKeyMemory(8, 8, mem.config).train()
+    m3 = ProductKeyMemory(8, 8, cfg).train()
     m3(torch.randn(2, 9, 8))
     state = {k: v.clone() for k, v in m3.state_dict().items()}
     y1 = m3(x[:, :3])
     m3.load_state_dict(state)
     y2 = m3(x)
     torch.testing.assert_close(y1, y2[:, :3])
+    # frozen statistics (fine-tuning): a forward pass leaves them unchanged
+    m3.update_query_stats = False
+    before = m3.q_mean.clone()
+    m3(torch.randn(2, 9, 8))
+    assert torch.equal(before, m3.q_mean)
 
 
 def _tiny_llama():

@@ -7,7 +7,6 @@ Writes ``results.json``, ``runs.csv`` and ``report.html`` (frontier + curves) to
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import random

@@ -116,6 +116,17 @@ def train_loop(
     return LoopResult(step=steps, last_loss=loss_val, seconds=time.time() - t0, tokens=tokens)
 
 
+def train_with_method(method, model: nn.Module, batch_fn: Callable[[int], Any], steps: int,
+                      on_eval: Callable[[int], None] | None = None, eval_every: int = 0, progress: bool = True,
+                      desc: str = "training") -> LoopResult:
+    """The loop driven by a continual-learning method (``forgetless.methods.Method``, already set
+    up): its optimizers, loss, gradient clipping and hooks."""
+    return train_loop(model, method.optimizers(), batch_fn, method.loss, steps, grad_clip=method.grad_clip,
+                      after_backward=lambda s: method.after_backward(model, s),
+                      after_step=lambda s, loss: method.after_step(model, s), on_eval=on_eval,
+                      eval_every=eval_every, progress=progress, desc=desc)
+
+
 # --------------------------------------------------------------------------- training state
 OPT_FILE = "optimizer.safetensors"
 STATE_FILE = "trainer_state.json"

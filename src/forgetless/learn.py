@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from .data.facts import Fact, teaching_sentences
-from .engine import train_loop
+from .engine import train_with_method
 from .errors import ConfigError, DataSourceError
 from .evaluate.answers import greedy_answers, heldout_nll, score_answers
 from .methods import Method, MethodContext
@@ -171,6 +171,8 @@ def evaluate_before(model: nn.Module, facts: list[Fact], evaluator: FactEvaluato
     for m in memory_layers(model):
         m.update_query_stats = False
     return evaluator(model, facts, 0, final=True)  # same known facts and held-out text as the final evaluation
+
+
 def learn_facts(model: nn.Module, tok, facts: list[Fact], method: Method, evaluator: FactEvaluator,
                 cfg: StreamConfig, context: MethodContext, progress: bool = True,
                 log: Callable[[str], None] = print, base: Evaluation | None = None) -> tuple[nn.Module, StreamResult]:
@@ -179,16 +181,13 @@ def learn_facts(model: nn.Module, tok, facts: list[Fact], method: Method, evalua
     if not facts:
         raise DataSourceError("there are no facts to teach.")
     device = next(model.parameters()).device
-    for m in memory_layers(model):
-        m.update_query_stats = False  # lookups stay as pretrained; only parameters learn
-    base = base or evaluate_before(model, facts, evaluator)
+    base = base or evaluate_before(model, facts, evaluator)  # also freezes the memory's query statistics
     log(f"before: learned {base.learned:.1%} (of {len(facts)} facts), retained {base.retained:.1%}, "
         f"held-out NLL {base.heldout_nll:.3f}")
     model = method.setup(model, context)
     steps = len(facts) * cfg.steps_per_fact
     batches = [fact_batch(tok, f, cfg.batch_size, cfg.loss_on, device, cfg.questions) for f in facts]
     curve: list[Evaluation] = []
-
     final_ev: list[Evaluation] = []
     if cfg.eval_every:  # the curve starts at the base, on the same known-fact sample as its other points
         curve.append(evaluator(model, [], 0))
@@ -207,18 +206,13 @@ def learn_facts(model: nn.Module, tok, facts: list[Fact], method: Method, evalua
     t_start = time.time()
     eval_seconds = [0.0]
 
-    def after_step(step: int, loss: float) -> None:
-        method.after_step(model, step)
-
     def on_eval(step: int) -> None:
         t = time.time()
         eval_at(step)
         eval_seconds[0] += time.time() - t
 
-    train_loop(model, method.optimizers(), lambda s: batches[s // cfg.steps_per_fact], method.loss, steps,
-               grad_clip=1.0 if method.name != "smf" else None, after_backward=lambda s: method.after_backward(model, s),
-               after_step=after_step, on_eval=on_eval, eval_every=cfg.steps_per_fact, progress=progress,
-               desc=f"teaching ({method.name})")
+    train_with_method(method, model, lambda s: batches[s // cfg.steps_per_fact], steps, on_eval=on_eval,
+                      eval_every=cfg.steps_per_fact, progress=progress, desc=f"teaching ({method.name})")
     train_time = time.time() - t_start - eval_seconds[0]
     params = method.trainable_params_per_step()
     model = method.export(model)

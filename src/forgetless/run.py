@@ -27,8 +27,8 @@ from typing import Callable
 
 import torch
 
-from .config import from_dict, load_config, to_dict
-from .engine import train_loop
+from .config import load_config, to_dict
+from .engine import train_with_method
 from .errors import ConfigError
 from .evaluate.metrics import summarize
 from .methods import make_method
@@ -95,10 +95,8 @@ def _train_experience(model, stream: Stream, base: str, opts: dict, ctx, batch_f
                       steps: int, on_eval: Callable[[int], None] | None, eval_every: int, progress: bool, desc: str):
     method = make_method(base, **opts)
     model = method.setup(model, ctx)
-    train_loop(model, method.optimizers(), batch_fn, method.loss, steps,
-               grad_clip=None if base == "smf" else 1.0, after_backward=lambda s: method.after_backward(model, s),
-               after_step=lambda s, loss: method.after_step(model, s), on_eval=on_eval, eval_every=eval_every,
-               progress=progress, desc=desc)
+    train_with_method(method, model, batch_fn, steps, on_eval=on_eval, eval_every=eval_every, progress=progress,
+                      desc=desc)
     model = method.export(model)
     model.eval()
     return model, method.trainable_params_per_step()

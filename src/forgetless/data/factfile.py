@@ -24,7 +24,7 @@ import re
 from pathlib import Path
 
 from ..errors import DataSourceError
-from .facts import EXTRA_STATEMENTS, STATEMENTS, Fact
+from .facts import STATEMENTS, Fact
 
 REQUIRED = ("statement", "question", "answer")
 

@@ -6,6 +6,8 @@ from typing import Any
 
 from ..errors import ConfigError
 from .base import Method, MethodContext
+
+__all__ = ["METHODS", "Method", "MethodContext", "make_method"]
 from .full import FullFinetune
 from .lora import LoRA
 from .smf import SparseMemoryFinetune

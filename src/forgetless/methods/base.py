@@ -45,6 +45,7 @@ class Method:
     """Base class: trains nothing by itself; subclasses choose parameters and optimizers."""
 
     name = "base"
+    grad_clip: float | None = 1.0  # max norm of dense gradients (None: no clipping)
 
     def __init__(self, lr: float, **hparams: Any):
         self.lr = lr

@@ -21,7 +21,6 @@ Ablations: ``ranking="tf"`` (no IDF) and ``ranking="all"`` (every slot the batch
 
 from __future__ import annotations
 
-import math
 
 import torch
 from torch import nn
@@ -67,6 +66,7 @@ def keep_rows(grad: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
 
 class SparseMemoryFinetune(Method):
     name = "smf"
+    grad_clip = None  # plain SGD on the selected rows, as in the paper
 
     def __init__(self, lr: float = 2.0, top_t: int = 500, ranking: str = "tfidf", background: str = "mix"):
         if ranking not in RANKINGS:

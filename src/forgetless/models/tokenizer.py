@@ -15,7 +15,6 @@ PAD = "<|pad|>"
 def train_tokenizer(texts: Iterable[str], vocab_size: int = 8192, min_frequency: int = 2):
     """Train a byte-level BPE (exact round trip for any text) and return a PreTrainedTokenizerFast."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

@@ -177,3 +177,39 @@ def test_bench_facts_quick_writes_results_csv_and_report(tmp_path):
     assert len((out / "runs.csv").read_text().strip().splitlines()) == 4
     html = (out / "report.html").read_text()
     assert html.count("data:image/png;base64,") == 2
+
+
+def test_eaft_weights_are_normalised_entropies_without_gradient():
+    from forgetless.methods.eaft import eaft_weights
+
+    torch.manual_seed(0)
+    logits = torch.randn(3, 5, 100, requires_grad=True)
+    w = eaft_weights(logits, top_k=20)
+    assert not w.requires_grad and w.min() >= 0 and w.max() <= 1
+    flat = torch.zeros(1, 1, 100)  # uniform over the top 20: weight 1
+    peaked = torch.full((1, 1, 100), -50.0)
+    peaked[..., 7] = 50.0  # all mass on one token: weight ~0
+    assert eaft_weights(flat).item() == pytest.approx(1.0, abs=1e-6)
+    assert eaft_weights(peaked).item() < 1e-6
+    # equals H / ln K computed directly for one position
+    p = logits[0, 0].detach().topk(20).values.softmax(-1)
+    assert w[0, 0].item() == pytest.approx(float(-(p * p.log()).sum() / math.log(20)), rel=1e-5)
+
+
+def test_eaft_loss_is_the_entropy_weighted_token_loss(stream_parts):
+    tok, ctx, facts, cfg, ev = stream_parts
+    model, _, _ = open_model(BASE)
+    method = make_method("eaft", lr=1e-5)
+    model = method.setup(model, ctx)
+    batch = fact_batch(tok, facts[0], 4, "all", torch.device("cpu"))
+    loss = method.loss(model, batch)
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+        labels = batch["labels"][:, 1:]
+        from forgetless.methods.eaft import eaft_weights
+        w = eaft_weights(logits)
+        lp = logits.log_softmax(-1).gather(-1, labels.clamp_min(0)[..., None])[..., 0]
+        m = labels != -100
+        want = -(w * lp * m).sum() / m.sum()
+    assert loss.item() == pytest.approx(want.item(), rel=1e-4)
+    assert loss.item() < method.__class__.__mro__[1].loss(method, model, batch).item()  # weights <= 1

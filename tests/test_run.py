@@ -35,8 +35,8 @@ def test_interrupted_run_resumes_to_the_same_matrix(tmp_path, monkeypatch):
     original = run_mod._save_state
     calls = {"n": 0}
 
-    def save_then_stop(state_dir, model, rec):
-        original(state_dir, model, rec)
+    def save_then_stop(state_dir, model, rec, method=None):
+        original(state_dir, model, rec, method)
         calls["n"] += 1
         if calls["n"] == 2:  # Ctrl-C right after the second experience of the naive method
             raise KeyboardInterrupt

@@ -30,6 +30,7 @@ DEFAULT_LRS: dict[str, list[float]] = {
     "smf": [1.0, 3.0, 10.0],
     "smf-tf": [3.0],
     "smf-all": [3.0],
+    "eaft": [5e-6, 1e-5, 3e-5],
 }
 DEFAULT_LORA_RANKS = [8, 32]
 QUICK_LRS = {"full": [1e-5], "lora": [1e-4], "smf": [3.0], "smf-tf": [3.0], "smf-all": [3.0]}

@@ -93,7 +93,7 @@ def _method_options(args: argparse.Namespace) -> dict:
     return opts
 
 
-DEFAULT_LR = {"full": 1e-5, "lora": 1e-4, "smf": 3.0}
+DEFAULT_LR = {"full": 1e-5, "lora": 1e-4, "smf": 3.0, "eaft": 1e-5}
 
 
 def cmd_learn(args: argparse.Namespace) -> int:
@@ -262,8 +262,9 @@ def build_parser() -> argparse.ArgumentParser:
                                     "before and after. The file is validated first; nothing is trained on a bad file.")
     _model_arg(sp)
     sp.add_argument("--facts", required=True, help="JSONL: statement, question, answer, paraphrases (optional)")
-    sp.add_argument("--method", choices=["full", "lora", "smf"], default="smf")
-    sp.add_argument("--lr", type=float, default=None, help="learning rate (default: full 1e-5, lora 1e-4, smf 3)")
+    sp.add_argument("--method", choices=["full", "lora", "smf", "eaft"], default="smf")
+    sp.add_argument("--lr", type=float, default=None,
+                    help="learning rate (default: full 1e-5, lora 1e-4, smf 3, eaft 1e-5)")
     sp.add_argument("--rank", type=int, default=32, help="LoRA rank")
     sp.add_argument("--top-t", type=int, default=500, help="smf: memory slots trained per step")
     sp.add_argument("--ranking", choices=["tfidf", "tf", "all"], default="tfidf", help="smf slot ranking (ablations)")
@@ -289,7 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
                          description="Each method over a learning-rate sweep (LoRA also over ranks) on one shared "
                                      "stream of new facts; writes results.json, runs.csv and report.html.")
     _model_arg(bp)
-    bp.add_argument("--methods", default="full,lora,smf", help="comma list: full, lora, smf, smf-tf, smf-all")
+    bp.add_argument("--methods", default="full,lora,smf", help="comma list: full, lora, smf, smf-tf, smf-all, eaft")
     bp.add_argument("--facts", type=int, default=50, help="number of facts in the stream (default 50)")
     bp.add_argument("--facts-file", default=None, help="JSONL fact file (default: the model's new facts)")
     bp.add_argument("--lrs", nargs="*", default=None, help="'1e-5,3e-5' for all methods or 'smf=1,3,10 full=...'")

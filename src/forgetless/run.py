@@ -37,7 +37,7 @@ from .models.memory import memory_layers
 from .streams import Stream, StreamConfig, build_stream
 
 BASELINES = {"naive": "full", "joint": "full"}
-DEFAULT_LRS = {"full": 1e-5, "lora": 1e-4, "smf": 3.0}
+DEFAULT_LRS = {"full": 1e-5, "lora": 1e-4, "smf": 3.0, "eaft": 1e-5}
 
 
 @dataclass
@@ -91,28 +91,41 @@ def _scores(model, stream: Stream, stage: int) -> list[float]:
     return [stream.score(model, e, stage) for e in stream.experiences]
 
 
-def _train_experience(model, stream: Stream, base: str, opts: dict, ctx, batch_fn: Callable[[int], dict],
-                      steps: int, on_eval: Callable[[int], None] | None, eval_every: int, progress: bool, desc: str):
-    method = make_method(base, **opts)
+def _train_experience(model, method, ctx, batch_fn: Callable[[int], dict], steps: int,
+                      on_eval: Callable[[int], None] | None, eval_every: int, progress: bool, desc: str, experience=None):
+    """One experience: fresh optimizers (setup), the loop, export, then the method's after_experience."""
     model = method.setup(model, ctx)
     train_with_method(method, model, batch_fn, steps, on_eval=on_eval, eval_every=eval_every, progress=progress,
                       desc=desc)
     model = method.export(model)
     model.eval()
+    method.after_experience(model, experience)
     return model, method.trainable_params_per_step()
 
 
-def _save_state(state_dir: Path, model, progress_rec: dict) -> None:
+METHOD_STATE = "method_state.safetensors"
+
+
+def _save_state(state_dir: Path, model, progress_rec: dict, method=None) -> None:
+    from safetensors.torch import save_file
+
     def write(tmp: Path) -> None:
         save_model(model, tmp / "model")
         (tmp / "progress.json").write_text(json.dumps(progress_rec))
+        if method is not None:
+            save_file({k: v.detach().contiguous().cpu() for k, v in method.state_tensors().items()},
+                      str(tmp / METHOD_STATE))
 
     atomic_folder(state_dir, write)
 
 
-def _load_state(state_dir: Path) -> tuple[object, dict] | None:
+def _load_state(state_dir: Path, method=None) -> tuple[object, dict] | None:
     if not (state_dir / "progress.json").is_file():
         return None
+    if method is not None and (state_dir / METHOD_STATE).is_file():
+        from safetensors.torch import load_file
+
+        method.load_state_tensors(load_file(str(state_dir / METHOD_STATE)))
     return load_model(state_dir / "model"), json.loads((state_dir / "progress.json").read_text())
 
 
@@ -129,7 +142,8 @@ def run_sequential(stream: Stream, model_dir: Path, label: str, spec: dict, out:
     model, tok, ctx = open_model(model_dir)
     _freeze_stats(model)
     state_dir = out / label / "state"
-    loaded = _load_state(state_dir)
+    method = make_method(base, **opts)  # one method object for the whole stream
+    loaded = _load_state(state_dir, method)
     T = len(stream.experiences)
     if loaded:
         model, rec = loaded
@@ -150,8 +164,8 @@ def run_sequential(stream: Stream, model_dir: Path, label: str, spec: dict, out:
 
         model_ref = [model]
         every = stream.eval_every or exp.steps
-        model, params = _train_experience(model, stream, base, opts, ctx, exp.train_batch, exp.steps, on_eval, every,
-                                          progress, f"{label}: {exp.name}")
+        model, params = _train_experience(model, method, ctx, exp.train_batch, exp.steps, on_eval, every,
+                                          progress, f"{label}: {exp.name}", experience=exp)
         row = _scores(model, stream, k)
         rec["R"].append(row)
         rec["extra"].append(stream.extra_score(model))
@@ -160,7 +174,7 @@ def run_sequential(stream: Stream, model_dir: Path, label: str, spec: dict, out:
         rec["trainable_params"] = params
         rec["seconds"] += time.time() - t0
         t0 = time.time()
-        _save_state(state_dir, model, rec)
+        _save_state(state_dir, model, rec, method)
         log(f"{label}: after {exp.name}: " + ", ".join(f"{e.name} {s:.3f}" for e, s in zip(stream.experiences, row)))
     return rec
 
@@ -190,7 +204,7 @@ def run_joint(stream: Stream, model_dir: Path, label: str, spec: dict, out: Path
             e = seen[step % len(seen)]
             return e.train_batch((step // len(seen)) % e.steps)
 
-        model, params = _train_experience(model, stream, base, opts, ctx, batch_fn, steps, None, 0, progress,
+        model, params = _train_experience(model, make_method(base, **opts), ctx, batch_fn, steps, None, 0, progress,
                                           f"{label}: experiences 1..{k + 1}")
         row = _scores(model, stream, k)
         rec["R"].append(row)

@@ -6,6 +6,7 @@ from typing import Any
 
 from ..errors import ConfigError
 from .base import Method, MethodContext
+from .eaft import EAFT
 
 __all__ = ["METHODS", "Method", "MethodContext", "make_method"]
 from .full import FullFinetune
@@ -16,6 +17,7 @@ METHODS: dict[str, type[Method]] = {
     "full": FullFinetune,
     "lora": LoRA,
     "smf": SparseMemoryFinetune,
+    "eaft": EAFT,
 }
 
 

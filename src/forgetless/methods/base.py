@@ -3,12 +3,15 @@
 The engine (``forgetless.engine.train_loop``) knows nothing about any method; a learner
 calls these hooks around it:
 
-    model = method.setup(model, context)        # freeze/wrap parameters, build optimizers
+    model = method.setup(model, context)        # per experience: freeze/wrap parameters, fresh optimizers
     loss  = method.loss(model, batch)           # inside the loop (default: LM loss)
     method.after_backward(model, step)          # e.g. mask gradients to selected rows
     method.after_step(model, step)              # e.g. accumulate importance weights
-    method.after_experience(model, experience)  # e.g. Fisher, anchors, pruning
     model = method.export(model)                # a plain HF model to save or evaluate
+    method.after_experience(model, experience)  # e.g. Fisher, anchors, pruning (on the exported model)
+
+One method object lives through a whole stream; what it must remember between experiences
+goes in ``state_tensors()`` so that an interrupted run resumes with it.
 
 ``MethodContext`` carries what a method may need from the run (the model folder with its
 background statistics, the tokenizer, replay data ...). To add a method, copy the shape of
@@ -73,6 +76,15 @@ class Method:
 
     def export(self, model: nn.Module) -> nn.Module:
         return model
+
+    # --- state carried across experiences (saved with a run's state, no pickle) ---------------
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """Tensors the method keeps between experiences (e.g. Fisher and anchors of EWC)."""
+        return {}
+
+    def load_state_tensors(self, state: dict[str, torch.Tensor]) -> None:
+        if state:
+            raise ValueError(f"method {self.name} keeps no state, but a saved state was given.")
 
     # --- reporting ---------------------------------------------------------------
     def trainable_params_per_step(self) -> int:

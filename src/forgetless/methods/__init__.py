@@ -7,6 +7,7 @@ from typing import Any
 from ..errors import ConfigError
 from .base import Method, MethodContext
 from .eaft import EAFT
+from .ewc import EWC, OnlineEWC
 
 __all__ = ["METHODS", "Method", "MethodContext", "make_method"]
 from .full import FullFinetune
@@ -18,6 +19,8 @@ METHODS: dict[str, type[Method]] = {
     "lora": LoRA,
     "smf": SparseMemoryFinetune,
     "eaft": EAFT,
+    "ewc": EWC,
+    "online_ewc": OnlineEWC,
 }
 
 

@@ -37,7 +37,7 @@ from .models.memory import memory_layers
 from .streams import Stream, StreamConfig, build_stream
 
 BASELINES = {"naive": "full", "joint": "full"}
-DEFAULT_LRS = {"full": 1e-5, "lora": 1e-4, "smf": 3.0, "eaft": 1e-5, "ewc": 1e-5, "online_ewc": 1e-5}
+DEFAULT_LRS = {"full": 1e-5, "lora": 1e-4, "smf": 3.0, "eaft": 1e-5, "ewc": 1e-5, "online_ewc": 1e-5, "replay": 1e-5}
 
 
 @dataclass

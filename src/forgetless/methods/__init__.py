@@ -8,6 +8,7 @@ from ..errors import ConfigError
 from .base import Method, MethodContext
 from .eaft import EAFT
 from .ewc import EWC, OnlineEWC
+from .replay import Replay
 
 __all__ = ["METHODS", "Method", "MethodContext", "make_method"]
 from .full import FullFinetune
@@ -21,6 +22,7 @@ METHODS: dict[str, type[Method]] = {
     "eaft": EAFT,
     "ewc": EWC,
     "online_ewc": OnlineEWC,
+    "replay": Replay,
 }
 
 

@@ -62,3 +62,11 @@ def test_every_command_has_help():
                 ["report"]):
         r = subprocess.run([sys.executable, "-m", "forgetless.cli", *cmd, "--help"], capture_output=True, text=True)
         assert r.returncode == 0 and "usage: forgetless " + " ".join(cmd) in r.stdout, cmd
+
+
+def test_shipped_run_configs_load():
+    from forgetless.run import load_run_config
+
+    for name in ("quickstart.yaml", "topics.yaml", "domain-methods.yaml"):
+        cfg = load_run_config(ROOT / "configs" / name)
+        assert cfg.experiments and all(e.methods for e in cfg.experiments)

@@ -35,12 +35,11 @@ def run_one(name: str, n_facts: int, steps_per_fact: int, batch: int) -> dict:
     from forgetless.data.facts import read_builtin_facts
     from forgetless.learn import fact_batch, open_model
     from forgetless.methods import make_method
-    from forgetless.models.memory import memory_layers
+    from forgetless.models.memory import freeze_query_stats
 
     base = default_model_dir()
     model, tok, ctx = open_model(base)
-    for m in memory_layers(model):
-        m.update_query_stats = False
+    freeze_query_stats(model)
     facts = read_builtin_facts(base / "facts_new.jsonl")[:n_facts]
     batches = [fact_batch(tok, f, batch, "all", torch.device("cpu")) for f in facts]
     loaded = rss_mb()

@@ -14,7 +14,7 @@ from forgetless.errors import DataSourceError
 from forgetless.learn import FactEvaluator, StreamConfig, fact_batch, learn_facts, load_heldout_ids, open_model
 from forgetless.methods import make_method
 from forgetless.methods.smf import keep_rows, select_top_slots, tfidf_scores
-from forgetless.models.memory import memory_layers
+from forgetless.models.memory import named_memory_layers
 
 BASE = default_model_dir()
 
@@ -78,7 +78,7 @@ def test_smf_changes_only_selected_value_rows(stream_parts):
     method.after_backward = record
     model, res = learn_facts(model, tok, facts, method, ev, cfg, ctx, progress=False, log=lambda s: None)
     after = model.state_dict()
-    name = [n for n, m in model.named_modules() if m in set(memory_layers(model))][0]
+    name = next(iter(named_memory_layers(model)))
     for k, v in before.items():
         if k == f"{name}.values":
             continue

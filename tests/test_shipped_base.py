@@ -11,7 +11,7 @@ import torch
 from forgetless.cli import default_model_dir
 from forgetless.data.facts import read_builtin_facts
 from forgetless.models.checkpoint import load_memory_stats, load_model, save_model
-from forgetless.models.memory import memory_layers
+from forgetless.models.memory import named_memory_layers
 from forgetless.models.tokenizer import load_tokenizer
 from forgetless.pretrain import probe_facts
 
@@ -87,7 +87,7 @@ def test_memory_is_healthy(base):
 
     model, tok = base
     stats = load_memory_stats(BASE)
-    name = [n for n, m in model.named_modules() if m in set(memory_layers(model))][0]
+    name = next(iter(named_memory_layers(model)))
     assert int(stats[f"{name}.n_batches"]) >= 1000
     facts = read_builtin_facts(BASE / "facts_known.jsonl") + read_builtin_facts(BASE / "facts_new.jsonl")
     facts = random.Random(0).sample(facts, 300)

@@ -20,13 +20,13 @@ def _read_json(path: Path) -> dict | None:
 
 def model_info(model_dir: str | os.PathLike) -> dict:
     from .models.checkpoint import load_model
-    from .models.memory import memory_layers
+    from .models.memory import named_memory_layers
     from .models.tokenizer import load_tokenizer
 
     model_dir = Path(model_dir)
     model = load_model(model_dir)
     tok = load_tokenizer(model_dir)
-    mems = {n: m for n, m in model.named_modules() if m in set(memory_layers(model))}
+    mems = named_memory_layers(model)
     mem_params = sum(p.numel() for m in mems.values() for p in m.parameters())
     total = sum(p.numel() for p in model.parameters())
     cfg = model.config

@@ -31,7 +31,7 @@ from .errors import ConfigError, DataSourceError
 from .evaluate.answers import greedy_answers, heldout_nll, score_answers
 from .methods import Method, MethodContext
 from .models.checkpoint import load_memory_stats, load_model
-from .models.memory import memory_layers
+from .models.memory import freeze_query_stats
 from .models.tokenizer import load_tokenizer
 
 
@@ -168,8 +168,7 @@ class FactEvaluator:
 # --------------------------------------------------------------------------- the stream
 def evaluate_before(model: nn.Module, facts: list[Fact], evaluator: FactEvaluator) -> Evaluation:
     """The model before teaching: what it already knows of the facts to teach, and of its known facts."""
-    for m in memory_layers(model):
-        m.update_query_stats = False
+    freeze_query_stats(model)
     return evaluator(model, facts, 0, final=True)  # same known facts and held-out text as the final evaluation
 
 

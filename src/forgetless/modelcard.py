@@ -6,13 +6,13 @@ from torch import nn
 
 from .data.facts import Fact
 from .evaluate.slots import fact_token_lookups, layer_names, specific_weight_share, usage_summary
-from .models.memory import memory_layers
+from .models.memory import named_memory_layers
 
 
 def memory_health(model: nn.Module, tok, stats: dict, facts: list[Fact]) -> dict:
     """Slot usage over the background, and the share of lookup weight that fact tokens put on
     *specific* slots (read in fewer than half of the background documents)."""
-    mems = {n: m for n, m in model.named_modules() if m in set(memory_layers(model))}
+    mems = named_memory_layers(model)
     per_layer = {}
     sents = [f.statement for f in facts]
     both = fact_token_lookups(model, tok, sents, [[f.subject, f.answer] for f in facts])

@@ -33,7 +33,7 @@ from .errors import ConfigError
 from .evaluate.metrics import summarize
 from .methods import make_method
 from .models.checkpoint import atomic_folder, load_model, save_model, write_json
-from .models.memory import memory_layers
+from .models.memory import freeze_query_stats
 from .streams import Stream, StreamConfig, build_stream
 
 BASELINES = {"naive": "full", "joint": "full"}
@@ -129,25 +129,20 @@ def _load_state(state_dir: Path, method=None) -> tuple[object, dict] | None:
     return load_model(state_dir / "model"), json.loads((state_dir / "progress.json").read_text())
 
 
-def _freeze_stats(model) -> None:
-    for m in memory_layers(model):
-        m.update_query_stats = False
-
-
 def run_sequential(stream: Stream, model_dir: Path, label: str, spec: dict, out: Path, progress: bool,
                    log: Callable[[str], None]) -> dict:
     from .learn import open_model
 
     _, base, opts = _method_args(spec)
     model, tok, ctx = open_model(model_dir)
-    _freeze_stats(model)
+    freeze_query_stats(model)
     state_dir = out / label / "state"
     method = make_method(base, **opts)  # one method object for the whole stream
     loaded = _load_state(state_dir, method)
     T = len(stream.experiences)
     if loaded:
         model, rec = loaded
-        _freeze_stats(model)
+        freeze_query_stats(model)
         log(f"{label}: resuming after experience {len(rec['R'])} of {T}")
     else:
         rec = {"b": _scores(model, stream, -1), "b_extra": stream.extra_score(model), "R": [], "extra": [],
@@ -196,7 +191,7 @@ def run_joint(stream: Stream, model_dir: Path, label: str, spec: dict, out: Path
     for k in range(len(rec["R"]), T):
         t0 = time.time()
         model, tok, ctx = open_model(model_dir)
-        _freeze_stats(model)
+        freeze_query_stats(model)
         seen = stream.experiences[: k + 1]
         steps = sum(e.steps for e in seen)
 

@@ -27,7 +27,7 @@ from torch import nn
 
 from ..errors import CheckpointError, ConfigError
 from ..evaluate.slots import MIX_PREFIX
-from ..models.memory import AccessLog, memory_layers
+from ..models.memory import AccessLog, named_memory_layers
 from .base import Method, MethodContext, freeze_all
 
 RANKINGS = ("tfidf", "tf", "all")
@@ -78,7 +78,7 @@ class SparseMemoryFinetune(Method):
         self.last_selected: dict[str, torch.Tensor] = {}
 
     def setup(self, model: nn.Module, context: MethodContext) -> nn.Module:
-        self.mems = {n: m for n, m in model.named_modules() if m in set(memory_layers(model))}
+        self.mems = named_memory_layers(model)
         if not self.mems:
             raise ConfigError("sparse memory finetuning needs a model with a product-key memory layer.")
         stats = context.memory_stats

@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..errors import CheckpointError
-from .memory import CONFIG_KEY, MemoryPlacement, add_memory_layers, memory_layers
+from .memory import CONFIG_KEY, MemoryPlacement, add_memory_layers, named_memory_layers
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
@@ -61,7 +61,7 @@ def write_json(path: str | os.PathLike, obj) -> None:
 
 def _state_dict_for_save(model: nn.Module, values_dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
     sd = model.state_dict()
-    value_keys = {name + ".values" for name, m in model.named_modules() if m in set(memory_layers(model))}
+    value_keys = {name + ".values" for name in named_memory_layers(model)}
     out: dict[str, torch.Tensor] = {}
     seen: dict[int, str] = {}
     for k, v in sd.items():

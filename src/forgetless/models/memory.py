@@ -369,6 +369,17 @@ def memory_layers(model: nn.Module) -> list[ProductKeyMemory]:
     return [m for m in model.modules() if isinstance(m, ProductKeyMemory)]
 
 
+def named_memory_layers(model: nn.Module) -> dict[str, ProductKeyMemory]:
+    """Module name -> product-key memory, in layer order."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, ProductKeyMemory)}
+
+
+def freeze_query_stats(model: nn.Module) -> None:
+    """Stop the running query statistics from moving (fine-tuning keeps lookups as pretrained)."""
+    for m in memory_layers(model):
+        m.update_query_stats = False
+
+
 def _capture_mask(module: nn.Module, args: tuple, kwargs: dict) -> None:
     mask = kwargs.get("attention_mask")
     ids = kwargs.get("input_ids", args[0] if args else None)

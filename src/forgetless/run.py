@@ -87,16 +87,27 @@ def load_run_config(path: str | Path) -> RunConfig:
 
 # --------------------------------------------------------------------------- one method on one stream
 def _scores(model, stream: Stream, stage: int) -> list[float]:
-    """Scores on every experience after training through experience ``stage`` (-1: before training)."""
-    return [stream.score(model, e, stage) for e in stream.experiences]
+    """Scores on every experience after training through experience ``stage`` (-1: before training).
+    On a task-incremental stream a model that can use the experience id (``set_experience``) is told it."""
+    told = stream.task_given and hasattr(model, "set_experience")
+    out = []
+    for j, e in enumerate(stream.experiences):
+        if told:
+            model.set_experience(j)
+        out.append(stream.score(model, e, stage))
+    if told:
+        model.set_experience(None)
+    return out
 
 
 def _train_experience(model, method, ctx, batch_fn: Callable[[int], dict], steps: int,
                       on_eval: Callable[[int], None] | None, eval_every: int, progress: bool, desc: str, experience=None):
-    """One experience: fresh optimizers (setup), the loop, export, then the method's after_experience."""
+    """One experience: fresh optimizers (setup), the loop, export, then the method's after_experience.
+    A method that trains no weights (``method.trains`` False, e.g. retrieval) skips the loop."""
     model = method.setup(model, ctx)
-    train_with_method(method, model, batch_fn, steps, on_eval=on_eval, eval_every=eval_every, progress=progress,
-                      desc=desc)
+    if getattr(method, "trains", True):
+        train_with_method(method, model, batch_fn, steps, on_eval=on_eval, eval_every=eval_every,
+                          progress=progress, desc=desc)
     model = method.export(model)
     model.eval()
     method.after_experience(model, experience)
@@ -159,6 +170,7 @@ def run_sequential(stream: Stream, model_dir: Path, label: str, spec: dict, out:
 
         model_ref = [model]
         every = stream.eval_every or exp.steps
+        ctx.extra.update(experience=exp, experience_index=k, seen_experiences=stream.experiences[: k + 1])
         model, params = _train_experience(model, method, ctx, exp.train_batch, exp.steps, on_eval, every,
                                           progress, f"{label}: {exp.name}", experience=exp)
         row = _scores(model, stream, k)
@@ -169,7 +181,7 @@ def run_sequential(stream: Stream, model_dir: Path, label: str, spec: dict, out:
         rec["trainable_params"] = params
         rec["seconds"] += time.time() - t0
         t0 = time.time()
-        _save_state(state_dir, model, rec, method)
+        _save_state(state_dir, method.checkpoint_model(model), rec, method)
         log(f"{label}: after {exp.name}: " + ", ".join(f"{e.name} {s:.3f}" for e, s in zip(stream.experiences, row)))
     return rec
 

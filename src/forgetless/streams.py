@@ -67,6 +67,9 @@ class Experience:
     steps: int
     test: object  # what the scorer needs
     info: dict = field(default_factory=dict)
+    # validation batches drawn from the experience's *training* data (never its test set), for
+    # methods that choose a setting per experience (e.g. merge weights): i -> batch
+    valid_batch: Callable[[int], dict] | None = None
 
 
 @dataclass
@@ -81,6 +84,11 @@ class Stream:
     extra_score: Callable[[nn.Module], float]
     info: dict
     eval_every: int = 0  # steps between curve points within an experience (0: only at its end)
+
+    @property
+    def task_given(self) -> bool:
+        """Whether the experience is known at test time (task-incremental)."""
+        return self.kind == "task_il"
 
 
 def _encode(tok, texts: list[str]) -> torch.Tensor:
@@ -125,7 +133,10 @@ def domain_stream(model_dir: Path, tok, cfg: StreamConfig, seed: int) -> Stream:
         def batch_fn(step: int, ids=train_ids, k=k) -> dict:
             return _lm_batch(ids, cfg.seq_len, cfg.batch_size, seed * 1_000_003 + k * 10_007 + step)
 
-        experiences.append(Experience(topic, batch_fn, cfg.steps_per_experience, test_ids, splits[topic]))
+        def valid_fn(i: int, ids=train_ids, k=k) -> dict:
+            return _lm_batch(ids, cfg.seq_len, cfg.batch_size, seed * 1_000_003 + k * 10_007 + 5_000_000 + i)
+
+        experiences.append(Experience(topic, batch_fn, cfg.steps_per_experience, test_ids, splits[topic], valid_fn))
     general = _general_ids(model_dir, tok, cfg.general_tokens)
 
     def score(model: nn.Module, exp: Experience, stage: int) -> float:
@@ -163,7 +174,8 @@ def fact_stream(model_dir: Path, tok, cfg: StreamConfig, seed: int, facts_file: 
             return batches[step // cfg.steps_per_fact]
 
         experiences.append(Experience(f"facts {k + 1}", batch_fn, len(group) * cfg.steps_per_fact, group,
-                                      {"fact_ids": [f.id for f in group]}))
+                                      {"fact_ids": [f.id for f in group]},
+                                      lambda i, batches=batches: batches[i % len(batches)]))
 
     def probe(model: nn.Module, facts: list[Fact]) -> float:
         return score_answers(greedy_answers(model, tok, [f.question for f in facts]), [f.answer for f in facts])["exact_match"]
@@ -234,7 +246,9 @@ def topic_stream(model_dir: Path, tok, cfg: StreamConfig, seed: int) -> Stream:
             train += [(prompt(d), t) for d in docs[cfg.test_docs:]]
 
         def batch_fn(step: int, train=train, k=k) -> dict:
-            rng = random.Random(seed * 1_000_003 + k * 10_007 + step)
+            return label_batch(train, random.Random(seed * 1_000_003 + k * 10_007 + step))
+
+        def label_batch(train: list, rng: random.Random) -> dict:
             chosen = [train[rng.randrange(len(train))] for _ in range(cfg.batch_size)]
             texts = [p + " " + label + "\n" for p, label in chosen]
             tok.padding_side = "right"
@@ -246,8 +260,11 @@ def topic_stream(model_dir: Path, tok, cfg: StreamConfig, seed: int) -> Stream:
                 labels[b, : len(tok(p, add_special_tokens=False)["input_ids"])] = -100
             return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "labels": labels}
 
+        def valid_fn(i: int, train=train, k=k) -> dict:
+            return label_batch(train, random.Random(seed * 1_000_003 + k * 10_007 + 5_000_000 + i))
+
         experiences.append(Experience(" + ".join(group), batch_fn, cfg.steps_per_experience, test,
-                                      {"topics": group, "train_docs": len(train), "test_docs": len(test)}))
+                                      {"topics": group, "train_docs": len(train), "test_docs": len(test)}, valid_fn))
     index = {id(e): k for k, e in enumerate(experiences)}
 
     def score(model: nn.Module, exp: Experience, stage: int) -> float:

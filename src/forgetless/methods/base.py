@@ -7,8 +7,17 @@ calls these hooks around it:
     loss  = method.loss(model, batch)           # inside the loop (default: LM loss)
     method.after_backward(model, step)          # e.g. mask gradients to selected rows
     method.after_step(model, step)              # e.g. accumulate importance weights
-    model = method.export(model)                # a plain HF model to save or evaluate
+    model = method.export(model)                # the model to evaluate (a plain HF model, or a wrapper)
     method.after_experience(model, experience)  # e.g. Fisher, anchors, pruning (on the exported model)
+    method.checkpoint_model(model)              # the plain HF model saved in a run's resumable state
+
+An exported model may be a wrapper (a router over adapters, a retrieval front end ...) as long
+as it answers ``forward(input_ids=, attention_mask=)`` with ``.logits``, ``generate(...)`` like an
+HF model and has ``.config``. When the experience is given at test time (the task-incremental
+stream), the runner calls ``model.set_experience(j)`` before scoring experience j, if the
+model has that method, and ``set_experience(None)`` afterwards. A wrapper returns its plain
+base from ``checkpoint_model`` and keeps everything else in ``state_tensors()``; on resume,
+``load_state_tensors`` runs first, then ``setup`` receives that plain model.
 
 One method object lives through a whole stream; what it must remember between experiences
 goes in ``state_tensors()`` so that an interrupted run resumes with it.
@@ -30,6 +39,10 @@ from torch import nn
 
 @dataclass
 class MethodContext:
+    """What a method may use. In ``forgetless run``, ``extra`` also holds, at every ``setup``:
+    ``experience`` (the current ``streams.Experience``), ``experience_index`` (k, from 0) and
+    ``seen_experiences`` (experiences 1..k+1, e.g. for their ``valid_batch``)."""
+
     model_dir: Path | None = None
     tokenizer: Any = None
     memory_stats: dict[str, torch.Tensor] | None = None
@@ -48,6 +61,7 @@ class Method:
     """Base class: trains nothing by itself; subclasses choose parameters and optimizers."""
 
     name = "base"
+    trains = True  # False: the runner skips the training loop (the method only indexes data, e.g. retrieval)
     grad_clip: float | None = 1.0  # max norm of dense gradients (None: no clipping)
 
     def __init__(self, lr: float, **hparams: Any):
@@ -75,6 +89,10 @@ class Method:
         pass
 
     def export(self, model: nn.Module) -> nn.Module:
+        return model
+
+    def checkpoint_model(self, model: nn.Module) -> nn.Module:
+        """The plain HF model to save in a run's state after an experience (default: the exported one)."""
         return model
 
     # --- state carried across experiences (saved with a run's state, no pickle) ---------------

@@ -121,10 +121,22 @@ def train_with_method(method, model: nn.Module, batch_fn: Callable[[int], Any], 
                       desc: str = "training") -> LoopResult:
     """The loop driven by a continual-learning method (``forgetless.methods.Method``, already set
     up): its optimizers, loss, gradient clipping and hooks."""
-    return train_loop(model, method.optimizers(), batch_fn, method.loss, steps, grad_clip=method.grad_clip,
-                      after_backward=lambda s: method.after_backward(model, s),
-                      after_step=lambda s, loss: method.after_step(model, s), on_eval=on_eval,
-                      eval_every=eval_every, progress=progress, desc=desc)
+    plasticity = getattr(method, "plasticity", None)
+
+    def after_step(step: int, loss: float) -> None:
+        method.after_step(model, step)
+        if plasticity is not None:
+            plasticity.after_step(method.optimizers(), step)
+
+    if plasticity is not None:
+        plasticity.attach(model)
+    try:
+        return train_loop(model, method.optimizers(), batch_fn, method.loss, steps, grad_clip=method.grad_clip,
+                          after_backward=lambda s: method.after_backward(model, s), after_step=after_step,
+                          on_eval=on_eval, eval_every=eval_every, progress=progress, desc=desc)
+    finally:
+        if plasticity is not None:
+            plasticity.detach()
 
 
 # --------------------------------------------------------------------------- training state

@@ -230,7 +230,7 @@ def open_model(model_dir: Path, device: str = "cpu"):
 
 
 CARRY_FILES = ("memory_stats.safetensors", "facts_known.jsonl", "facts_new.jsonl", "probe_templates.json",
-               "data_split.json", "heldout_text.jsonl", "heldout_domains.jsonl")
+               "data_split.json", "heldout_text.jsonl", "heldout_domains.jsonl", "background_text.jsonl")
 
 
 def save_learned(model: nn.Module, tok, source_dir: Path, out_dir: Path, facts: list[Fact], record: dict) -> Path:

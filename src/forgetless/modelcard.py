@@ -79,6 +79,9 @@ on real offline English text, to run continual-learning experiments on a laptop 
   {ev['train_seconds'] / 60:.1f} minutes on {ev['device_name']}.
 - The model also saw "Context: ... Question: ... Answer: ..." lines built from known facts (with a distractor
   sentence), so it can answer from text placed in its context (the retrieval baseline relies on this).
+- `background_text.jsonl`: a seeded sample of the *training* text (general documents plus fact lines in the
+  pretraining mixture; written by `scripts/sample_background.py`, never held-out text), for replay of
+  background text (`replay` with `source: background`).
 
 ## Results
 

@@ -37,7 +37,7 @@ from .models.memory import freeze_query_stats
 from .streams import Stream, StreamConfig, build_stream
 
 BASELINES = {"naive": "full", "joint": "full"}
-DEFAULT_LRS = {"full": 1e-5, "lora": 1e-4, "smf": 3.0, "eaft": 1e-5, "ewc": 1e-5, "online_ewc": 1e-5, "replay": 1e-5}
+DEFAULT_LRS = {"lora": 1e-4, "smf": 3.0}  # every other method: 1e-5 (full fine-tuning's)
 
 
 @dataclass
@@ -124,8 +124,10 @@ def _save_state(state_dir: Path, model, progress_rec: dict, method=None) -> None
         save_model(model, tmp / "model")
         (tmp / "progress.json").write_text(json.dumps(progress_rec))
         if method is not None:
-            save_file({k: v.detach().contiguous().cpu() for k, v in method.state_tensors().items()},
-                      str(tmp / METHOD_STATE))
+            state = dict(method.state_tensors())
+            if method.plasticity is not None:
+                state.update({"plasticity." + k: v for k, v in method.plasticity.state_tensors().items()})
+            save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(tmp / METHOD_STATE))
 
     atomic_folder(state_dir, write)
 
@@ -136,7 +138,11 @@ def _load_state(state_dir: Path, method=None) -> tuple[object, dict] | None:
     if method is not None and (state_dir / METHOD_STATE).is_file():
         from safetensors.torch import load_file
 
-        method.load_state_tensors(load_file(str(state_dir / METHOD_STATE)))
+        state = load_file(str(state_dir / METHOD_STATE))
+        if method.plasticity is not None:
+            method.plasticity.load_state_tensors({k[len("plasticity."):]: v for k, v in state.items()
+                                                  if k.startswith("plasticity.")})
+        method.load_state_tensors({k: v for k, v in state.items() if not k.startswith("plasticity.")})
     return load_model(state_dir / "model"), json.loads((state_dir / "progress.json").read_text())
 
 

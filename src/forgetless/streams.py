@@ -47,6 +47,7 @@ class StreamConfig:
     facts_per_experience: int = 10
     steps_per_experience: int = 40  # domain: optimizer steps per experience
     steps_per_fact: int = 4  # facts
+    questions: bool = False  # facts: mix question/answer lines (training templates, never the probes) into each batch
     batch_size: int = 16
     seq_len: int = 128
     test_docs: int = 30  # domain: documents per topic kept for testing
@@ -168,7 +169,7 @@ def fact_stream(model_dir: Path, tok, cfg: StreamConfig, seed: int, facts_file: 
     experiences = []
     for k in range(n_exp):
         group: list[Fact] = facts[k * cfg.facts_per_experience:(k + 1) * cfg.facts_per_experience]
-        batches = [fact_batch(tok, f, cfg.batch_size, "all", torch.device("cpu")) for f in group]
+        batches = [fact_batch(tok, f, cfg.batch_size, "all", torch.device("cpu"), cfg.questions) for f in group]
 
         def batch_fn(step: int, batches=batches) -> dict:
             return batches[step // cfg.steps_per_fact]

@@ -61,6 +61,7 @@ class Method:
     """Base class: trains nothing by itself; subclasses choose parameters and optimizers."""
 
     name = "base"
+    plasticity = None  # a ContinualBackprop when the method's entry turns it on (methods/plasticity.py)
     trains = True  # False: the runner skips the training loop (the method only indexes data, e.g. retrieval)
     grad_clip: float | None = 1.0  # max norm of dense gradients (None: no clipping)
 

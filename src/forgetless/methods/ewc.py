@@ -1,17 +1,22 @@
 """Elastic weight consolidation (Kirkpatrick et al. 2017) and online EWC (Schwarz et al. 2018).
 
-Full fine-tuning plus a quadratic penalty that holds each parameter near its value after
-earlier experiences, in proportion to its estimated importance (the diagonal Fisher):
+The quadratic penalty of ``regularization.py`` with the diagonal Fisher information as the
+importance of each parameter:
 
     L = L_task + sum_k (lambda / 2) * sum_i F_k,i (theta_i - theta*_k,i)^2
 
 - ``ewc``:        one (F_k, theta*_k) pair per finished experience k.
 - ``online_ewc``: one pair, F <- gamma F + F_new and theta* <- the latest parameters.
 
-Fisher estimate: the *empirical* diagonal Fisher, i.e. the squared gradient of the
-log-likelihood of the observed tokens (the training labels), one gradient per batch of the
-experience's training data, averaged over ``fisher_batches`` batches. (Not the sampled-label
-Fisher, which draws y from the model instead.)
+Fisher estimate (option ``fisher``), over ``fisher_batches`` batches of the experience's
+training data, one gradient per batch (the batch's mean token log-likelihood), squared and
+averaged over the batches:
+
+- ``empirical`` (default): the gradient of the log-likelihood of the observed tokens (the
+  training labels).
+- ``sampled``: the "true" Fisher's Monte-Carlo estimate: at every labelled position one token
+  is drawn from the model's own distribution, and the gradient of its log-likelihood is used
+  (one sample per position).
 """
 
 from __future__ import annotations
@@ -20,11 +25,13 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from .full import FullFinetune
+from .base import lm_loss_masked
+from .regularization import QuadraticRegularizer, quadratic_penalty
+
+__all__ = ["EWC", "OnlineEWC", "empirical_fisher", "sampled_fisher", "quadratic_penalty"]
 
 
-def empirical_fisher(model: nn.Module, loss_fn, batches: list[dict]) -> dict[str, torch.Tensor]:
-    """Mean over batches of the squared gradient of each batch's mean token NLL."""
+def _squared_grad_mean(model: nn.Module, loss_fn, batches: list[dict]) -> dict[str, torch.Tensor]:
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     fisher = {n: torch.zeros_like(p) for n, p in params.items()}
     was = model.training
@@ -41,55 +48,43 @@ def empirical_fisher(model: nn.Module, loss_fn, batches: list[dict]) -> dict[str
     return {n: f / max(len(batches), 1) for n, f in fisher.items()}
 
 
-def quadratic_penalty(model: nn.Module, terms: list[tuple[dict, dict]], lam: float) -> torch.Tensor:
-    """(lam / 2) * sum over (importance, anchor) terms of sum_i importance_i (theta_i - anchor_i)^2."""
-    total = torch.zeros((), device=next(model.parameters()).device)
-    params = dict(model.named_parameters())
-    for importance, anchor in terms:
-        for n, w in importance.items():
-            total = total + (w * (params[n] - anchor[n]) ** 2).sum()
-    return 0.5 * lam * total
+def empirical_fisher(model: nn.Module, loss_fn, batches: list[dict]) -> dict[str, torch.Tensor]:
+    """Mean over batches of the squared gradient of each batch's mean token NLL."""
+    return _squared_grad_mean(model, loss_fn, batches)
 
 
-class EWC(FullFinetune):
+def sampled_fisher(model: nn.Module, batches: list[dict], seed: int = 0) -> dict[str, torch.Tensor]:
+    """Like ``empirical_fisher``, but the labels are drawn from the model's own predictions."""
+    g = torch.Generator().manual_seed(seed)
+    sampled = []
+    with torch.no_grad():
+        for b in batches:
+            logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1].float()
+            draw = torch.multinomial(logits.softmax(-1).reshape(-1, logits.shape[-1]).cpu(), 1, generator=g)
+            labels = b["labels"].clone()
+            keep = labels[:, 1:] != -100
+            labels[:, 1:] = torch.where(keep, draw.view(keep.shape).to(labels.device), labels[:, 1:])
+            sampled.append({**b, "labels": labels})
+    return _squared_grad_mean(model, lm_loss_masked, sampled)
+
+
+class EWC(QuadraticRegularizer):
     name = "ewc"
 
     def __init__(self, lr: float = 1e-5, lam: float = 100.0, online: bool = False, gamma: float = 1.0,
-                 fisher_batches: int = 8, weight_decay: float = 0.1, betas: tuple[float, float] = (0.9, 0.95)):
-        super().__init__(lr=lr, weight_decay=weight_decay, betas=betas)
-        if lam < 0 or not 0 <= gamma <= 1:
-            raise ConfigError("ewc needs lam >= 0 and 0 <= gamma <= 1.")
-        self.hparams.update(lam=lam, online=online, gamma=gamma, fisher_batches=fisher_batches)
-        self.lam, self.online, self.gamma, self.fisher_batches = lam, online, gamma, fisher_batches
-        self.terms: list[tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]] = []
+                 fisher_batches: int = 8, fisher: str = "empirical", weight_decay: float = 0.1,
+                 betas: tuple[float, float] = (0.9, 0.95)):
+        super().__init__(lr=lr, lam=lam, online=online, gamma=gamma, weight_decay=weight_decay, betas=betas)
+        if fisher not in ("empirical", "sampled"):
+            raise ConfigError(f"ewc fisher must be 'empirical' or 'sampled', got {fisher!r}.")
+        self.hparams.update(fisher_batches=fisher_batches, fisher=fisher)
+        self.fisher_batches, self.fisher = fisher_batches, fisher
 
-    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        task = super().loss(model, batch)
-        return task + quadratic_penalty(model, self.terms, self.lam) if self.terms else task
-
-    def after_experience(self, model: nn.Module, experience) -> None:
+    def importance(self, model: nn.Module, experience) -> dict[str, torch.Tensor]:
         batches = [experience.train_batch(i) for i in range(min(self.fisher_batches, experience.steps))]
-        fisher = empirical_fisher(model, super().loss, batches)
-        anchor = {n: p.detach().clone() for n, p in model.named_parameters() if n in fisher}
-        if self.online and self.terms:
-            old_f, _ = self.terms[0]
-            fisher = {n: self.gamma * old_f[n] + f for n, f in fisher.items()}
-            self.terms = [(fisher, anchor)]
-        else:
-            self.terms.append((fisher, anchor))
-
-    def state_tensors(self) -> dict[str, torch.Tensor]:
-        out = {}
-        for k, (f, a) in enumerate(self.terms):
-            out.update({f"fisher.{k}.{n}": v for n, v in f.items()})
-            out.update({f"anchor.{k}.{n}": v for n, v in a.items()})
-        return out
-
-    def load_state_tensors(self, state: dict[str, torch.Tensor]) -> None:
-        ks = sorted({int(key.split(".", 2)[1]) for key in state})
-        self.terms = [({key.split(".", 2)[2]: v for key, v in state.items() if key.startswith(f"fisher.{k}.")},
-                       {key.split(".", 2)[2]: v for key, v in state.items() if key.startswith(f"anchor.{k}.")})
-                      for k in ks]
+        if self.fisher == "sampled":
+            return sampled_fisher(model, batches)
+        return empirical_fisher(model, self.task_loss, batches)
 
 
 class OnlineEWC(EWC):

@@ -1,22 +1,38 @@
-"""Experience replay: full fine-tuning on the current batch mixed with examples replayed from
-a reservoir buffer of everything seen before (Chaudhry et al. 2019, "tiny episodic memories").
+"""Experience replay: full fine-tuning on the current batch mixed with replayed sequences
+(Chaudhry et al. 2019, "tiny episodic memories"), from one of two sources (``source``):
 
-The buffer keeps at most ``buffer_size`` training sequences. Reservoir sampling (Vitter's
-algorithm R) gives every sequence seen so far the same probability ``buffer_size / n_seen``
-of being in the buffer, whatever the stream's length. Each step adds the current batch's
-sequences to the buffer *after* replaying, and appends ``round(ratio * batch)`` replayed
-sequences to the batch.
+- ``buffer`` (default): a reservoir buffer of the stream's own past training sequences. It
+  keeps at most ``buffer_size`` sequences; reservoir sampling (Vitter's algorithm R) gives
+  every sequence seen so far the same probability ``buffer_size / n_seen`` of being in the
+  buffer, whatever the stream's length. Each step adds the current batch's sequences to the
+  buffer *after* replaying.
+- ``background``: windows of the base model's *pretraining* text (``background_text.jsonl``
+  next to the model, a seeded sample of its training split written by
+  ``scripts/sample_background.py``, or any JSONL of ``{"text": ...}`` given as
+  ``background_file``). This is the variant the seeds recommend for language models: it
+  protects general ability without storing any of the stream's data.
+- ``both``: half of the replayed sequences from each.
+
+``round(ratio * batch)`` replayed sequences are appended to every batch (background windows
+have the current batch's width). The buffer, its random state and the count of background
+draws are saved with a run's state, so a resumed run replays exactly the same sequences.
 """
 
 from __future__ import annotations
 
+import json
 import random
+from pathlib import Path
 
 import torch
 from torch import nn
 
-from ..errors import ConfigError
+from ..errors import ConfigError, DataSourceError
+from .base import MethodContext
 from .full import FullFinetune
+
+BACKGROUND_FILE = "background_text.jsonl"
+SOURCES = ("buffer", "background", "both")
 
 
 class ReservoirBuffer:
@@ -41,8 +57,27 @@ class ReservoirBuffer:
     def sample(self, n: int) -> list:
         return [self.items[self.rng.randrange(len(self.items))] for _ in range(n)] if self.items else []
 
+    # saved without pickle: rows padded into tensors, the random state as integers
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        if not self.items:
+            return {}
+        packed = pad_rows(self.items, 0)
+        version, internal, _ = self.rng.getstate()
+        return {"ids": packed["input_ids"], "labels": packed["labels"], "lengths": packed["attention_mask"].sum(1),
+                "seen": torch.tensor([self.seen]), "rng": torch.tensor([version, *internal], dtype=torch.long)}
 
-def _pad_rows(rows: list[tuple[torch.Tensor, torch.Tensor]], pad_id: int) -> dict[str, torch.Tensor]:
+    def load_state_tensors(self, state: dict[str, torch.Tensor]) -> None:
+        if "ids" not in state:
+            return
+        n = state["lengths"].tolist()
+        self.items = [(state["ids"][i, :k].clone(), state["labels"][i, :k].clone()) for i, k in enumerate(n)]
+        self.seen = int(state["seen"][0])
+        r = state["rng"].tolist()
+        self.rng.setstate((r[0], tuple(r[1:]), None))
+
+
+def pad_rows(rows: list[tuple[torch.Tensor, torch.Tensor]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad (ids, labels) rows of different lengths into one batch."""
     width = max(ids.numel() for ids, _ in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     labels = torch.full((len(rows), width), -100, dtype=torch.long)
@@ -52,45 +87,94 @@ def _pad_rows(rows: list[tuple[torch.Tensor, torch.Tensor]], pad_id: int) -> dic
     return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
 
+def batch_rows(batch: dict[str, torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The (ids, labels) of each sequence of a batch, without padding."""
+    return [(x[m.bool()].cpu(), y[m.bool()].cpu())
+            for x, y, m in zip(batch["input_ids"], batch["labels"], batch["attention_mask"])]
+
+
+def load_background_ids(path: Path, tokenizer) -> torch.Tensor:
+    """One token stream of the background documents, separated by end-of-sequence tokens."""
+    if not path.is_file():
+        raise DataSourceError(f"background replay needs {path} (a JSONL of {{\"text\": ...}} pretraining text); "
+                              f"write one with scripts/sample_background.py or pass background_file.")
+    ids: list[int] = []
+    for i, line in enumerate(path.read_text().splitlines()):
+        if not line.strip():
+            continue
+        try:
+            text = json.loads(line)["text"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise DataSourceError(f"{path}, line {i + 1}: expected a JSON object with a 'text' field.") from None
+        ids += tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    if len(ids) < 64:
+        raise DataSourceError(f"{path} holds too little text for background replay ({len(ids)} tokens).")
+    return torch.tensor(ids)
+
+
 class Replay(FullFinetune):
     name = "replay"
 
-    def __init__(self, lr: float = 1e-5, buffer_size: int = 512, ratio: float = 0.5, seed: int = 0,
-                 weight_decay: float = 0.1, betas: tuple[float, float] = (0.9, 0.95)):
+    def __init__(self, lr: float = 1e-5, buffer_size: int = 512, ratio: float = 0.5, source: str = "buffer",
+                 background_file: str | None = None, seed: int = 0, weight_decay: float = 0.1,
+                 betas: tuple[float, float] = (0.9, 0.95)):
         super().__init__(lr=lr, weight_decay=weight_decay, betas=betas)
         if ratio < 0:
             raise ConfigError("replay ratio must be >= 0.")
-        self.hparams.update(buffer_size=buffer_size, ratio=ratio, seed=seed)
+        if source not in SOURCES:
+            raise ConfigError(f"replay source must be one of {SOURCES}, got {source!r}.")
+        self.hparams.update(buffer_size=buffer_size, ratio=ratio, source=source, seed=seed)
+        if background_file:
+            self.hparams["background_file"] = background_file
         self.buffer = ReservoirBuffer(buffer_size, seed)
-        self.ratio = ratio
+        self.ratio, self.source, self.seed = ratio, source, seed
+        self.background_file = background_file
+        self._background: torch.Tensor | None = None
+        self._bg_draws = 0
+
+    def setup(self, model: nn.Module, context: MethodContext) -> nn.Module:
+        if self.source != "buffer" and self._background is None:
+            path = Path(self.background_file) if self.background_file else Path(context.model_dir or ".") / BACKGROUND_FILE
+            self._background = load_background_ids(path, context.tokenizer)
+        return super().setup(model, context)
+
+    def _background_rows(self, n: int, width: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        ids = self._background
+        width = min(width, ids.numel() - 1)
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self._bg_draws)
+        self._bg_draws += 1
+        starts = torch.randint(0, ids.numel() - width, (n,), generator=g).tolist()
+        return [(ids[s:s + width].clone(), ids[s:s + width].clone()) for s in starts]
+
+    def replay_rows(self, rows: list[tuple[torch.Tensor, torch.Tensor]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The replayed rows for a batch of ``rows`` (and the buffer update)."""
+        n = round(self.ratio * len(rows))
+        n_bg = {"buffer": 0, "background": n, "both": n // 2}[self.source]
+        replayed = self.buffer.sample(n - n_bg) if self.source != "background" else []
+        if n_bg:
+            replayed += self._background_rows(n_bg, max(x.numel() for x, _ in rows))
+        if self.source != "background":
+            for r in rows:
+                self.buffer.add(r)
+        return replayed
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        rows = [(x[m.bool()], y[m.bool()]) for x, y, m in zip(batch["input_ids"], batch["labels"], batch["attention_mask"])]
-        replayed = self.buffer.sample(round(self.ratio * len(rows)))
-        for r in rows:
-            self.buffer.add(r)
+        rows = batch_rows(batch)
+        replayed = self.replay_rows(rows)
         if not replayed:
             return super().loss(model, batch)
         pad = int(getattr(model.config, "pad_token_id", None) or 0)
-        mixed = _pad_rows(rows + replayed, pad)
+        mixed = pad_rows(rows + replayed, pad)
         device = batch["input_ids"].device
         return super().loss(model, {k: v.to(device) for k, v in mixed.items()})
 
-    # the buffer (and its random state) is saved with a run's state, so a resumed run replays the same rows
     def state_tensors(self) -> dict[str, torch.Tensor]:
-        if not self.buffer.items:
-            return {}
-        packed = _pad_rows(self.buffer.items, 0)
-        version, internal, gauss = self.buffer.rng.getstate()
-        return {"ids": packed["input_ids"], "labels": packed["labels"], "lengths": packed["attention_mask"].sum(1),
-                "seen": torch.tensor([self.buffer.seen]),
-                "rng": torch.tensor([version, *internal], dtype=torch.long)}
+        out = self.buffer.state_tensors()
+        if self._bg_draws:
+            out["background_draws"] = torch.tensor([self._bg_draws])
+        return out
 
     def load_state_tensors(self, state: dict[str, torch.Tensor]) -> None:
-        if not state:
-            return
-        n = state["lengths"].tolist()
-        self.buffer.items = [(state["ids"][i, :k].clone(), state["labels"][i, :k].clone()) for i, k in enumerate(n)]
-        self.buffer.seen = int(state["seen"][0])
-        r = state["rng"].tolist()
-        self.buffer.rng.setstate((r[0], tuple(r[1:]), None))
+        self.buffer.load_state_tensors(state)
+        if "background_draws" in state:
+            self._bg_draws = int(state["background_draws"][0])

@@ -1,0 +1,93 @@
+"""The shared machinery of the quadratic-penalty family (EWC, online EWC, SI, MAS).
+
+Every member is full fine-tuning plus a penalty that holds each parameter near its value
+after earlier experiences, in proportion to an importance weight Omega_i:
+
+    L = L_task + (lambda / 2) * sum_k sum_i Omega_k,i (theta_i - theta*_k,i)^2
+
+Members differ only in how Omega is estimated after (or during) an experience:
+
+- EWC  (``ewc.py``): the diagonal Fisher information.
+- SI   (``si.py``):  the path integral of gradient x update over the experience.
+- MAS  (``mas.py``): the sensitivity of the squared output norm to each parameter.
+
+Anchors: ``online = False`` keeps one (Omega_k, theta*_k) pair per finished experience;
+``online = True`` keeps one pair, Omega <- gamma * Omega + Omega_new and theta* <- the latest
+parameters. Terms are kept by ``state_tensors()``, so a resumed run has the same penalty.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+from .full import FullFinetune
+
+Importance = dict[str, torch.Tensor]
+
+
+def quadratic_penalty(model: nn.Module, terms: list[tuple[Importance, Importance]], lam: float) -> torch.Tensor:
+    """(lam / 2) * sum over (importance, anchor) terms of sum_i importance_i (theta_i - anchor_i)^2."""
+    total = torch.zeros((), device=next(model.parameters()).device)
+    params = dict(model.named_parameters())
+    for importance, anchor in terms:
+        for n, w in importance.items():
+            total = total + (w * (params[n] - anchor[n]) ** 2).sum()
+    return 0.5 * lam * total
+
+
+class QuadraticRegularizer(FullFinetune):
+    """Base class: subclasses implement ``importance(model, experience)``."""
+
+    name = "quadratic"
+
+    def __init__(self, lr: float = 1e-5, lam: float = 100.0, online: bool = False, gamma: float = 1.0,
+                 weight_decay: float = 0.1, betas: tuple[float, float] = (0.9, 0.95)):
+        super().__init__(lr=lr, weight_decay=weight_decay, betas=betas)
+        if lam < 0 or not 0 <= gamma <= 1:
+            raise ConfigError(f"{self.name} needs lam >= 0 and 0 <= gamma <= 1.")
+        self.hparams.update(lam=lam, online=online, gamma=gamma)
+        self.lam, self.online, self.gamma = lam, online, gamma
+        self.terms: list[tuple[Importance, Importance]] = []
+
+    def importance(self, model: nn.Module, experience) -> Importance:
+        raise NotImplementedError
+
+    def task_loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return super().loss(model, batch)
+
+    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        task = self.task_loss(model, batch)
+        return task + quadratic_penalty(model, self.terms, self.lam) if self.terms else task
+
+    def after_experience(self, model: nn.Module, experience) -> None:
+        omega = self.importance(model, experience)
+        anchor = {n: p.detach().clone() for n, p in model.named_parameters() if n in omega}
+        if self.online and self.terms:
+            old, _ = self.terms[0]
+            omega = {n: self.gamma * old[n] + w for n, w in omega.items()}
+            self.terms = [(omega, anchor)]
+        else:
+            self.terms.append((omega, anchor))
+
+    def importance_summary(self) -> dict[str, float]:
+        """Total and mean importance of the latest term (to choose lambda: see the configs)."""
+        if not self.terms:
+            return {}
+        omega = self.terms[-1][0]
+        total = sum(float(w.sum()) for w in omega.values())
+        return {"importance_sum": total, "importance_mean": total / max(sum(w.numel() for w in omega.values()), 1)}
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        out = {}
+        for k, (f, a) in enumerate(self.terms):
+            out.update({f"fisher.{k}.{n}": v for n, v in f.items()})
+            out.update({f"anchor.{k}.{n}": v for n, v in a.items()})
+        return out
+
+    def load_state_tensors(self, state: dict[str, torch.Tensor]) -> None:
+        ks = sorted({int(key.split(".", 2)[1]) for key in state if key.startswith(("fisher.", "anchor."))})
+        self.terms = [({key.split(".", 2)[2]: v for key, v in state.items() if key.startswith(f"fisher.{k}.")},
+                       {key.split(".", 2)[2]: v for key, v in state.items() if key.startswith(f"anchor.{k}.")})
+                      for k in ks]

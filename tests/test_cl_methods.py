@@ -283,3 +283,65 @@ def test_continual_backprop_replaces_the_lowest_utility_mature_units():
         make_method("full", continual_backprop={"rate": 2.0})
     m = make_method("naive" if False else "ewc", continual_backprop=True)
     assert m.plasticity is not None and m.hparams["continual_backprop"]["rate"] == 1e-4
+
+
+def test_replay_buffer_size_in_tokens():
+    method = make_method("replay", lr=1e-3, buffer_tokens=40, ratio=0.5)
+    rows = [(torch.arange(3, 13), torch.arange(3, 13))] * 4  # 10 tokens each: capacity 4 sequences
+    method.replay_rows(rows)
+    method.replay_rows(rows)
+    assert method.buffer.capacity == 4 and len(method.buffer.items) == 4
+
+
+TINY_RUN = """
+name: tiny-methods
+seed: 1
+experiments:
+  - name: domain
+    stream: {kind: domain, experiences: 2, steps_per_experience: 2, batch_size: 4, seq_len: 32, test_docs: 3,
+             eval_every: 0, general_tokens: 256}
+    methods:
+      - {name: si, lr: 1.0e-4, lam: 1.0e+4}
+      - {name: mas, lr: 1.0e-4, lam: 0.03, mas_batches: 1}
+      - {name: replay, label: replay_background, lr: 1.0e-4, source: background}
+      - {name: generative_replay, lr: 1.0e-4, samples: 4, max_tokens: 16}
+      - {name: agem, lr: 1.0e-4, ref_size: 2}
+      - {name: lwf, lr: 1.0e-4}
+      - {name: distill, label: kl_reverse, lr: 1.0e-4, kl: reverse, inputs: replay, replay_size: 2}
+      - {name: full, label: full_cbp, lr: 1.0e-4, continual_backprop: {rate: 0.01, maturity: 0}}
+  - name: facts
+    stream: {kind: facts, experiences: 2, facts_per_experience: 1, steps_per_fact: 1, batch_size: 4, eval_every: 0,
+             questions: true}
+    methods:
+      - {name: generative_replay, lr: 1.0e-4, samples: 4, max_tokens: 16}
+      - {name: agem, lr: 1.0e-4, ref_size: 2}
+"""
+
+
+def test_every_new_method_runs_on_the_domain_and_fact_streams_and_resumes(tmp_path, monkeypatch):
+    import forgetless.run as run_mod
+    from forgetless.run import load_run_config, run
+
+    p = tmp_path / "run.yaml"
+    p.write_text(TINY_RUN)
+    full = run(load_run_config(p), tmp_path / "full", progress=False, log=lambda s: None)
+    for exp in ("domain", "facts"):
+        for label, m in full[exp]["methods"].items():
+            assert len(m["R"]) == 2 and all(len(r) == 2 for r in m["R"]), label
+    # interrupt the continual-backprop run after its first experience: its state (utilities, ages) resumes
+    original, calls = run_mod._save_state, {"n": 0}
+
+    def save_then_stop(state_dir, model, rec, method=None):
+        original(state_dir, model, rec, method)
+        if state_dir.parent.name == "full_cbp":
+            raise KeyboardInterrupt
+
+    small = TINY_RUN.split("  - name: facts")[0]
+    p.write_text(small)
+    monkeypatch.setattr(run_mod, "_save_state", save_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        run(load_run_config(p), tmp_path / "resumed", progress=False, log=lambda s: None)
+    monkeypatch.setattr(run_mod, "_save_state", original)
+    resumed = run(load_run_config(p), tmp_path / "resumed", progress=False, log=lambda s: None)
+    for label in full["domain"]["methods"]:
+        assert resumed["domain"]["methods"][label]["R"] == full["domain"]["methods"][label]["R"], label

@@ -357,16 +357,35 @@ def pretrain(cfg: PretrainConfig, out_dir: str | os.PathLike, resume: bool = Tru
         save_training_state(ckpt, model, opts, step, schedulers=scheds,
                             extra={"train_seconds": train_seconds + time.time() - t_start})
 
+    schedule = _cms_schedule(model, start, log)
     if start < t.steps:
         log(f"training {sum(p.numel() for p in model.parameters()):,} parameters on {device} "
             f"for {t.steps - start} steps of {t.batch_size}x{t.seq_len} tokens")
         train_loop(model, opts, lambda s: sampler(s).to(device), lm_loss, t.steps, start_step=start,
                    schedulers=scheds, grad_clip=t.grad_clip, bf16=t.bf16 and device.type in ("cpu", "cuda"),
-                   after_step=after_step, on_eval=on_eval, eval_every=t.eval_every, on_checkpoint=on_checkpoint,
+                   after_step=after_step, after_backward=schedule, on_eval=on_eval, eval_every=t.eval_every, on_checkpoint=on_checkpoint,
                    checkpoint_every=t.checkpoint_every, progress=progress, desc="pretraining",
                    tokens_per_batch=lambda b: b[:, :-1].numel())
     train_seconds += time.time() - t_start
     return finalize(cfg, model, tok, data_dir, out, history, train_seconds, device, progress=progress, log=log)
+
+
+def _cms_schedule(model: nn.Module, start: int, log=print):
+    """For a base with continuum-memory blocks (``model.cms``): the levels' update rule during
+    pretraining (level l steps every C_l steps with its mean accumulated gradient; see
+    ``methods/cms.py``). On resume the step counter continues; gradients pending in an
+    interrupted chunk are not saved, so that chunk restarts."""
+    from .methods.cms import LevelSchedule
+    from .models.cms import cms_blocks
+
+    if not cms_blocks(model):
+        return None
+    names = {id(p): n for n, p in model.named_parameters()}
+    levels = [(c, [(names[id(p)], p) for p in lvl.parameters()]) for block in cms_blocks(model).values()
+              for c, lvl in zip(block.periods, block.levels)]
+    schedule = LevelSchedule(levels, step=start)
+    log(f"continuum memory: {len(levels)} levels with periods {sorted({c for c, _ in levels})}")
+    return lambda step: schedule.after_backward()
 
 
 def evaluate_base(model: nn.Module, tok, data_dir: Path, stats: dict, seq_len: int) -> dict:

@@ -37,7 +37,7 @@ from .models.memory import freeze_query_stats
 from .streams import Stream, StreamConfig, build_stream
 
 BASELINES = {"naive": "full", "joint": "full"}
-DEFAULT_LRS = {"lora": 1e-4, "smf": 3.0}  # every other method: 1e-5 (full fine-tuning's)
+DEFAULT_LRS = {"lora": 1e-4, "adapters": 1e-4, "smf": 3.0}  # every other method: 1e-5 (full fine-tuning's)
 
 
 @dataclass
@@ -185,6 +185,7 @@ def run_sequential(stream: Stream, model_dir: Path, label: str, spec: dict, out:
         rec["boundaries"].append(offset + exp.steps)
         rec["curve"].append({"step": offset + exp.steps, "experience": k, "scores": row})
         rec["trainable_params"] = params
+        rec["method"] = method.describe()  # e.g. parameter growth, router accuracy, chosen merge weights
         rec["seconds"] += time.time() - t0
         t0 = time.time()
         _save_state(state_dir, method.checkpoint_model(model), rec, method)

@@ -5,7 +5,8 @@
   keeps at most ``buffer_size`` sequences; reservoir sampling (Vitter's algorithm R) gives
   every sequence seen so far the same probability ``buffer_size / n_seen`` of being in the
   buffer, whatever the stream's length. Each step adds the current batch's sequences to the
-  buffer *after* replaying.
+  buffer *after* replaying. ``buffer_tokens`` gives the size in tokens instead: the capacity
+  in sequences becomes ``buffer_tokens // mean length`` of the first batch's sequences.
 - ``background``: windows of the base model's *pretraining* text (``background_text.jsonl``
   next to the model, a seeded sample of its training split written by
   ``scripts/sample_background.py``, or any JSONL of ``{"text": ...}`` given as
@@ -116,14 +117,19 @@ class Replay(FullFinetune):
     name = "replay"
 
     def __init__(self, lr: float = 1e-5, buffer_size: int = 512, ratio: float = 0.5, source: str = "buffer",
-                 background_file: str | None = None, seed: int = 0, weight_decay: float = 0.1,
-                 betas: tuple[float, float] = (0.9, 0.95)):
+                 buffer_tokens: int | None = None, background_file: str | None = None, seed: int = 0,
+                 weight_decay: float = 0.1, betas: tuple[float, float] = (0.9, 0.95)):
         super().__init__(lr=lr, weight_decay=weight_decay, betas=betas)
         if ratio < 0:
             raise ConfigError("replay ratio must be >= 0.")
+        if buffer_tokens is not None and buffer_tokens < 1:
+            raise ConfigError("replay buffer_tokens must be >= 1.")
+        self.buffer_tokens = buffer_tokens
         if source not in SOURCES:
             raise ConfigError(f"replay source must be one of {SOURCES}, got {source!r}.")
         self.hparams.update(buffer_size=buffer_size, ratio=ratio, source=source, seed=seed)
+        if buffer_tokens:
+            self.hparams["buffer_tokens"] = buffer_tokens
         if background_file:
             self.hparams["background_file"] = background_file
         self.buffer = ReservoirBuffer(buffer_size, seed)
@@ -154,6 +160,10 @@ class Replay(FullFinetune):
         if n_bg:
             replayed += self._background_rows(n_bg, max(x.numel() for x, _ in rows))
         if self.source != "background":
+            if self.buffer_tokens and self.buffer.seen == 0:  # a token budget: capacity from the first batch
+                mean_len = sum(x.numel() for x, _ in rows) / len(rows)
+                self.buffer.capacity = max(1, int(self.buffer_tokens // mean_len))
+                self.hparams["buffer_size"] = self.buffer.capacity
             for r in rows:
                 self.buffer.add(r)
         return replayed

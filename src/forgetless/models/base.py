@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from .cms import CMSConfig, add_cms
 from .memory import MemoryConfig, MemoryPlacement, add_memory_layers
 
 
@@ -18,6 +19,7 @@ class ModelConfig:
     max_len: int = 256
     rope_theta: float = 10000.0
     tie_embeddings: bool = True
+    cms: CMSConfig | None = None  # continuum memory system blocks (None: plain MLPs)
 
 
 @dataclass
@@ -61,4 +63,6 @@ def build_base(model: ModelConfig, memory: MemorySection | None, vocab_size: int
     net = LlamaForCausalLM(cfg)
     if memory is not None and memory.layers:
         add_memory_layers(net, placement=memory.placement())
+    if model.cms is not None:
+        add_cms(net, config=model.cms)
     return net

@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..errors import CheckpointError
+from .cms import CMS_CONFIG_KEY, CMSConfig, add_cms
 from .memory import CONFIG_KEY, MemoryPlacement, add_memory_layers, named_memory_layers
 
 WEIGHTS = "model.safetensors"
@@ -108,11 +109,12 @@ def save_model(
 
 
 def build_from_config(config_dict: dict) -> nn.Module:
-    """Build an untrained HF causal LM (with its memory layers) from a config.json dict."""
+    """Build an untrained HF causal LM (with its memory layers, then its CMS blocks) from a config.json dict."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     d = dict(config_dict)
     placement = d.pop(CONFIG_KEY, None)
+    cms = d.pop(CMS_CONFIG_KEY, None)
     model_type = d.pop("model_type", None)
     if model_type is None:
         raise CheckpointError("config.json has no model_type; this is not a Hugging Face model folder.")
@@ -120,6 +122,8 @@ def build_from_config(config_dict: dict) -> nn.Module:
     model = AutoModelForCausalLM.from_config(config)
     if placement is not None:
         add_memory_layers(model, placement=MemoryPlacement.from_dict(placement))
+    if cms is not None:
+        add_cms(model, config=CMSConfig.from_dict(cms))
     return model
 
 

@@ -26,26 +26,13 @@ from torch import nn
 
 from ..errors import ConfigError
 from .base import lm_loss_masked
-from .regularization import QuadraticRegularizer, quadratic_penalty
+from .regularization import QuadraticRegularizer, mean_gradient_statistic, quadratic_penalty
 
 __all__ = ["EWC", "OnlineEWC", "empirical_fisher", "sampled_fisher", "quadratic_penalty"]
 
 
 def _squared_grad_mean(model: nn.Module, loss_fn, batches: list[dict]) -> dict[str, torch.Tensor]:
-    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    fisher = {n: torch.zeros_like(p) for n, p in params.items()}
-    was = model.training
-    model.eval()
-    for batch in batches:
-        model.zero_grad(set_to_none=True)
-        loss_fn(model, batch).backward()
-        for n, p in params.items():
-            if p.grad is not None:
-                g = p.grad.to_dense() if p.grad.is_sparse else p.grad
-                fisher[n] += g.detach() ** 2
-    model.zero_grad(set_to_none=True)
-    model.train(was)
-    return {n: f / max(len(batches), 1) for n, f in fisher.items()}
+    return mean_gradient_statistic(model, loss_fn, batches, lambda g: g ** 2)
 
 
 def empirical_fisher(model: nn.Module, loss_fn, batches: list[dict]) -> dict[str, torch.Tensor]:

@@ -21,30 +21,19 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from .regularization import QuadraticRegularizer
+from .regularization import QuadraticRegularizer, mean_gradient_statistic
 
 
 def mas_importance(model: nn.Module, batches: list[dict], output: str = "logits") -> dict[str, torch.Tensor]:
     """Mean over batches of |grad of the mean squared L2 norm of the output|, per parameter."""
-    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    omega = {n: torch.zeros_like(p) for n, p in params.items()}
-    was = model.training
-    model.eval()
-    for b in batches:
-        model.zero_grad(set_to_none=True)
+    def output_norm(model: nn.Module, b: dict) -> torch.Tensor:
         out = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits.float()
         if output == "softmax":
             out = out.softmax(-1)
         mask = b["attention_mask"].to(out.dtype)
-        sq = (out ** 2).sum(-1)
-        ((sq * mask).sum() / mask.sum().clamp_min(1)).backward()
-        for n, p in params.items():
-            if p.grad is not None:
-                g = p.grad.to_dense() if p.grad.is_sparse else p.grad
-                omega[n] += g.detach().abs()
-    model.zero_grad(set_to_none=True)
-    model.train(was)
-    return {n: w / max(len(batches), 1) for n, w in omega.items()}
+        return ((out ** 2).sum(-1) * mask).sum() / mask.sum().clamp_min(1)
+
+    return mean_gradient_statistic(model, output_norm, batches, torch.abs)
 
 
 class MAS(QuadraticRegularizer):

@@ -37,6 +37,25 @@ def quadratic_penalty(model: nn.Module, terms: list[tuple[Importance, Importance
     return 0.5 * lam * total
 
 
+def mean_gradient_statistic(model: nn.Module, objective, batches: list[dict], stat) -> Importance:
+    """Mean over batches of ``stat(gradient)`` of ``objective(model, batch)``, per trainable
+    parameter (EWC: the squared gradient of the NLL; MAS: the absolute gradient of the output norm)."""
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    total = {n: torch.zeros_like(p) for n, p in params.items()}
+    was = model.training
+    model.eval()
+    for batch in batches:
+        model.zero_grad(set_to_none=True)
+        objective(model, batch).backward()
+        for n, p in params.items():
+            if p.grad is not None:
+                g = p.grad.to_dense() if p.grad.is_sparse else p.grad
+                total[n] += stat(g.detach())
+    model.zero_grad(set_to_none=True)
+    model.train(was)
+    return {n: t / max(len(batches), 1) for n, t in total.items()}
+
+
 class QuadraticRegularizer(FullFinetune):
     """Base class: subclasses implement ``importance(model, experience)``."""
 

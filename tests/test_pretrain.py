@@ -115,3 +115,18 @@ def test_atomic_folder_leaves_old_version_on_failure(tmp_path):
         atomic_folder(dest, broken)
     assert (dest / "a.txt").read_text() == "v1"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no temporary folder left
+
+
+@pytest.mark.parametrize("steps,slow_level_moved", [(3, False), (4, True)])
+def test_pretraining_a_base_with_a_continuum_memory_block_steps_its_slow_level_on_its_period(
+        smoke, tmp_path, steps, slow_level_moved):
+    _, data = smoke  # same data section as smoke.yaml
+    cfg = load_pretrain_config(ROOT / "configs" / "smoke-cms.yaml")
+    cfg.train.steps, cfg.train.eval_every, cfg.train.checkpoint_every = steps, steps, steps
+    out = pretrain(cfg, tmp_path / "cms", progress=False, log=lambda *a: None, data_dir=data)
+    model = load_model(out)  # rebuilt with its CMS block from config.json
+    block = model.model.layers[0].mlp
+    assert list(block.periods) == [1, 4]
+    slow = block.levels[1]
+    # the slow level's down projection starts at exactly zero and moves only at step 4
+    assert bool((slow.down_proj.weight != 0).any()) == slow_level_moved

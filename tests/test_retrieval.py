@@ -10,7 +10,8 @@ from safetensors.torch import load_file
 import forgetless.run as run_mod
 from forgetless.cli import default_model_dir
 from forgetless.methods import make_method
-from forgetless.methods.retrieval import RetrievalLM, context_ids, context_text, experience_passages
+from forgetless.methods.retrieval import (RetrievalLM, context_ids, context_text, experience_passages,
+                                         irrelevant_passage, reader_example)
 from forgetless.models.tokenizer import load_tokenizer
 from forgetless.retrieval import PassageIndex, bm25_tokens
 from forgetless.run import load_run_config, run
@@ -183,6 +184,73 @@ def test_tiny_run_on_domain_and_facts_streams_resumes_with_the_same_index(tmp_pa
     assert state.keys() == again.keys() and all(torch.equal(state[k], again[k]) for k in state)
 
 
+def _known_facts():
+    from forgetless.data.facts import Fact
+
+    rows = [("capital", "Peru", "Lima"), ("capital", "Kenya", "Nairobi"), ("capital", "Chile", "Santiago"),
+            ("capital", "Japan", "Tokyo"), ("currency", "Norway", "krone"), ("currency", "Mexico", "peso")]
+    return [Fact(id=f"{r}:{s}", relation=r, subject=s, answer=a, statement=f"{s} {a}.", question=f"{s}?")
+            for r, s, a in rows]
+
+
+def test_reader_examples_with_irrelevant_context_are_labelled_with_the_known_facts_own_answer():
+    import random
+    import re
+
+    from forgetless.data.facts import STATEMENTS
+
+    tok = load_tokenizer(BASE)
+    known = _known_facts()
+    rng = random.Random(0)
+    for _ in range(50):  # the irrelevant passage: same relation, another subject, another answer
+        f = rng.choice(known)
+        p = irrelevant_passage(rng, f, known)
+        assert f.subject not in p and f.answer not in p
+        pats = [re.escape(t).replace(re.escape("{s}"), ".+").replace(re.escape("{a}"), ".+")
+                for t in STATEMENTS[f.relation]]
+        assert any(re.fullmatch(q, p) for q in pats)
+    kinds = {"none": 0, "irrelevant": 0, "relevant": 0}
+    for _ in range(400):
+        x, y = reader_example(rng, known, tok, irrelevant=0.25)
+        assert len(x) == len(y)
+        n = sum(1 for v in y if v == -100)
+        assert all(v == -100 for v in y[:n]) and y[n:] == x[n:]  # loss on the answer tokens only
+        text, label = tok.decode(x[:n]), tok.decode(x[n:]).strip()
+        ctx, question = text.split("\n", 1) if text.startswith("Context: ") else ("", text)
+        asked = [f for f in known if f.subject in question]
+        if not ctx:
+            kinds["none"] += 1
+            assert len(asked) == 1 and label == asked[0].answer
+        elif asked and asked[0].subject not in ctx:  # irrelevant context: answered from memory
+            kinds["irrelevant"] += 1
+            assert label == asked[0].answer and asked[0].answer not in ctx
+        else:  # the context holds the answer (known or invented subject)
+            kinds["relevant"] += 1
+            assert label in ctx
+    assert 70 <= kinds["irrelevant"] <= 130 and 70 <= kinds["none"] <= 130 and kinds["relevant"] >= 160
+    old = [reader_example(random.Random(i), known, tok, irrelevant=0.0) for i in range(100)]
+    for x, y in old:  # the first recipe: every context holds the question's answer
+        n = sum(1 for v in y if v == -100)
+        text = tok.decode(x[:n])
+        if text.startswith("Context: "):
+            assert tok.decode(x[n:]).strip() in text.split("\n", 1)[0]
+
+
+@torch.no_grad()
+def test_min_score_drops_low_scoring_passages(tiny):
+    model, tok = tiny
+    ix = PassageIndex("bm25")
+    ix.add(PASSAGES)
+    prompt = "Question: What does Zanzibar export? Answer:"
+    (top, score), = ix.search(prompt, 1)
+    enc = tok([prompt], return_tensors="pt")
+    kw = dict(max_new_tokens=3, do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=None)
+    assert RetrievalLM(model, tok, ix, min_score=score)._contexts([prompt], [64]) == [context_ids(tok, [top], 64)]
+    high = RetrievalLM(model, tok, ix, min_score=score + 1e-6)
+    assert high._contexts([prompt], [64]) == [[]]
+    assert torch.equal(high.generate(**enc, **kw), model.generate(**enc, **kw))  # no context: the base's tokens
+
+
 def test_bad_options_fail_with_one_sentence():
     from forgetless.errors import ConfigError
 
@@ -190,3 +258,5 @@ def test_bad_options_fail_with_one_sentence():
         make_method("retrieval", index="faiss")
     with pytest.raises(ConfigError, match="top_k >= 1"):
         make_method("retrieval", top_k=0)
+    with pytest.raises(ConfigError, match="reader_irrelevant must be between 0 and 0.5"):
+        make_method("retrieval", reader_irrelevant=0.6)

@@ -24,11 +24,21 @@ still answers new-fact probes no better than without (about 8% exact match eithe
 ``benchmarks/retrieval.py``). ``reader_steps`` > 0 therefore first fine-tunes the base's
 attention weights once (before the first experience, seeded) to read its context, on
 batches built only from *known* facts and invented names, never from new facts or probe
-wordings: context = a statement (training templates) of a known fact or of an invented
-subject/answer, plus a distractor statement half of the time; question = a *training*
-question template; loss on the answer tokens only; a quarter of each batch are plain
-known-fact question lines with no context (to keep what the base knows). The tuned base is
-what ``checkpoint_model`` saves, so a resumed run does not tune it again.
+wordings; question = a *training* question template, loss on the answer tokens only. Per
+example: 1/4 plain known-fact question lines with no context (to keep what the base knows);
+``reader_irrelevant`` (default 1/4) known-fact questions after an *irrelevant* context (a
+statement of another subject of the same relation, a known fact's or an invented one's, plus
+a second unrelated statement half of the time), labelled with the known fact's own answer, so
+the reader learns to answer from memory when the context is not about the question's subject
+(with ``top_k`` 1 every question gets some passage: in a fact stream the known-fact questions
+get a new fact's statement); the rest (default 1/2) with the answer in the context: a known
+fact's statement, or an invented subject with a known or invented answer, plus a distractor
+statement half of the time. ``reader_irrelevant: 0`` is the first recipe (3/4 relevant), which
+made the reader copy from any context. The tuned base is what ``checkpoint_model`` saves, so a
+resumed run does not tune it again.
+
+``min_score`` (default none): hits scoring below it are not put before the input (BM25 score,
+or cosine for ``index: dense``); a question with no hit left gets no context.
 
 Left out: re-ranking, query rewriting, chunking of long documents (a passage is a whole
 training sequence), per-position retrieval at every token (kNN-LM).
@@ -90,12 +100,13 @@ class RetrievalLM(nn.Module):
     """The base model with retrieved passages put before its input (see the module docstring)."""
 
     def __init__(self, base: nn.Module, tok, index: PassageIndex, top_k: int = 1, max_context_tokens: int = 64,
-                 stride: int = 32):
+                 stride: int = 32, min_score: float | None = None):
         super().__init__()
         self.base = base
         self.tok = tok
         self.index = index
         self.top_k, self.max_context_tokens, self.stride = top_k, max_context_tokens, stride
+        self.min_score = min_score
         self.max_positions = getattr(base.config, "max_position_embeddings", None) or 10**9
 
     @property
@@ -108,7 +119,8 @@ class RetrievalLM(nn.Module):
 
     def _contexts(self, queries: list[str], budgets: list[int]) -> list[list[int]]:
         hits = self.index.search_batch(queries, self.top_k)
-        return [context_ids(self.tok, [p for p, _ in h] if q.strip() else [], min(self.max_context_tokens, b))
+        return [context_ids(self.tok, [p for p, sc in h if self.min_score is None or sc >= self.min_score] if q.strip() else [],
+                            min(self.max_context_tokens, b))
                 for q, h, b in zip(queries, hits, budgets)]
 
     def _decode(self, ids: list[int]) -> str:
@@ -174,8 +186,35 @@ def _invented_name(rng: random.Random) -> str:
     return "".join(rng.choice(_SYLLABLES) for _ in range(rng.randint(2, 4))).capitalize()
 
 
-def reader_example(rng: random.Random, known: list, tok) -> tuple[list[int], list[int]]:
-    """(input ids, labels) of one reader example built from known facts and invented names only."""
+def irrelevant_passage(rng: random.Random, f, known: list) -> str:
+    """A statement about a *different* subject of ``f``'s relation, like what BM25 returns for a
+    question whose answer is not in the index: half of the time another known fact's statement
+    (a different subject and a different answer), else an invented subject with an invented answer
+    or another known answer of the relation."""
+    from ..data.facts import STATEMENTS
+
+    others = [g for g in known if g.relation == f.relation and g.subject != f.subject and g.answer != f.answer]
+    if others and rng.random() < 0.5:
+        g = rng.choice(others)
+        s, a = g.subject, g.answer
+    else:
+        s = _invented_name(rng)
+        while s == f.subject:
+            s = _invented_name(rng)
+        answers = [g.answer for g in others]
+        a = rng.choice(answers) if answers and rng.random() < 0.5 else _invented_name(rng)
+    return rng.choice(STATEMENTS[f.relation]).format(s=s, a=a)
+
+
+def reader_example(rng: random.Random, known: list, tok, irrelevant: float = 0.25) -> tuple[list[int], list[int]]:
+    """(input ids, labels) of one reader example built from known facts and invented names only.
+
+    With u ~ U(0, 1): u < 1/4, a plain known-fact question line, no context; u < 1/4 + ``irrelevant``,
+    a known-fact question after an *irrelevant* context (``irrelevant_passage``, plus a second
+    irrelevant statement of any relation half of the time), labelled with the known fact's own
+    answer, i.e. answered from memory; else the context holds the answer (thirds: the known fact's
+    statement; an invented subject with a known answer of the relation; an invented subject and
+    answer), plus a distractor statement half of the time. ``irrelevant = 0`` is the first recipe."""
     from ..data.facts import QUESTIONS, STATEMENTS, question_lines, statement_lines
 
     f = rng.choice(known)
@@ -183,11 +222,22 @@ def reader_example(rng: random.Random, known: list, tok) -> tuple[list[int], lis
     if u < 0.25:  # a plain question line of a known fact, no context
         prompt, answer = rng.choice(question_lines(f)).rsplit(" Answer: ", 1)
         ctx: list[int] = []
+    elif u < 0.25 + irrelevant:  # irrelevant context: answer from memory
+        passages = [irrelevant_passage(rng, f, known)]
+        if rng.random() < 0.5:
+            g = rng.choice(known)
+            while g.subject == f.subject:
+                g = rng.choice(known)
+            passages.append(rng.choice(statement_lines(g)))
+            rng.shuffle(passages)
+        prompt, answer = rng.choice(question_lines(f)).rsplit(" Answer: ", 1)
+        ctx = context_ids(tok, passages, 10**9)
     else:
         s, a = f.subject, f.answer
-        if u >= 0.5:
+        v = 0.25 + (u - 0.25 - irrelevant) * 0.75 / (0.75 - irrelevant)  # [0.25, 1): thirds as in the first recipe
+        if v >= 0.5:
             s = _invented_name(rng)
-            a = rng.choice([g.answer for g in known if g.relation == f.relation]) if u < 0.75 else \
+            a = rng.choice([g.answer for g in known if g.relation == f.relation]) if v < 0.75 else \
                 _invented_name(rng) + (" " + _invented_name(rng) if rng.random() < 0.3 else "")
         passages = [rng.choice(STATEMENTS[f.relation]).format(s=s, a=a)]
         if rng.random() < 0.5:
@@ -201,8 +251,11 @@ def reader_example(rng: random.Random, known: list, tok) -> tuple[list[int], lis
 
 
 def train_reader(model: nn.Module, tok, known: list, steps: int, lr: float = 1e-4, batch_size: int = 16,
-                 seed: int = 0) -> list[float]:
-    """Fine-tune the attention weights of ``model`` to answer from its context; returns the losses."""
+                 seed: int = 0, irrelevant: float = 0.25) -> list[float]:
+    """Fine-tune the attention weights of ``model`` to answer from its context (and to ignore an
+    irrelevant one, see ``reader_example``); returns the losses."""
+    if not 0.0 <= irrelevant <= 0.5:
+        raise ConfigError(f"reader_irrelevant must be between 0 and 0.5, got {irrelevant}.")
     if not known:
         raise ConfigError("reader_steps needs the model's known facts (facts_known.jsonl).")
     rng = random.Random(seed)
@@ -220,7 +273,7 @@ def train_reader(model: nn.Module, tok, known: list, steps: int, lr: float = 1e-
     losses = []
     model.train()
     for _ in range(steps):
-        ex = [reader_example(rng, known, tok) for _ in range(batch_size)]
+        ex = [reader_example(rng, known, tok, irrelevant) for _ in range(batch_size)]
         L = max(len(x) for x, _ in ex)
         ids = torch.full((batch_size, L), pad, dtype=torch.long)
         labels = torch.full((batch_size, L), -100, dtype=torch.long)
@@ -250,15 +303,19 @@ class Retrieval(Method):
 
     def __init__(self, lr: float = 0.0, index: str = "bm25", top_k: int = 1, max_context_tokens: int = 64,
                  stride: int = 32, reader_steps: int = 0, reader_lr: float = 1e-4, reader_batch: int = 16,
-                 seed: int = 0):
+                 reader_irrelevant: float = 0.25, min_score: float | None = None, seed: int = 0):
         if index not in INDEX_KINDS:
             raise ConfigError(f"retrieval option index must be one of {INDEX_KINDS}, got {index!r}.")
         if top_k < 1 or max_context_tokens < 8 or stride < 0 or reader_steps < 0:
             raise ConfigError("retrieval needs top_k >= 1, max_context_tokens >= 8, stride >= 0, reader_steps >= 0.")
+        if not 0.0 <= reader_irrelevant <= 0.5:
+            raise ConfigError(f"retrieval option reader_irrelevant must be between 0 and 0.5, got {reader_irrelevant}.")
         super().__init__(lr, index=index, top_k=top_k, max_context_tokens=max_context_tokens, stride=stride,
-                         reader_steps=reader_steps, reader_lr=reader_lr, reader_batch=reader_batch, seed=seed)
+                         reader_steps=reader_steps, reader_lr=reader_lr, reader_batch=reader_batch,
+                         reader_irrelevant=reader_irrelevant, min_score=min_score, seed=seed)
         self.index_kind, self.top_k, self.max_context_tokens, self.stride = index, top_k, max_context_tokens, stride
         self.reader_steps, self.reader_lr, self.reader_batch, self.seed = reader_steps, reader_lr, reader_batch, seed
+        self.reader_irrelevant, self.min_score = reader_irrelevant, min_score
         self.index = PassageIndex(index)
         self.reader_done = False
         self.tok = None
@@ -274,7 +331,8 @@ class Retrieval(Method):
             known_file = Path(context.model_dir or "") / "facts_known.jsonl"
             known = read_builtin_facts(known_file) if known_file.is_file() else []
             torch.manual_seed(self.seed)
-            train_reader(base, self.tok, known, self.reader_steps, self.reader_lr, self.reader_batch, self.seed)
+            train_reader(base, self.tok, known, self.reader_steps, self.reader_lr, self.reader_batch, self.seed,
+                         self.reader_irrelevant)
             self.reader_done = True
         experience = context.extra.get("experience")
         if experience is not None:
@@ -285,7 +343,8 @@ class Retrieval(Method):
 
     def export(self, model: nn.Module) -> nn.Module:
         base = model.base if isinstance(model, RetrievalLM) else model
-        return RetrievalLM(base, self.tok, self.index, self.top_k, self.max_context_tokens, self.stride)
+        return RetrievalLM(base, self.tok, self.index, self.top_k, self.max_context_tokens, self.stride,
+                           self.min_score)
 
     def checkpoint_model(self, model: nn.Module) -> nn.Module:
         return model.base if isinstance(model, RetrievalLM) else model

@@ -22,8 +22,10 @@ level is not controlled).
 
 The *periods* are only recorded here (``ContinuumMLP.periods``, ``cms_levels``); the update
 rule itself (accumulate level l's gradient, step it every C_l steps with the mean) lives in
-``forgetless.methods.cms``. Without that schedule (e.g. in ``forgetless pretrain``) all
-levels train every step, i.e. the block is a deeper residual MLP.
+``forgetless.methods.cms`` (``LevelSchedule``); ``forgetless pretrain`` applies it to a
+base built with a ``model.cms`` section (``configs/smoke-cms.yaml``), and the method ``cms``
+applies it while learning a stream. Without the schedule all levels would train every step,
+i.e. the block would be a deeper residual MLP.
 
 What of HOPE is left out: the self-modifying Titans memory and any test-time (in-context)
 update of the levels; levels update only during training, per optimizer step, not per token

@@ -318,10 +318,18 @@ experiments:
 """
 
 
+@pytest.mark.cheap
 def test_every_new_method_runs_on_the_domain_and_fact_streams_and_resumes(tmp_path, monkeypatch):
     import forgetless.run as run_mod
     from forgetless.run import load_run_config, run
 
+    import forgetless.report.runs as report_mod
+    import forgetless.streams as streams_mod
+
+    read = streams_mod.read_builtin_facts  # probe 4 known facts, not 100, and draw no report: keeps this test short
+    monkeypatch.setattr(streams_mod, "read_builtin_facts", lambda path: read(path)[:4])
+    monkeypatch.setattr(report_mod, "write_run_report", lambda results, out: None)
+    monkeypatch.setattr(report_mod, "compare_runs", lambda results, out: None)
     p = tmp_path / "run.yaml"
     p.write_text(TINY_RUN)
     full = run(load_run_config(p), tmp_path / "full", progress=False, log=lambda s: None)
@@ -336,12 +344,17 @@ def test_every_new_method_runs_on_the_domain_and_fact_streams_and_resumes(tmp_pa
         if state_dir.parent.name == "full_cbp":
             raise KeyboardInterrupt
 
-    small = TINY_RUN.split("  - name: facts")[0]
+    # the resumed run holds only the two methods with the most state; a method's R depends only on the stream and itself
+    small = TINY_RUN.split("  - name: facts")[0].split("    methods:")[0] + """    methods:
+      - {name: agem, lr: 1.0e-4, ref_size: 2}
+      - {name: full, label: full_cbp, lr: 1.0e-4, continual_backprop: {rate: 0.01, maturity: 0}}
+"""
     p.write_text(small)
     monkeypatch.setattr(run_mod, "_save_state", save_then_stop)
     with pytest.raises(KeyboardInterrupt):
         run(load_run_config(p), tmp_path / "resumed", progress=False, log=lambda s: None)
     monkeypatch.setattr(run_mod, "_save_state", original)
     resumed = run(load_run_config(p), tmp_path / "resumed", progress=False, log=lambda s: None)
-    for label in full["domain"]["methods"]:
+    for label in ("agem", "full_cbp"):
         assert resumed["domain"]["methods"][label]["R"] == full["domain"]["methods"][label]["R"], label
+    assert resumed["domain"]["methods"]["full_cbp"]["method"]["continual_backprop"]["rate"] == 0.01

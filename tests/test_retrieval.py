@@ -260,3 +260,25 @@ def test_bad_options_fail_with_one_sentence():
         make_method("retrieval", top_k=0)
     with pytest.raises(ConfigError, match="reader_irrelevant must be between 0 and 0.5"):
         make_method("retrieval", reader_irrelevant=0.6)
+
+
+def test_reader_qa_contexts_write_relevant_contexts_as_question_answer_lines():
+    import random
+
+    from forgetless.methods.retrieval import reader_example
+
+    tok = load_tokenizer(BASE)
+    known = _known_facts()
+    rng = random.Random(3)
+    qa, n = 0, 0
+    for _ in range(200):
+        x, y = reader_example(rng, known, tok, irrelevant=0.0, qa_contexts=1.0)
+        text = tok.decode(x)
+        if not text.startswith("Context:"):
+            continue  # the plain no-context quarter
+        n += 1
+        context = text.split("\n", 1)[0]
+        answer = tok.decode([t for t in y if t != -100]).strip()
+        assert answer in context  # relevant: the context holds the label
+        qa += context.startswith("Context: Question:") or " Question: " in context
+    assert n > 100 and qa == n  # every relevant context is a question/answer line

@@ -206,7 +206,8 @@ def irrelevant_passage(rng: random.Random, f, known: list) -> str:
     return rng.choice(STATEMENTS[f.relation]).format(s=s, a=a)
 
 
-def reader_example(rng: random.Random, known: list, tok, irrelevant: float = 0.25) -> tuple[list[int], list[int]]:
+def reader_example(rng: random.Random, known: list, tok, irrelevant: float = 0.25,
+                   qa_contexts: float = 0.0) -> tuple[list[int], list[int]]:
     """(input ids, labels) of one reader example built from known facts and invented names only.
 
     With u ~ U(0, 1): u < 1/4, a plain known-fact question line, no context; u < 1/4 + ``irrelevant``,
@@ -214,7 +215,11 @@ def reader_example(rng: random.Random, known: list, tok, irrelevant: float = 0.2
     irrelevant statement of any relation half of the time), labelled with the known fact's own
     answer, i.e. answered from memory; else the context holds the answer (thirds: the known fact's
     statement; an invented subject with a known answer of the relation; an invented subject and
-    answer), plus a distractor statement half of the time. ``irrelevant = 0`` is the first recipe."""
+    answer), plus a distractor statement half of the time. ``irrelevant = 0`` is the first recipe.
+    ``qa_contexts``: the share of relevant contexts written as a question/answer line in a
+    training template ("Question: Name the capital of X. Answer: Y") instead of a statement,
+    as the indexed training text of a fact stream often is (0: statements only, the measured
+    recipes)."""
     from ..data.facts import QUESTIONS, STATEMENTS, question_lines, statement_lines
 
     f = rng.choice(known)
@@ -240,6 +245,8 @@ def reader_example(rng: random.Random, known: list, tok, irrelevant: float = 0.2
             a = rng.choice([g.answer for g in known if g.relation == f.relation]) if v < 0.75 else \
                 _invented_name(rng) + (" " + _invented_name(rng) if rng.random() < 0.3 else "")
         passages = [rng.choice(STATEMENTS[f.relation]).format(s=s, a=a)]
+        if qa_contexts and rng.random() < qa_contexts:
+            passages = [rng.choice(QUESTIONS[f.relation]).format(s=s, a=a)]
         if rng.random() < 0.5:
             passages.append(rng.choice(statement_lines(rng.choice(known))))
             rng.shuffle(passages)
@@ -251,7 +258,7 @@ def reader_example(rng: random.Random, known: list, tok, irrelevant: float = 0.2
 
 
 def train_reader(model: nn.Module, tok, known: list, steps: int, lr: float = 1e-4, batch_size: int = 16,
-                 seed: int = 0, irrelevant: float = 0.25) -> list[float]:
+                 seed: int = 0, irrelevant: float = 0.25, qa_contexts: float = 0.0) -> list[float]:
     """Fine-tune the attention weights of ``model`` to answer from its context (and to ignore an
     irrelevant one, see ``reader_example``); returns the losses."""
     if not 0.0 <= irrelevant <= 0.5:
@@ -273,7 +280,7 @@ def train_reader(model: nn.Module, tok, known: list, steps: int, lr: float = 1e-
     losses = []
     model.train()
     for _ in range(steps):
-        ex = [reader_example(rng, known, tok, irrelevant) for _ in range(batch_size)]
+        ex = [reader_example(rng, known, tok, irrelevant, qa_contexts) for _ in range(batch_size)]
         L = max(len(x) for x, _ in ex)
         ids = torch.full((batch_size, L), pad, dtype=torch.long)
         labels = torch.full((batch_size, L), -100, dtype=torch.long)
@@ -303,19 +310,23 @@ class Retrieval(Method):
 
     def __init__(self, lr: float = 0.0, index: str = "bm25", top_k: int = 1, max_context_tokens: int = 64,
                  stride: int = 32, reader_steps: int = 0, reader_lr: float = 1e-4, reader_batch: int = 16,
-                 reader_irrelevant: float = 0.25, min_score: float | None = None, seed: int = 0):
+                 reader_irrelevant: float = 0.25, reader_qa_contexts: float = 0.0, min_score: float | None = None,
+                 seed: int = 0):
         if index not in INDEX_KINDS:
             raise ConfigError(f"retrieval option index must be one of {INDEX_KINDS}, got {index!r}.")
         if top_k < 1 or max_context_tokens < 8 or stride < 0 or reader_steps < 0:
             raise ConfigError("retrieval needs top_k >= 1, max_context_tokens >= 8, stride >= 0, reader_steps >= 0.")
         if not 0.0 <= reader_irrelevant <= 0.5:
             raise ConfigError(f"retrieval option reader_irrelevant must be between 0 and 0.5, got {reader_irrelevant}.")
+        if not 0.0 <= reader_qa_contexts <= 1.0:
+            raise ConfigError(f"retrieval option reader_qa_contexts must be between 0 and 1, got {reader_qa_contexts}.")
         super().__init__(lr, index=index, top_k=top_k, max_context_tokens=max_context_tokens, stride=stride,
                          reader_steps=reader_steps, reader_lr=reader_lr, reader_batch=reader_batch,
-                         reader_irrelevant=reader_irrelevant, min_score=min_score, seed=seed)
+                         reader_irrelevant=reader_irrelevant, reader_qa_contexts=reader_qa_contexts, min_score=min_score,
+                         seed=seed)
         self.index_kind, self.top_k, self.max_context_tokens, self.stride = index, top_k, max_context_tokens, stride
         self.reader_steps, self.reader_lr, self.reader_batch, self.seed = reader_steps, reader_lr, reader_batch, seed
-        self.reader_irrelevant, self.min_score = reader_irrelevant, min_score
+        self.reader_irrelevant, self.reader_qa_contexts, self.min_score = reader_irrelevant, reader_qa_contexts, min_score
         self.index = PassageIndex(index)
         self.reader_done = False
         self.tok = None
@@ -332,7 +343,7 @@ class Retrieval(Method):
             known = read_builtin_facts(known_file) if known_file.is_file() else []
             torch.manual_seed(self.seed)
             train_reader(base, self.tok, known, self.reader_steps, self.reader_lr, self.reader_batch, self.seed,
-                         self.reader_irrelevant)
+                         self.reader_irrelevant, self.reader_qa_contexts)
             self.reader_done = True
         experience = context.extra.get("experience")
         if experience is not None:

@@ -242,7 +242,7 @@ def test_background_replay_draws_windows_of_pretraining_text(tmp_path):
     f = tmp_path / "bg.jsonl"
     f.write_text("".join(json.dumps({"text": "the quick brown fox " * 5}) + "\n" for _ in range(4)))
     method = make_method("replay", lr=1e-3, source="background", background_file=str(f), ratio=1.0)
-    model = method.setup(tiny(), MethodContext(tokenizer=TinyTok()))
+    method.setup(tiny(), MethodContext(tokenizer=TinyTok()))
     rows = [(torch.arange(3, 9), torch.arange(3, 9))] * 2
     replayed = method.replay_rows(rows)
     assert len(replayed) == 2 and all(x.numel() == 6 for x, _ in replayed)
@@ -319,17 +319,9 @@ experiments:
 
 
 @pytest.mark.cheap
-def test_every_new_method_runs_on_the_domain_and_fact_streams_and_resumes(tmp_path, monkeypatch):
-    import forgetless.run as run_mod
+def test_every_new_method_runs_on_the_domain_and_fact_streams_and_resumes(tmp_path, quick_runs, interrupt_run):
     from forgetless.run import load_run_config, run
 
-    import forgetless.report.runs as report_mod
-    import forgetless.streams as streams_mod
-
-    read = streams_mod.read_builtin_facts  # probe 4 known facts, not 100, and draw no report: keeps this test short
-    monkeypatch.setattr(streams_mod, "read_builtin_facts", lambda path: read(path)[:4])
-    monkeypatch.setattr(report_mod, "write_run_report", lambda results, out: None)
-    monkeypatch.setattr(report_mod, "compare_runs", lambda results, out: None)
     p = tmp_path / "run.yaml"
     p.write_text(TINY_RUN)
     full = run(load_run_config(p), tmp_path / "full", progress=False, log=lambda s: None)
@@ -337,23 +329,16 @@ def test_every_new_method_runs_on_the_domain_and_fact_streams_and_resumes(tmp_pa
         for label, m in full[exp]["methods"].items():
             assert len(m["R"]) == 2 and all(len(r) == 2 for r in m["R"]), label
     # interrupt the continual-backprop run after its first experience: its state (utilities, ages) resumes
-    original, calls = run_mod._save_state, {"n": 0}
-
-    def save_then_stop(state_dir, model, rec, method=None):
-        original(state_dir, model, rec, method)
-        if state_dir.parent.name == "full_cbp":
-            raise KeyboardInterrupt
-
     # the resumed run holds only the two methods with the most state; a method's R depends only on the stream and itself
     small = TINY_RUN.split("  - name: facts")[0].split("    methods:")[0] + """    methods:
       - {name: agem, lr: 1.0e-4, ref_size: 2}
       - {name: full, label: full_cbp, lr: 1.0e-4, continual_backprop: {rate: 0.01, maturity: 0}}
 """
     p.write_text(small)
-    monkeypatch.setattr(run_mod, "_save_state", save_then_stop)
+    interrupt_run(lambda n, state_dir: state_dir.parent.name == "full_cbp")
     with pytest.raises(KeyboardInterrupt):
         run(load_run_config(p), tmp_path / "resumed", progress=False, log=lambda s: None)
-    monkeypatch.setattr(run_mod, "_save_state", original)
+    interrupt_run(None)
     resumed = run(load_run_config(p), tmp_path / "resumed", progress=False, log=lambda s: None)
     for label in ("agem", "full_cbp"):
         assert resumed["domain"]["methods"][label]["R"] == full["domain"]["methods"][label]["R"], label

@@ -283,7 +283,7 @@ FACTS = """
 HEAD = "name: tiny-cms\nseed: 3\nexperiments:\n"
 
 
-def test_forgetless_run_with_cms_end_to_end_and_resumed(tmp_path, monkeypatch):
+def test_forgetless_run_with_cms_end_to_end_and_resumed(tmp_path, interrupt_run):
     p = tmp_path / "run.yaml"
     p.write_text(HEAD + DOMAIN + FACTS)
     full = run(load_run_config(p), tmp_path / "full", progress=False, log=lambda s: None)
@@ -294,19 +294,10 @@ def test_forgetless_run_with_cms_end_to_end_and_resumed(tmp_path, monkeypatch):
     # resume (facts stream only, to keep the test short): the MLPs of layers 1 and 3 (period 3) step at
     # the stream's step 2, with a chunk begun in experience 1, so the pending sums must survive the stop
     p.write_text(HEAD + FACTS)
-    original = run_mod._save_state
-    calls = {"n": 0}
-
-    def save_then_stop(state_dir, model, rec, method=None):
-        original(state_dir, model, rec, method)
-        calls["n"] += 1
-        if calls["n"] == 1:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(run_mod, "_save_state", save_then_stop)
+    interrupt_run(lambda n, state_dir: n == 1)
     with pytest.raises(KeyboardInterrupt):
         run(load_run_config(p), tmp_path / "resumed", progress=False, log=lambda s: None)
-    monkeypatch.setattr(run_mod, "_save_state", original)
+    interrupt_run(None)
     from safetensors.torch import load_file
     state = load_file(str(tmp_path / "resumed" / "facts" / "cms" / "state" / run_mod.METHOD_STATE))
     assert int(state["step"][0]) == 2 and any(k.startswith("buf.model.layers.1.mlp.") for k in state)

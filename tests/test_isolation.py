@@ -6,7 +6,6 @@ import pytest
 import torch
 import transformers
 
-import forgetless.run as run_mod
 from forgetless.engine import train_with_method
 from forgetless.methods import MethodContext, make_method
 from forgetless.methods.adapters import AdapterRouterModel, Router, router_accuracy, spread_steps
@@ -260,14 +259,7 @@ experiments:
 
 
 @pytest.mark.cheap
-def test_isolation_methods_run_end_to_end_and_resume_to_the_same_matrix(tmp_path, monkeypatch):
-    import forgetless.report.runs as report_mod
-    import forgetless.streams as streams_mod
-
-    read = streams_mod.read_builtin_facts  # for time: probe 4 known facts, not 100, and draw no plots
-    monkeypatch.setattr(streams_mod, "read_builtin_facts", lambda path: read(path)[:4])
-    monkeypatch.setattr(report_mod, "write_run_report", lambda results, out: None)
-    monkeypatch.setattr(report_mod, "compare_runs", lambda results, out: None)
+def test_isolation_methods_run_end_to_end_and_resume_to_the_same_matrix(tmp_path, quick_runs, interrupt_run):
     p = tmp_path / "run.yaml"
     p.write_text(TINY)
     full = run(load_run_config(p), tmp_path / "full", progress=False, log=lambda s: None)
@@ -279,20 +271,11 @@ def test_isolation_methods_run_end_to_end_and_resume_to_the_same_matrix(tmp_path
 
     # interrupt after packnet's first experience, then after adapters' first one; resume each time
     p.write_text(TINY.split("  - name: facts")[0])  # the domain experiment alone: same seed, same stream
-    original = run_mod._save_state
-    calls = {"n": 0}
-
-    def save_then_stop(state_dir, model, rec, method=None):
-        original(state_dir, model, rec, method)
-        calls["n"] += 1
-        if calls["n"] in (1, 3):
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(run_mod, "_save_state", save_then_stop)
+    interrupt_run(lambda n, state_dir: n in (1, 3))
     for _ in range(2):
         with pytest.raises(KeyboardInterrupt):
             run(load_run_config(p), tmp_path / "resumed", progress=False, log=lambda s: None)
-    monkeypatch.setattr(run_mod, "_save_state", original)
+    interrupt_run(None)
     logs = []
     resumed = run(load_run_config(p), tmp_path / "resumed", progress=False, log=logs.append)["domain"]
     assert sum("resuming after experience 1 of 2" in line for line in logs) == 1  # adapters (packnet is done)

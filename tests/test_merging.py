@@ -222,7 +222,7 @@ TINY = ("name: tiny\nseed: 1\nexperiments:" + DOMAIN + STITCH + """
 RESUME = "name: tiny\nseed: 1\nexperiments:" + DOMAIN + STITCH  # same stream and stitch_learned options
 
 
-def test_merge_runs_end_to_end_and_resumes_to_the_same_matrix(tmp_path, monkeypatch):
+def test_merge_runs_end_to_end_and_resumes_to_the_same_matrix(tmp_path, interrupt_run):
     from safetensors.torch import load_file
 
     from forgetless.models.checkpoint import load_model
@@ -254,18 +254,10 @@ def test_merge_runs_end_to_end_and_resumes_to_the_same_matrix(tmp_path, monkeypa
     assert not any(k.startswith("tau.") and k.rsplit(".", 1)[-1].startswith("q_") for k in stitched)
 
     p.write_text(RESUME)
-    original, calls = run_mod._save_state, {"n": 0}
-
-    def save_then_stop(state_dir, model, rec, method=None):
-        original(state_dir, model, rec, method)
-        calls["n"] += 1
-        if calls["n"] == 1:  # interrupted right after the first experience
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(run_mod, "_save_state", save_then_stop)
+    interrupt_run(lambda n, state_dir: n == 1)  # interrupted right after the first experience
     with pytest.raises(KeyboardInterrupt):
         run(load_run_config(p), tmp_path / "resumed", progress=False, log=lambda s: None)
-    monkeypatch.setattr(run_mod, "_save_state", original)
+    interrupt_run(None)
     logs = []
     resumed = run(load_run_config(p), tmp_path / "resumed", progress=False, log=logs.append)["domain"]
     assert any("stitch_learned: resuming after experience 1 of 2" in line for line in logs)

@@ -151,7 +151,7 @@ experiments:
 FACTS_ONLY = "name: tiny\nseed: 3\nexperiments:\n  - name: facts" + TINY.split("  - name: facts", 1)[1]
 
 
-def test_tiny_run_on_domain_and_facts_streams_resumes_with_the_same_index(tmp_path, monkeypatch):
+def test_tiny_run_on_domain_and_facts_streams_resumes_with_the_same_index(tmp_path, interrupt_run):
     p = tmp_path / "run.yaml"
     p.write_text(TINY)
     full = run(load_run_config(p), tmp_path / "full", progress=False, log=lambda s: None)
@@ -161,20 +161,11 @@ def test_tiny_run_on_domain_and_facts_streams_resumes_with_the_same_index(tmp_pa
     state = load_file(str(tmp_path / "full" / "facts" / "retrieval" / "state" / run_mod.METHOD_STATE))
     ix = PassageIndex.from_tensors("bm25", {k[6:]: v for k, v in state.items() if k.startswith("index.")})
     assert len(ix) == 4 * 4 and state["reader_done"].item() == 1  # 2 x 2 facts, 4 distinct sentences each
-    original = run_mod._save_state
-    calls = {"n": 0}
-
-    def save_then_stop(state_dir, model, rec, method=None):
-        original(state_dir, model, rec, method)
-        calls["n"] += 1
-        if calls["n"] == 1:  # Ctrl-C after the first experience of the facts stream
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(run_mod, "_save_state", save_then_stop)
+    interrupt_run(lambda n, state_dir: n == 1)  # Ctrl-C after the first experience of the facts stream
     p.write_text(FACTS_ONLY)  # the same facts experiment alone (same seed: same facts, same order)
     with pytest.raises(KeyboardInterrupt):
         run(load_run_config(p), tmp_path / "resumed", progress=False, log=lambda s: None)
-    monkeypatch.setattr(run_mod, "_save_state", original)
+    interrupt_run(None)
     logs = []
     resumed = run(load_run_config(p), tmp_path / "resumed", progress=False, log=logs.append)
     assert any("resuming after experience 1 of 2" in line for line in logs)

@@ -6,7 +6,6 @@ import re
 
 import pytest
 
-import forgetless.run as run_mod
 from forgetless.errors import ConfigError
 from forgetless.evaluate.metrics import summarize
 from forgetless.run import load_run_config, run
@@ -30,21 +29,12 @@ def _cfg(tmp_path, text=TINY):
     return load_run_config(p)
 
 
-def test_interrupted_run_resumes_to_the_same_matrix(tmp_path, monkeypatch):
+def test_interrupted_run_resumes_to_the_same_matrix(tmp_path, interrupt_run):
     full = run(_cfg(tmp_path), tmp_path / "full", progress=False, log=lambda s: None)["domain"]
-    original = run_mod._save_state
-    calls = {"n": 0}
-
-    def save_then_stop(state_dir, model, rec, method=None):
-        original(state_dir, model, rec, method)
-        calls["n"] += 1
-        if calls["n"] == 2:  # Ctrl-C right after the second experience of the naive method
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(run_mod, "_save_state", save_then_stop)
+    interrupt_run(lambda n, state_dir: n == 2)  # Ctrl-C right after the second experience of the naive method
     with pytest.raises(KeyboardInterrupt):
         run(_cfg(tmp_path), tmp_path / "resumed", progress=False, log=lambda s: None)
-    monkeypatch.setattr(run_mod, "_save_state", original)
+    interrupt_run(None)
     logs = []
     resumed = run(_cfg(tmp_path), tmp_path / "resumed", progress=False, log=logs.append)["domain"]
     assert any("resuming after experience 2 of 3" in line for line in logs)

@@ -376,13 +376,11 @@ def _cms_schedule(model: nn.Module, start: int, log=print):
     ``methods/cms.py``). On resume the step counter continues; gradients pending in an
     interrupted chunk are not saved, so that chunk restarts."""
     from .methods.cms import LevelSchedule
-    from .models.cms import cms_blocks
+    from .models.cms import cms_named_levels
 
-    if not cms_blocks(model):
+    levels = cms_named_levels(model)
+    if not levels:
         return None
-    names = {id(p): n for n, p in model.named_parameters()}
-    levels = [(c, [(names[id(p)], p) for p in lvl.parameters()]) for block in cms_blocks(model).values()
-              for c, lvl in zip(block.periods, block.levels)]
     schedule = LevelSchedule(levels, step=start)
     log(f"continuum memory: {len(levels)} levels with periods {sorted({c for c, _ in levels})}")
     return lambda step: schedule.after_backward()

@@ -107,20 +107,8 @@ def _lm_batch(stream_ids: torch.Tensor, seq_len: int, batch: int, seed: int) -> 
 
 
 def domain_stream(model_dir: Path, tok, cfg: StreamConfig, seed: int) -> Stream:
-    path = Path(model_dir) / "heldout_domains.jsonl"
-    if not path.is_file():
-        raise DataSourceError(f"{model_dir} has no heldout_domains.jsonl: the domain stream needs held-out topics.")
-    by_topic: dict[str, list[dict]] = {}
-    for line in path.read_text().splitlines():
-        d = json.loads(line)
-        by_topic.setdefault(d["topic"], []).append(d)
-    topics = list(cfg.topics) if cfg.topics else sorted(by_topic)
-    unknown = [t for t in topics if t not in by_topic]
-    if unknown:
-        raise ConfigError(f"stream.topics {unknown} are not held-out topics of this model; choose from {sorted(by_topic)}.")
-    rng = random.Random(seed)
-    if not cfg.topics:
-        rng.shuffle(topics)
+    by_topic = _load_topics(model_dir)
+    topics = _choose_topics(by_topic, cfg, seed)
     topics = topics[: cfg.experiences or len(topics)]
     experiences, splits = [], {}
     for k, topic in enumerate(topics):
@@ -190,12 +178,24 @@ def fact_stream(model_dir: Path, tok, cfg: StreamConfig, seed: int, facts_file: 
 def _load_topics(model_dir: Path) -> dict[str, list[dict]]:
     path = Path(model_dir) / "heldout_domains.jsonl"
     if not path.is_file():
-        raise DataSourceError(f"{model_dir} has no heldout_domains.jsonl: topic streams need held-out topics.")
+        raise DataSourceError(f"{model_dir} has no heldout_domains.jsonl: the domain and topic streams need "
+                              f"held-out topics.")
     by_topic: dict[str, list[dict]] = {}
     for line in path.read_text().splitlines():
         d = json.loads(line)
         by_topic.setdefault(d["topic"], []).append(d)
     return by_topic
+
+
+def _choose_topics(by_topic: dict[str, list[dict]], cfg: StreamConfig, seed: int) -> list[str]:
+    """``stream.topics`` in the given order (checked), or every held-out topic shuffled by the seed."""
+    topics = list(cfg.topics) if cfg.topics else sorted(by_topic)
+    unknown = [t for t in topics if t not in by_topic]
+    if unknown:
+        raise ConfigError(f"stream.topics {unknown} are not held-out topics of this model; choose from {sorted(by_topic)}.")
+    if not cfg.topics:
+        random.Random(seed).shuffle(topics)
+    return topics
 
 
 @torch.no_grad()
@@ -223,12 +223,7 @@ def label_logprobs(model: nn.Module, tok, prompts: list[str], labels: list[str],
 
 def topic_stream(model_dir: Path, tok, cfg: StreamConfig, seed: int) -> Stream:
     by_topic = _load_topics(model_dir)
-    topics = list(cfg.topics) if cfg.topics else sorted(by_topic)
-    unknown = [t for t in topics if t not in by_topic]
-    if unknown:
-        raise ConfigError(f"stream.topics {unknown} are not held-out topics of this model; choose from {sorted(by_topic)}.")
-    if not cfg.topics:
-        random.Random(seed).shuffle(topics)
+    topics = _choose_topics(by_topic, cfg, seed)
     per = cfg.topics_per_experience
     groups = [topics[i:i + per] for i in range(0, len(topics) - per + 1, per)][: cfg.experiences or None]
     if not groups:

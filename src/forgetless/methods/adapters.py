@@ -54,7 +54,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from .base import Method, MethodContext, freeze_all
-from .lora import LLAMA_LINEAR
+from .lora import LLAMA_LINEAR, lora_config
 
 ROUTERS = ("hidden", "tfidf")
 
@@ -298,17 +298,8 @@ class TaskAdapters(Method):
 
     def _lora_config(self, model: nn.Module):
         """The LoRA config of every adapter (targets checked on the plain model, then reused)."""
-        from peft import LoraConfig
-
-        if self._cfg is not None:
-            return copy.deepcopy(self._cfg)
-        present = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)}
-        targets = [t for t in self.targets if t in present]
-        if not targets:
-            raise ConfigError(f"adapters target_modules {self.targets} match no linear layer; "
-                              f"the model has {sorted(present)}.")
-        self._cfg = LoraConfig(r=self.rank, lora_alpha=self.alpha, lora_dropout=self.dropout,
-                               target_modules=targets, bias="none")
+        if self._cfg is None:
+            self._cfg = lora_config(model, self.targets, self.rank, self.alpha, self.dropout, who="adapters")
         return copy.deepcopy(self._cfg)
 
     def _add_adapter(self, wrapper: AdapterRouterModel, k: int, cfg) -> None:

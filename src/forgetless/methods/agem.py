@@ -76,9 +76,8 @@ class AGEM(FullFinetune):
                 offset += n
 
     def after_experience(self, model: nn.Module, experience) -> None:
-        for r in self._current.items:
+        for r in self._current.items:  # the next setup starts a fresh reservoir for the next experience
             self.memory.add(r)
-        self._current = ReservoirBuffer(self.memory.capacity, 0)
 
     def describe(self) -> dict:
         return {**super().describe(), "projected_steps": self.projected, "steps": self.steps}

@@ -51,7 +51,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from ..models.cms import ContinuumMLP
+from ..models.cms import ContinuumMLP, cms_named_levels
 from ..models.memory import ParallelMemory, ProductKeyMemory, _decoder_layers, memory_layers
 from .base import Method, MethodContext
 
@@ -203,10 +203,7 @@ class ContinuumUpdates(Method):
         has_cms = any(isinstance(m, ContinuumMLP) for m in model.modules())
         out = [(c, [(names[id(p)], p) for p in m.parameters()]) for _, (c, m) in
                sorted(self._mlp_periods(blocks, has_cms).items())]
-        for m in model.modules():
-            if isinstance(m, ContinuumMLP):
-                out += [(c, [(names[id(p)], p) for p in lvl.parameters()]) for c, lvl in zip(m.periods, m.levels)]
-        return out
+        return out + cms_named_levels(model)
 
     # ------------------------------------------------------------------ hooks
     def setup(self, model: nn.Module, context: MethodContext) -> nn.Module:

@@ -31,13 +31,9 @@ from .regularization import QuadraticRegularizer, mean_gradient_statistic, quadr
 __all__ = ["EWC", "OnlineEWC", "empirical_fisher", "sampled_fisher", "quadratic_penalty"]
 
 
-def _squared_grad_mean(model: nn.Module, loss_fn, batches: list[dict]) -> dict[str, torch.Tensor]:
-    return mean_gradient_statistic(model, loss_fn, batches, lambda g: g ** 2)
-
-
 def empirical_fisher(model: nn.Module, loss_fn, batches: list[dict]) -> dict[str, torch.Tensor]:
     """Mean over batches of the squared gradient of each batch's mean token NLL."""
-    return _squared_grad_mean(model, loss_fn, batches)
+    return mean_gradient_statistic(model, loss_fn, batches, torch.square)
 
 
 def sampled_fisher(model: nn.Module, batches: list[dict], seed: int = 0) -> dict[str, torch.Tensor]:
@@ -52,7 +48,7 @@ def sampled_fisher(model: nn.Module, batches: list[dict], seed: int = 0) -> dict
             keep = labels[:, 1:] != -100
             labels[:, 1:] = torch.where(keep, draw.view(keep.shape).to(labels.device), labels[:, 1:])
             sampled.append({**b, "labels": labels})
-    return _squared_grad_mean(model, lm_loss_masked, sampled)
+    return mean_gradient_statistic(model, lm_loss_masked, sampled, torch.square)
 
 
 class EWC(QuadraticRegularizer):

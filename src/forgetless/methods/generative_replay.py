@@ -47,17 +47,9 @@ class GenerativeReplay(Replay):
         self._tok = context.tokenizer
         return super().setup(model, context)
 
-    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        # replay pseudo-examples only: the current batch's real rows never enter the buffer
-        rows = batch_rows(batch)
-        replayed = self.buffer.sample(round(self.ratio * len(rows)))
-        if not replayed:
-            return super(Replay, self).loss(model, batch)
-        from .replay import pad_rows
-
-        pad = int(getattr(model.config, "pad_token_id", None) or 0)
-        mixed = pad_rows(rows + replayed, pad)
-        return super(Replay, self).loss(model, {k: v.to(batch["input_ids"].device) for k, v in mixed.items()})
+    def replay_rows(self, rows: list[tuple[torch.Tensor, torch.Tensor]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Pseudo-examples only: the current batch's real rows never enter the buffer."""
+        return self.buffer.sample(round(self.ratio * len(rows)))
 
     def prompts(self, experience) -> tuple[list[torch.Tensor], int]:
         """Prompts of an experience (prefixes of its training sequences) and the length to generate to."""

@@ -16,6 +16,20 @@ from .base import Method, MethodContext
 LLAMA_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
+def lora_config(model: nn.Module, targets: list[str] | str, rank: int, alpha: float, dropout: float = 0.0,
+                who: str = "LoRA"):
+    """A peft ``LoraConfig`` on those of ``targets`` (linear-layer names) the model has; a clear
+    error when it has none of them."""
+    from peft import LoraConfig
+
+    present = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    targets = [targets] if isinstance(targets, str) else list(targets)
+    if not set(targets) & present:
+        raise ConfigError(f"{who} target_modules {targets} match no linear layer; the model has {sorted(present)}.")
+    return LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout,
+                      target_modules=[t for t in targets if t in present], bias="none")
+
+
 class LoRA(Method):
     name = "lora"
 
@@ -27,15 +41,9 @@ class LoRA(Method):
         self.rank, self.alpha, self.targets, self.dropout = rank, alpha, targets, dropout
 
     def setup(self, model: nn.Module, context: MethodContext) -> nn.Module:
-        from peft import LoraConfig, get_peft_model
+        from peft import get_peft_model
 
-        present = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)}
-        targets = [self.targets] if isinstance(self.targets, str) else list(self.targets)
-        if not set(targets) & present:
-            raise ConfigError(f"LoRA target_modules {targets} match no linear layer; the model has {sorted(present)}.")
-        cfg = LoraConfig(r=self.rank, lora_alpha=self.alpha, lora_dropout=self.dropout,
-                         target_modules=[t for t in targets if t in present], bias="none")
-        peft_model = get_peft_model(model, cfg)
+        peft_model = get_peft_model(model, lora_config(model, self.targets, self.rank, self.alpha, self.dropout))
         params = [p for p in peft_model.parameters() if p.requires_grad]
         self._optimizers = [torch.optim.AdamW(params, lr=self.lr, weight_decay=0.0)]
         return peft_model

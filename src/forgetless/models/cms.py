@@ -183,7 +183,13 @@ def cms_blocks(model: nn.Module) -> dict[str, ContinuumMLP]:
     return {n: m for n, m in model.named_modules() if isinstance(m, ContinuumMLP)}
 
 
+def cms_named_levels(model: nn.Module) -> list[tuple[int, list[tuple[str, nn.Parameter]]]]:
+    """(period, [(parameter name, parameter)]) of every level of every CMS block, in model order."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    return [(c, [(names[id(p)], p) for p in level.parameters()]) for block in cms_blocks(model).values()
+            for c, level in zip(block.periods, block.levels)]
+
+
 def cms_levels(model: nn.Module) -> list[tuple[int, list[nn.Parameter]]]:
     """(period, parameters) of every level of every CMS block, in model order."""
-    return [(c, list(level.parameters())) for block in cms_blocks(model).values()
-            for c, level in zip(block.periods, block.levels)]
+    return [(c, [p for _, p in named]) for c, named in cms_named_levels(model)]

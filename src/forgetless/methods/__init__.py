@@ -25,10 +25,16 @@ from .merge import MERGE_METHODS
 from .smf import SparseMemoryFinetune
 from .adapters import TaskAdapters
 from .packnet import PackNet
+from .progressive import ProgressiveNetworks
+from .onpolicy_distill import OnPolicyDistillation
+from .rl import PolicyGradient
 
 METHODS: dict[str, type[Method]] = {
     "retrieval": Retrieval,
     "packnet": PackNet,
+    "progressive": ProgressiveNetworks,
+    "onpolicy_distill": OnPolicyDistillation,
+    "rl": PolicyGradient,
     "adapters": TaskAdapters,
     "full": FullFinetune,
     "lora": LoRA,

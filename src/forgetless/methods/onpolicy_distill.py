@@ -1,0 +1,200 @@
+"""On-policy distillation (Agarwal et al. 2024, GKD; Lu & Thinking Machines 2025): the student
+samples completions from its *own* policy on the experience's prompts, and is trained toward a
+teacher by the per-token reverse KL on the tokens it sampled.
+
+Per optimizer step, ``prompts`` prompts are taken from the training batch
+(``rollouts.prompts_from_batch``: the fact stream's training question lines, the topic
+streams' "Text: ... Topic:" rows, the first ``prompt_tokens`` tokens of the domain stream's
+windows) and ``samples`` completions of each are drawn from the student q (temperature
+``temperature``, at most ``max_new_tokens`` tokens). At every sampled position t (context x,
+o_<t), with the teacher p:
+
+    KL_t = KL(q_t || p_t) = sum_v q_t(v) (log q_t(v) - log p_t(v))
+    L_kl = 1/N sum_i 1/|o_i| sum_t KL_t
+
+``estimator``:
+
+- ``full`` (default): L_kl as written, differentiated exactly (the gradient of KL_t with
+  respect to the student's logits z is q (log q - log p - KL_t));
+- ``sampled``: the single-sample form used by on-policy distillation with an RL loop: the
+  per-token reward -(log q(o_t) - log p(o_t)) as a fixed advantage of log q(o_t),
+  L = 1/N sum_i 1/|o_i| sum_t sg(log q(o_t) - log p(o_t)) log q(o_t); its expectation over
+  o_t ~ q_t is the gradient of KL_t.
+
+Teachers (``teacher``):
+
+- ``finetuned`` (default): a copy of the model before the experience, fine-tuned first by SFT
+  on the experience's own training batches (``teacher_steps``, default the experience's step
+  count; AdamW at ``teacher_lr``, default ``lr``; the LM loss of the batches, as ``full``).
+  The student starts from the model before the experience and learns only by L_kl: what it
+  learns of the new data comes through the teacher, on the student's own samples.
+- ``before``: the frozen model before the experience; L = L_SFT(batch) + ``alpha`` * L_kl, an
+  on-policy reverse-KL regulariser toward the old model (``distill`` with ``kl: reverse``
+  regularises on the *data's* tokens instead).
+
+Sampling is seeded per (experience, step), and the fine-tuned teacher is trained
+deterministically at ``setup``, so a resumed run equals an uninterrupted one.
+
+Left out: mixing teacher-generated sequences (GKD's lambda), sequence-level KL terms through
+the future tokens (the per-token KL is the discount-0 form), and teachers larger than the student.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import ConfigError
+from .base import MethodContext, lm_loss_masked
+from .full import FullFinetune
+from . import rollouts as R
+from .rl import zero_loss
+
+TEACHERS = ("finetuned", "before")
+ESTIMATORS = ("full", "sampled")
+
+
+@dataclass
+class Options:
+    lr: float = 1e-5
+    teacher: str = "finetuned"  # finetuned | before
+    teacher_lr: float | None = None  # finetuned teacher: SFT learning rate (default lr)
+    teacher_steps: int | None = None  # finetuned teacher: SFT steps (default: the experience's steps)
+    alpha: float = 1.0  # teacher "before": weight of the reverse KL added to the SFT loss
+    estimator: str = "full"  # full | sampled
+    samples: int = 2  # completions per prompt
+    prompts: int = 4  # prompts per step
+    max_new_tokens: int = 8
+    temperature: float = 1.0
+    prompt_tokens: int = 16  # domain stream: prompt length
+    seed: int = 0
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+
+    def __post_init__(self) -> None:
+        if self.teacher not in TEACHERS:
+            raise ConfigError(f"onpolicy_distill teacher must be one of {TEACHERS}, got {self.teacher!r}.")
+        if self.estimator not in ESTIMATORS:
+            raise ConfigError(f"onpolicy_distill estimator must be one of {ESTIMATORS}, got {self.estimator!r}.")
+        if min(self.samples, self.prompts, self.max_new_tokens, self.prompt_tokens) < 1:
+            raise ConfigError("onpolicy_distill samples, prompts, max_new_tokens and prompt_tokens must be positive.")
+        if self.alpha < 0 or self.temperature <= 0 or (self.teacher_steps is not None and self.teacher_steps < 1):
+            raise ConfigError("onpolicy_distill needs alpha >= 0, temperature > 0 and teacher_steps >= 1.")
+        self.betas = tuple(self.betas)
+
+
+def reverse_kl_full(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """1/N sum_i mean_t KL(q_t || p_t) over the masked (sampled) positions."""
+    logq, logp = F.log_softmax(student_logits.float(), -1), F.log_softmax(teacher_logits.float(), -1)
+    return R.sequence_mean((logq.exp() * (logq - logp)).sum(-1), mask).mean()
+
+
+def reverse_kl_sampled(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tokens: torch.Tensor,
+                       mask: torch.Tensor) -> torch.Tensor:
+    """The single-sample surrogate: 1/N sum_i mean_t sg(log q(o_t) - log p(o_t)) * log q(o_t)."""
+    lq = R.token_logprobs(student_logits, tokens)
+    lp = R.token_logprobs(teacher_logits, tokens)
+    return R.sequence_mean((lq - lp).detach() * lq, mask).mean()
+
+
+def finetune_teacher(model: nn.Module, batch_fn, steps: int, lr: float, weight_decay: float,
+                     betas: tuple[float, float], grad_clip: float = 1.0) -> nn.Module:
+    """A frozen copy of ``model`` after ``steps`` SFT steps (AdamW, LM loss) on ``batch_fn(0..steps-1)``."""
+    teacher = copy.deepcopy(model).train()
+    params = [p for p in teacher.parameters()]
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=betas)
+    for step in range(steps):
+        loss = lm_loss_masked(teacher, batch_fn(step))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    teacher.eval()
+    for p in params:
+        p.requires_grad_(False)
+    return teacher
+
+
+class OnPolicyDistillation(FullFinetune):
+    name = "onpolicy_distill"
+    options_cls = Options
+
+    def __init__(self, **opts: Any):
+        o = Options(**opts)
+        super().__init__(lr=o.lr, weight_decay=o.weight_decay, betas=o.betas)
+        self.opts = o
+        self.hparams = {k: v for k, v in asdict(o).items() if k not in ("lr", "betas")}
+        self.teacher: nn.Module | None = None
+        self.tok = None
+        self._stops: set[int] | None = None
+        self._k = -1
+        self._step = 0
+        self._kls: list[float] = []
+        self.mean_kl: list[float] = []  # per finished experience: mean reverse KL to the teacher on the samples
+
+    def setup(self, model: nn.Module, context: MethodContext) -> nn.Module:
+        o = self.opts
+        self.tok = context.tokenizer if context is not None else None
+        if self.tok is None:
+            raise ConfigError("method onpolicy_distill needs the model's tokenizer (MethodContext.tokenizer).")
+        if self._stops is None:
+            self._stops = R.stop_token_ids(self.tok)
+        extra = context.extra if context is not None else {}
+        self._k = int(extra.get("experience_index", self._k + 1))
+        self._step, self._kls = 0, []
+        model = super().setup(model, context)
+        if o.teacher == "before":
+            self.teacher = copy.deepcopy(model).eval()
+            for p in self.teacher.parameters():
+                p.requires_grad_(False)
+        else:
+            exp = extra.get("experience")
+            if exp is None:
+                raise ConfigError("onpolicy_distill with teacher 'finetuned' needs the experience's training batches "
+                                  "(context.extra['experience']).")
+            steps = o.teacher_steps or exp.steps
+            self.teacher = finetune_teacher(model, exp.train_batch, steps, o.teacher_lr or o.lr, o.weight_decay, o.betas)
+        return model
+
+    def _pad(self, model) -> int:
+        pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else model.config.pad_token_id
+        return int(pad if pad is not None else self.tok.eos_token_id)
+
+    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        o = self.opts
+        prompts = R.prompts_from_batch(batch, self.tok, o.prompts, o.prompt_tokens)
+        seed = o.seed * 1_000_003 + self._k * 10_007 + self._step
+        self._step += 1
+        sft = lm_loss_masked(model, batch) if o.teacher == "before" else None
+        if not prompts:
+            return sft if sft is not None else zero_loss(model)
+        roll = R.sample(model, prompts, o.samples, o.max_new_tokens, self._pad(model), int(self.tok.eos_token_id),
+                        self._stops, seed, o.temperature)
+        logits, tokens, mask = R.shifted(R.forward_logits(model, roll), roll.input_ids, roll.completion)
+        with torch.no_grad():
+            t_logits = R.shifted(R.forward_logits(self.teacher, roll), roll.input_ids, roll.completion)[0]
+        kl = reverse_kl_full(logits, t_logits, mask)
+        self._kls.append(float(kl.detach()))
+        if o.estimator == "sampled":
+            kl = reverse_kl_sampled(logits, t_logits, tokens, mask)
+        return kl if sft is None else sft + o.alpha * kl
+
+    def after_experience(self, model: nn.Module, experience) -> None:
+        self.teacher = None
+        self.mean_kl.append(sum(self._kls) / len(self._kls) if self._kls else 0.0)
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        return {"mean_kl": torch.tensor(self.mean_kl, dtype=torch.float64)} if self.mean_kl else {}
+
+    def load_state_tensors(self, state: dict[str, torch.Tensor]) -> None:
+        self.mean_kl = state["mean_kl"].tolist() if "mean_kl" in state else []
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "mean_kl": self.mean_kl}

@@ -12,14 +12,13 @@ import torch
 import torch.nn.functional as F
 import transformers
 
-from forgetless.engine import train_with_method
 from forgetless.errors import ConfigError
 from forgetless.methods import MethodContext, make_method
 from forgetless.methods import rollouts as R
 from forgetless.methods.onpolicy_distill import reverse_kl_full, reverse_kl_sampled
 from forgetless.methods.progressive import ProgressiveModel, column_params
 from forgetless.methods.rl import group_advantages, kl_full, kl_k3, policy_gradient_loss, sft_batch
-from forgetless.streams import Experience
+from forgetless.training import Experience, fit_experience
 
 
 # --------------------------------------------------------------------------- RL mathematics
@@ -109,7 +108,7 @@ def test_sampled_reverse_kl_surrogate_is_an_unbiased_gradient_of_the_reverse_kl(
 # --------------------------------------------------------------------------- prompts, masks, rewards
 @pytest.fixture(scope="module")
 def tok():
-    from forgetless.cli import default_model_dir
+    from forgetless.models.folder import default_model_dir
     from forgetless.models.tokenizer import load_tokenizer
 
     return load_tokenizer(default_model_dir())
@@ -117,7 +116,7 @@ def tok():
 
 def test_prompts_of_a_fact_batch_are_its_training_questions(tok):
     from forgetless.data.facts import Fact, question_lines
-    from forgetless.learn import fact_batch
+    from forgetless.data.batches import fact_batch
 
     f = Fact(id="capital:x", relation="capital", subject="Wakanda", answer="Birnin Zana",
              statement="Birnin Zana is the capital of Wakanda.",
@@ -210,14 +209,10 @@ def fake_experience(k: int, steps: int, lo: int) -> Experience:
 
 
 def drive(method, model, exps, start: int = 0):
+    """Experiences ``start..`` through the one lifecycle, as `forgetless run` does."""
     ctx = MethodContext()
     for k, exp in enumerate(exps[start:], start):
-        ctx.extra.update(experience=exp, experience_index=k, seen_experiences=exps[: k + 1])
-        model = method.setup(model, ctx)
-        train_with_method(method, model, exp.train_batch, exp.steps, progress=False)
-        model = method.export(model)
-        model.eval()
-        method.after_experience(model, exp)
+        model = fit_experience(method, model, ctx, exp, k, exps[: k + 1], progress=False).model
     return model
 
 
@@ -312,7 +307,7 @@ experiments:
 
 @pytest.mark.e2e
 def test_methods_15a_run_end_to_end_and_resume_to_the_same_matrix(tmp_path, quick_runs, interrupt_run):
-    from forgetless.run import load_run_config, run
+    from forgetless.experiments.runner import load_run_config, run
 
     p = tmp_path / "run.yaml"
     p.write_text(TINY)

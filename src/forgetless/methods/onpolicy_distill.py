@@ -50,6 +50,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
+from ..training.loop import train_loop
 from .base import MethodContext, lm_loss_masked
 from .full import FullFinetune
 from . import rollouts as R
@@ -106,16 +107,11 @@ def finetune_teacher(model: nn.Module, batch_fn, steps: int, lr: float, weight_d
                      betas: tuple[float, float], grad_clip: float = 1.0) -> nn.Module:
     """A frozen copy of ``model`` after ``steps`` SFT steps (AdamW, LM loss) on ``batch_fn(0..steps-1)``."""
     teacher = copy.deepcopy(model).train()
-    params = [p for p in teacher.parameters()]
+    params = list(teacher.parameters())
     for p in params:
         p.requires_grad_(True)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=betas)
-    for step in range(steps):
-        loss = lm_loss_masked(teacher, batch_fn(step))
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+    train_loop(teacher, [opt], batch_fn, lm_loss_masked, steps, grad_clip=grad_clip, progress=False)
     teacher.eval()
     for p in params:
         p.requires_grad_(False)
@@ -135,7 +131,6 @@ class OnPolicyDistillation(FullFinetune):
         self.tok = None
         self._stops: set[int] | None = None
         self._k = -1
-        self._step = 0
         self._kls: list[float] = []
         self.mean_kl: list[float] = []  # per finished experience: mean reverse KL to the teacher on the samples
 
@@ -146,19 +141,18 @@ class OnPolicyDistillation(FullFinetune):
             raise ConfigError("method onpolicy_distill needs the model's tokenizer (MethodContext.tokenizer).")
         if self._stops is None:
             self._stops = R.stop_token_ids(self.tok)
-        extra = context.extra if context is not None else {}
-        self._k = int(extra.get("experience_index", self._k + 1))
-        self._step, self._kls = 0, []
+        self._k = int(context.experience_index) if context is not None else self._k + 1
+        self._kls = []
         model = super().setup(model, context)
         if o.teacher == "before":
             self.teacher = copy.deepcopy(model).eval()
             for p in self.teacher.parameters():
                 p.requires_grad_(False)
         else:
-            exp = extra.get("experience")
+            exp = context.experience if context is not None else None
             if exp is None:
                 raise ConfigError("onpolicy_distill with teacher 'finetuned' needs the experience's training batches "
-                                  "(context.extra['experience']).")
+                                  "(MethodContext.experience).")
             steps = o.teacher_steps or exp.steps
             self.teacher = finetune_teacher(model, exp.train_batch, steps, o.teacher_lr or o.lr, o.weight_decay, o.betas)
         return model
@@ -167,23 +161,45 @@ class OnPolicyDistillation(FullFinetune):
         pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else model.config.pad_token_id
         return int(pad if pad is not None else self.tok.eos_token_id)
 
-    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def _rollout(self, model: nn.Module, batch: dict[str, torch.Tensor], step: int) -> dict[str, Any]:
+        """This step's prompts and the student's samples, seeded by (seed, experience, step)."""
         o = self.opts
         prompts = R.prompts_from_batch(batch, self.tok, o.prompts, o.prompt_tokens)
-        seed = o.seed * 1_000_003 + self._k * 10_007 + self._step
-        self._step += 1
-        sft = lm_loss_masked(model, batch) if o.teacher == "before" else None
         if not prompts:
+            return {"rollout": None}
+        seed = o.seed * 1_000_003 + self._k * 10_007 + step
+        return {"rollout": R.sample(model, prompts, o.samples, o.max_new_tokens, self._pad(model),
+                                    int(self.tok.eos_token_id), self._stops, seed, o.temperature)}
+
+    @torch.no_grad()
+    def _teacher_logits(self, roll: R.Rollout) -> torch.Tensor:
+        return R.shifted(R.forward_logits(self.teacher, roll), roll.input_ids, roll.completion)[0]
+
+    def before_batch(self, model: nn.Module, batch: dict[str, torch.Tensor], step: int) -> dict[str, torch.Tensor]:
+        """Sampling, the teacher's logits and the KL record happen here (the loss stays pure)."""
+        out = self._rollout(model, batch, step)
+        roll = out["rollout"]
+        if roll is not None:
+            out["teacher_logits"] = self._teacher_logits(roll)
+            with torch.no_grad():
+                logits, _, mask = R.shifted(R.forward_logits(model, roll), roll.input_ids, roll.completion)
+                self._kls.append(float(reverse_kl_full(logits, out["teacher_logits"], mask)))
+        return {**batch, **out}
+
+    def loss(self, model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
+        o = self.opts
+        if "rollout" not in batch:  # called outside the loop: this batch's step-0 samples
+            batch = {**batch, **self._rollout(model, batch, 0)}
+        sft = lm_loss_masked(model, batch) if o.teacher == "before" else None
+        roll = batch["rollout"]
+        if roll is None:
             return sft if sft is not None else zero_loss(model)
-        roll = R.sample(model, prompts, o.samples, o.max_new_tokens, self._pad(model), int(self.tok.eos_token_id),
-                        self._stops, seed, o.temperature)
+        t_logits = batch["teacher_logits"] if "teacher_logits" in batch else self._teacher_logits(roll)
         logits, tokens, mask = R.shifted(R.forward_logits(model, roll), roll.input_ids, roll.completion)
-        with torch.no_grad():
-            t_logits = R.shifted(R.forward_logits(self.teacher, roll), roll.input_ids, roll.completion)[0]
-        kl = reverse_kl_full(logits, t_logits, mask)
-        self._kls.append(float(kl.detach()))
         if o.estimator == "sampled":
             kl = reverse_kl_sampled(logits, t_logits, tokens, mask)
+        else:
+            kl = reverse_kl_full(logits, t_logits, mask)
         return kl if sft is None else sft + o.alpha * kl
 
     def after_experience(self, model: nn.Module, experience) -> None:

@@ -48,7 +48,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from .adapters import ROUTERS, Router, pooled_representation, spread_steps, token_counts
-from .base import Method, MethodContext, freeze_all
+from .base import Method, MethodContext, freeze_all, shifted_cross_entropy
 
 
 @dataclass
@@ -282,9 +282,8 @@ class ProgressiveNetworks(Method):
             p.requires_grad_(True)
         self._optimizers = [torch.optim.AdamW(params, lr=self.lr, weight_decay=0.0)]
         self._wrapper, self._training = wrapper, k
-        extra = context.extra if context is not None else {}
-        exp = extra.get("experience")
-        self._seen = list(extra.get("seen_experiences") or [])
+        exp = context.experience if context is not None else None
+        self._seen = list(context.seen_experiences) if context is not None else []
         self._pending, self._fit_in_loop = [], False
         if len(self.router) == k:
             if exp is not None and getattr(exp, "steps", 0):
@@ -308,12 +307,14 @@ class ProgressiveNetworks(Method):
             self.router.add(rows, None) if self.router.kind == "hidden" else self.router.add(None, rows)
         self._pending, self._fit_in_loop = [], False
 
-    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        if self._fit_in_loop and len(self._pending) < self.opts.router_batches:
+    def before_batch(self, model: nn.Module, batch: dict[str, torch.Tensor], step: int) -> dict[str, torch.Tensor]:
+        if self._fit_in_loop and len(self._pending) < self.opts.router_batches:  # router statistics from the loop
             self._observe(model, batch)
+        return batch
+
+    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         out = model.column_forward(self._training, input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-        logits, labels = out.logits[:, :-1].float(), batch["labels"][:, 1:]
-        return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
+        return shifted_cross_entropy(out.logits, batch["labels"])
 
     def export(self, model: nn.Module) -> nn.Module:
         if self._fit_in_loop:

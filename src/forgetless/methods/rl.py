@@ -143,7 +143,6 @@ class PolicyGradient(FullFinetune):
         self.tok = None
         self._stops: set[int] | None = None
         self._k = -1
-        self._step = 0
         self._rewards: list[float] = []
         self.mean_rewards: list[float] = []  # per finished experience (grpo)
 
@@ -153,9 +152,8 @@ class PolicyGradient(FullFinetune):
             raise ConfigError(f"method {self.name} needs the model's tokenizer (MethodContext.tokenizer).")
         if self._stops is None:
             self._stops = R.stop_token_ids(self.tok)
-        extra = context.extra if context is not None else {}
-        self._k = int(extra.get("experience_index", self._k + 1))
-        self._step, self._rewards = 0, []
+        self._k = int(context.experience_index) if context is not None else self._k + 1
+        self._rewards = []
         model = super().setup(model, context)
         if self.opts.objective == "grpo" and self.opts.beta > 0:
             self.ref = copy.deepcopy(model).eval()
@@ -163,26 +161,39 @@ class PolicyGradient(FullFinetune):
                 p.requires_grad_(False)
         return model
 
-    def _seed(self) -> int:
-        return self.opts.seed * 1_000_003 + self._k * 10_007 + self._step
-
     def _pad(self, model) -> int:
         pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else model.config.pad_token_id
         return int(pad if pad is not None else self.tok.eos_token_id)
 
-    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def _rollout(self, model: nn.Module, batch: dict[str, torch.Tensor], step: int) -> dict[str, Any]:
+        """This step's prompts and (grpo) samples with their rewards, seeded by (seed, experience, step)."""
         o = self.opts
         prompts = R.prompts_from_batch(batch, self.tok, o.prompts, o.prompt_tokens, o.answer_tokens)
-        seed = self._seed()  # this step's samples
-        self._step += 1
+        out: dict[str, Any] = {"prompts": prompts}
+        if prompts and o.objective == "grpo":
+            seed = o.seed * 1_000_003 + self._k * 10_007 + step
+            roll = R.sample(model, prompts, o.group_size, o.max_new_tokens, self._pad(model),
+                            int(self.tok.eos_token_id), self._stops, seed, o.temperature)
+            out.update(rollout=roll, rewards=R.rewards(roll, prompts, self.tok))
+        return out
+
+    def before_batch(self, model: nn.Module, batch: dict[str, torch.Tensor], step: int) -> dict[str, torch.Tensor]:
+        """Sampling happens here (the loss stays a pure function of the batch)."""
+        out = self._rollout(model, batch, step)
+        if "rewards" in out:
+            self._rewards.append(float(out["rewards"].mean()))
+        return {**batch, **out}
+
+    def loss(self, model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
+        o = self.opts
+        if "prompts" not in batch:  # called outside the loop: this batch's step-0 samples
+            batch = {**batch, **self._rollout(model, batch, 0)}
+        prompts = batch["prompts"]
         if not prompts:
             return zero_loss(model)
         if o.objective == "sft":
             return lm_loss_masked(model, sft_batch(prompts, self._pad(model)))
-        roll = R.sample(model, prompts, o.group_size, o.max_new_tokens, self._pad(model), int(self.tok.eos_token_id),
-                        self._stops, seed, o.temperature)
-        r = R.rewards(roll, prompts, self.tok)
-        self._rewards.append(float(r.mean()))
+        roll, r = batch["rollout"], batch["rewards"]
         adv = group_advantages(r, o.group_size, o.scale_std)
         logits, tokens, mask = R.shifted(R.forward_logits(model, roll), roll.input_ids, roll.completion)
         tlp = R.token_logprobs(logits, tokens)

@@ -17,7 +17,13 @@ from forgetless.methods import MethodContext, make_method
 from forgetless.methods import rollouts as R
 from forgetless.methods.onpolicy_distill import reverse_kl_full, reverse_kl_sampled
 from forgetless.methods.progressive import ProgressiveModel, column_params
-from forgetless.methods.rl import group_advantages, kl_full, kl_k3, policy_gradient_loss, sft_batch
+from forgetless.methods.rl import (
+    group_advantages,
+    kl_full,
+    kl_k3,
+    policy_gradient_loss,
+    sft_batch,
+)
 from forgetless.training import Experience, fit_experience
 
 
@@ -115,8 +121,8 @@ def tok():
 
 
 def test_prompts_of_a_fact_batch_are_its_training_questions(tok):
-    from forgetless.data.facts import Fact, question_lines
     from forgetless.data.batches import fact_batch
+    from forgetless.data.facts import Fact, question_lines
 
     f = Fact(id="capital:x", relation="capital", subject="Wakanda", answer="Birnin Zana",
              statement="Birnin Zana is the capital of Wakanda.",

@@ -51,9 +51,9 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..training.loop import train_loop
+from . import rollouts as R
 from .base import MethodContext, lm_loss_masked
 from .full import FullFinetune
-from . import rollouts as R
 from .rl import zero_loss
 
 TEACHERS = ("finetuned", "before")
@@ -157,10 +157,6 @@ class OnPolicyDistillation(FullFinetune):
             self.teacher = finetune_teacher(model, exp.train_batch, steps, o.teacher_lr or o.lr, o.weight_decay, o.betas)
         return model
 
-    def _pad(self, model) -> int:
-        pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else model.config.pad_token_id
-        return int(pad if pad is not None else self.tok.eos_token_id)
-
     def _rollout(self, model: nn.Module, batch: dict[str, torch.Tensor], step: int) -> dict[str, Any]:
         """This step's prompts and the student's samples, seeded by (seed, experience, step)."""
         o = self.opts
@@ -168,7 +164,7 @@ class OnPolicyDistillation(FullFinetune):
         if not prompts:
             return {"rollout": None}
         seed = o.seed * 1_000_003 + self._k * 10_007 + step
-        return {"rollout": R.sample(model, prompts, o.samples, o.max_new_tokens, self._pad(model),
+        return {"rollout": R.sample(model, prompts, o.samples, o.max_new_tokens, R.pad_id(self.tok, model),
                                     int(self.tok.eos_token_id), self._stops, seed, o.temperature)}
 
     @torch.no_grad()

@@ -44,9 +44,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
+from . import rollouts as R
 from .base import MethodContext, lm_loss_masked
 from .full import FullFinetune
-from . import rollouts as R
 
 OBJECTIVES = ("grpo", "sft")
 KL_ESTIMATORS = ("full", "k3")
@@ -161,10 +161,6 @@ class PolicyGradient(FullFinetune):
                 p.requires_grad_(False)
         return model
 
-    def _pad(self, model) -> int:
-        pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else model.config.pad_token_id
-        return int(pad if pad is not None else self.tok.eos_token_id)
-
     def _rollout(self, model: nn.Module, batch: dict[str, torch.Tensor], step: int) -> dict[str, Any]:
         """This step's prompts and (grpo) samples with their rewards, seeded by (seed, experience, step)."""
         o = self.opts
@@ -172,7 +168,7 @@ class PolicyGradient(FullFinetune):
         out: dict[str, Any] = {"prompts": prompts}
         if prompts and o.objective == "grpo":
             seed = o.seed * 1_000_003 + self._k * 10_007 + step
-            roll = R.sample(model, prompts, o.group_size, o.max_new_tokens, self._pad(model),
+            roll = R.sample(model, prompts, o.group_size, o.max_new_tokens, R.pad_id(self.tok, model),
                             int(self.tok.eos_token_id), self._stops, seed, o.temperature)
             out.update(rollout=roll, rewards=R.rewards(roll, prompts, self.tok))
         return out
@@ -192,7 +188,7 @@ class PolicyGradient(FullFinetune):
         if not prompts:
             return zero_loss(model)
         if o.objective == "sft":
-            return lm_loss_masked(model, sft_batch(prompts, self._pad(model)))
+            return lm_loss_masked(model, sft_batch(prompts, R.pad_id(self.tok, model)))
         roll, r = batch["rollout"], batch["rewards"]
         adv = group_advantages(r, o.group_size, o.scale_std)
         logits, tokens, mask = R.shifted(R.forward_logits(model, roll), roll.input_ids, roll.completion)

@@ -75,6 +75,12 @@ def prompts_from_batch(batch: dict, tok, max_prompts: int = 4, prompt_tokens: in
     return out[:max_prompts]
 
 
+def pad_id(tok, model: nn.Module) -> int:
+    """The padding token: the tokenizer's, else the model config's, else EOS."""
+    pad = tok.pad_token_id if tok.pad_token_id is not None else getattr(model.config, "pad_token_id", None)
+    return int(pad if pad is not None else tok.eos_token_id)
+
+
 def left_pad(seqs: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), width), pad, dtype=torch.long)

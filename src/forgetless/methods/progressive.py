@@ -40,6 +40,7 @@ head is shared).
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -349,6 +350,9 @@ class ProgressiveNetworks(Method):
                   else self.column_states)
         for k, sd in enumerate(states):
             out.update({f"column.{k}.{key}": v for key, v in sd.items()})
+        if self.valid_accuracy:  # None (no validation batches) saved as NaN
+            out["valid_accuracy"] = torch.tensor([math.nan if a is None else a for a in self.valid_accuracy],
+                                                 dtype=torch.float64)
         return out
 
     def load_state_tensors(self, state: dict[str, torch.Tensor]) -> None:
@@ -357,6 +361,8 @@ class ProgressiveNetworks(Method):
         n = len({int(k.split(".", 2)[1]) for k in state if k.startswith("column.")})
         self.column_states = [{k.split(".", 2)[2]: v for k, v in state.items() if k.startswith(f"column.{i}.")}
                               for i in range(n)]
+        acc = state["valid_accuracy"].tolist() if "valid_accuracy" in state else []
+        self.valid_accuracy = [None if math.isnan(a) else a for a in acc]
         self._wrapper = None
 
     # --- reporting -------------------------------------------------------------------

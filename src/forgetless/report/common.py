@@ -35,8 +35,8 @@ from matplotlib.font_manager import FontProperties
 __all__ = [
     "BASE_COLOR",
     "CSS",
-    "Column",
     "METHOD_COLORS",
+    "Column",
     "as_matrix",
     "atomic_write_text",
     "boxes_overlap",
@@ -345,7 +345,7 @@ def label_points(fig: Figure, ax, points: Sequence[tuple[float, float]], labels:
     for (x, y), p, box, label, color in zip(px, points, boxes, labels, colors):
         cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
         far = math.hypot(cx - x, cy - y) > rad + max(box[2] - box[0], box[3] - box[1]) / 2 + 2
-        arrow = dict(arrowstyle="-", color=color, lw=0.6, alpha=0.7, shrinkA=0, shrinkB=rad * 0.8) if far else None
+        arrow = {"arrowstyle": "-", "color": color, "lw": 0.6, "alpha": 0.7, "shrinkA": 0, "shrinkB": rad * 0.8} if far else None
         artists.append(ax.annotate(
             label, p, xycoords="data",
             xytext=((box[0] + 2.0) * to_pt, (box[1] + 2.0) * to_pt), textcoords="figure points",

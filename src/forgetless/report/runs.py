@@ -467,6 +467,14 @@ def write_metrics_csv(results: dict, path: str | os.PathLike) -> Path:
 # --------------------------------------------------------------------------- pages
 
 
+_EXTRA_TEXT = {
+    "retained": "exact match of the held-out question probes of facts the base model already knew "
+                "(higher is better): what the run did to old knowledge",
+    "general_nll": "NLL in nats per token of held-out general text (lower is better): what the run did "
+                   "to general language modelling",
+}
+
+
 def _how_to_read(results: dict) -> str:
     hib, metric = _higher_is_better(results), _metric(results)
     flip = "" if hib else (
@@ -477,7 +485,13 @@ def _how_to_read(results: dict) -> str:
         "and intransigence = method diagonal − joint diagonal is the excess NLL. ACC and learning accuracy stay "
         f"in {html.escape(metric)} units: lower is better for them.</p>"
     )
-    return (
+    extra = extra_name(results)
+    extra_note = ""
+    if extra:
+        what = _EXTRA_TEXT.get(extra, "a measure the stream scores beside its experiences after each one")
+        extra_note = (f"<p class=\"note\"><b>{html.escape(extra)}</b>: {what}. The table shows its value after the "
+                      f"last experience and the base model's value before any training.</p>\n")
+    return extra_note + (
         "<p class=\"note\">The model is trained on the experiences one after the other. "
         "<b>R[i, j]</b> is the score on experience j after training through experience i (1-based below); "
         "row i of the heatmap is the state after experience i, the outlined diagonal is each experience right "

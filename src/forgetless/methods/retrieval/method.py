@@ -34,8 +34,8 @@ the reader learns to answer from memory when the context is not about the questi
 get a new fact's statement); the rest (default 1/2) with the answer in the context: a known
 fact's statement, or an invented subject with a known or invented answer, plus a distractor
 statement half of the time. ``reader_irrelevant: 0`` is the first recipe (3/4 relevant); how
-each recipe reads relevant and irrelevant contexts is measured in ``docs/results/retrieval.md``. The tuned base is what ``checkpoint_model`` saves, so a
-resumed run does not tune it again.
+each recipe reads relevant and irrelevant contexts is measured in ``docs/results/retrieval.md``.
+The tuned base is what ``checkpoint_model`` saves, so a resumed run does not tune it again.
 
 ``min_score`` (default none): hits scoring below it are not put before the input (BM25 score,
 or cosine for ``index: dense``); a question with no hit left gets no context.

@@ -93,6 +93,7 @@ def _label_boxes(fig, labels):
     return boxes, axbox
 
 
+@pytest.mark.e2e  # renders the full 30-method figure (about a second)
 def test_shipped_fact_stream_frontier_labels_do_not_overlap():
     """The plot that was unreadable (docs/img/fact_methods_frontier.png): 30 methods, several on
     the very same point; drawn, no two label boxes overlap and all stay inside the axes."""
@@ -103,6 +104,7 @@ def test_shipped_fact_stream_frontier_labels_do_not_overlap():
     assert all(_inside(b, (axbox[0] - 0.5, axbox[1] - 0.5, axbox[2] + 0.5, axbox[3] + 0.5)) for b in boxes)
 
 
+@pytest.mark.e2e  # renders the figure (about half a second)
 def test_fact_bench_frontier_labels_do_not_overlap():
     results = json.loads((ROOT / "docs" / "bench-facts" / "results.json").read_text())
     fig = frontier_plot(results)

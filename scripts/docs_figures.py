@@ -20,19 +20,22 @@ DOCS = ROOT / "docs"
 IMG = DOCS / "img"
 DPI = 110  # the resolution of the images embedded in the HTML reports
 
-# results.json of a `forgetless run` experiment -> the figures of it that the docs show
+SMALL_DPI = 70  # the many-panel figures of the all-methods runs (26-30 panels)
+
+# results.json of a `forgetless run` experiment -> prefix, {figure: (keyword arguments, dpi)}
 RUN_FIGURES = {
-    "quickstart/domain": ("quickstart_domain", ["heatmap", "curves", "frontier"]),
-    "quickstart/facts": ("quickstart_facts", ["heatmap", "curves", "frontier"]),
-    "domain-methods": ("domain_methods", ["heatmap", "curves", "frontier"]),
-    "fact-methods": ("fact_methods", ["heatmap", "frontier"]),
+    "quickstart/domain": ("quickstart_domain", {"heatmap": ({}, DPI), "curves": ({}, DPI), "frontier": ({}, DPI)}),
+    "quickstart/facts": ("quickstart_facts", {"heatmap": ({}, DPI), "curves": ({}, DPI), "frontier": ({}, DPI)}),
+    "domain-methods": ("domain_methods", {"heatmap": ({"ncols": 7}, SMALL_DPI), "curves": ({}, SMALL_DPI),
+                                          "frontier": ({}, DPI)}),
+    "fact-methods": ("fact_methods", {"heatmap": ({"ncols": 6}, SMALL_DPI), "frontier": ({}, DPI)}),
 }
 FIGURES = {"heatmap": heatmaps_figure, "curves": curves_figure, "frontier": frontier_figure}
 
 
-def _save(fig, path: Path) -> None:
+def _save(fig, path: Path, dpi: int = DPI) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, format="png", dpi=DPI, facecolor="white")
+    fig.savefig(tmp, format="png", dpi=dpi, facecolor="white")
     tmp.replace(path)
     print(f"wrote {path.relative_to(ROOT)}")
 
@@ -41,8 +44,8 @@ def main() -> None:
     IMG.mkdir(parents=True, exist_ok=True)
     for run, (prefix, kinds) in RUN_FIGURES.items():
         results = json.loads((DOCS / run / "results.json").read_text())
-        for kind in kinds:
-            _save(FIGURES[kind](results), IMG / f"{prefix}_{kind}.png")
+        for kind, (kwargs, dpi) in kinds.items():
+            _save(FIGURES[kind](results, **kwargs), IMG / f"{prefix}_{kind}.png", dpi)
     for bench in ("bench-facts", "bench-facts-questions"):
         results = json.loads((DOCS / bench / "results.json").read_text())
         print(f"wrote {write_facts_report(results, DOCS / bench).relative_to(ROOT)}")

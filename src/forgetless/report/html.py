@@ -159,8 +159,8 @@ def curves_plot(results: dict) -> Figure:
         k = per_method.get(method, 0)
         per_method[method] = k + 1
         curve = sorted(run.get("curve") or [], key=lambda p: p.get("facts_seen", 0))
-        style = dict(color=method_color(method), ls=_LINESTYLES[k % len(_LINESTYLES)], lw=1.6,
-                     marker="o", markersize=3, label=run.get("label") or f"{method} {short_label(run)}")
+        style = {"color": method_color(method), "ls": _LINESTYLES[k % len(_LINESTYLES)], "lw": 1.6,
+                 "marker": "o", "markersize": 3, "label": run.get("label") or f"{method} {short_label(run)}"}
         for ax, key in ((ax_l, "learned"), (ax_r, "retained")):
             pts = [(p["facts_seen"], p[key]) for p in curve if num(p.get(key)) is not None]
             if pts:

@@ -49,10 +49,15 @@ from matplotlib.patches import Rectangle
 from matplotlib.transforms import blended_transform_factory
 
 from .html import (
+    FACT_COLUMNS,
+    HOW_TO_READ,
     Column,
     _human_count,
     _is_number,
     atomic_write_text,
+    curves_plot,
+    fact_rows,
+    frontier_plot,
     html_table,
     img,
     kv_list,
@@ -67,6 +72,7 @@ __all__ = [
     "RUN_COLUMNS",
     "compare_runs",
     "curves_figure",
+    "fact_runs",
     "frontier_figure",
     "heatmap",
     "heatmaps_figure",
@@ -471,6 +477,50 @@ def _stream_info(results: dict) -> dict:
     return info
 
 
+def fact_runs(results: dict) -> dict:
+    """The fact scores of a run (``methods.<label>.facts``) as one row per method entry, the view
+    the fact table, frontier and curves read: ``{"base": {...}, "runs": [{"method", "label", "lr",
+    "hparams", "learned", ..., "curve"}], ...}``. Empty ``runs`` when the run has no fact scores."""
+    base: dict = {}
+    rows = []
+    for label, m in _methods(results).items():
+        facts = m.get("facts")
+        if not facts:
+            continue
+        base = base or dict(facts.get("base") or {})
+        spec = m.get("spec") or {}
+        final = facts.get("final") or {}
+        row = {k: final.get(k) for k in ("learned", "learned_f1", "statement_acc", "retained", "heldout_nll")}
+        row.update(method=label.split(" lr=")[0] if " lr=" in label else label, label=label, lr=spec.get("lr"),
+                   hparams={k: v for k, v in spec.items() if k not in ("name", "method", "lr", "label")},
+                   retained_base=base.get("retained"), retained_drop=facts.get("retained_drop"),
+                   heldout_nll_delta=facts.get("heldout_nll_delta"), steps=facts.get("steps"),
+                   trainable_params_per_step=facts.get("trainable_params_per_step"),
+                   seconds_per_step=facts.get("seconds_per_step"), curve=facts.get("curve") or [])
+        rows.append(row)
+    return {k: results[k] for k in ("title", "command", "model", "machine", "stream") if k in results} | \
+        {"base": base, "runs": rows}
+
+
+def _fact_sections(results: dict) -> list[str]:
+    """Fact streams: the base and per-method fact scores, the learned-vs-retained frontier and the
+    fact curves (the figures ``bench facts`` shows)."""
+    view = fact_runs(results)
+    if not view["runs"]:
+        return []
+    base_cols: list[Column] = [("learned", "learned", ".3f"), ("statement_acc", "statement acc", ".3f"),
+                               ("retained", "retained", ".3f"), ("heldout_nll", "held-out NLL", ".3f")]
+    rows = fact_rows(view)
+    return [
+        section("Fact scores", HOW_TO_READ
+                + html_table([view["base"]], base_cols, row_attrs=[{"data-run": "base"}])
+                + html_table(rows, FACT_COLUMNS, row_attrs=[{"data-run": i, "data-method": r["method"]}
+                                                            for i, r in enumerate(rows)])),
+        section("Learning–forgetting frontier (learned vs retained)", img(frontier_plot(view), "fact frontier plot")),
+        section("Learning and retention over the stream", img(curves_plot(view), "fact curves plot")),
+    ]
+
+
 def write_run_report(results: dict, run_dir: str | os.PathLike) -> Path:
     """Write ``run_dir/report.html`` for a ``forgetless run`` result and return its path.
 
@@ -486,6 +536,7 @@ def write_run_report(results: dict, run_dir: str | os.PathLike) -> Path:
         "\n".join(header),
         section("How to read this", _how_to_read(results)),
         section("Metrics", metrics_table(results)),
+        *_fact_sections(results),
     ]
     if any(m.get("R") for m in methods.values()):
         sections.append(section("Accuracy matrices", img(heatmaps_figure(results), "accuracy matrix heatmaps")))

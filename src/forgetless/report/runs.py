@@ -532,17 +532,19 @@ def write_run_report(results: dict, run_dir: str | os.PathLike) -> Path:
     if results.get("command"):
         header.append(f"<pre>{html.escape(str(results['command']))}</pre>")
     header.append(kv_list(_stream_info(results)))
+    facts = _fact_sections(results)
     sections = [
         "\n".join(header),
         section("How to read this", _how_to_read(results)),
         section("Metrics", metrics_table(results)),
-        *_fact_sections(results),
+        *facts,
     ]
-    if any(m.get("R") for m in methods.values()):
+    matrices = not (facts and len(_experiences(results)) == 1)  # bench facts: one experience, the fact figures say it
+    if matrices and any(m.get("R") for m in methods.values()):
         sections.append(section("Accuracy matrices", img(heatmaps_figure(results), "accuracy matrix heatmaps")))
-    if methods:
+    if matrices and methods:
         sections.append(section("Scores over training", img(curves_figure(results), "score curves")))
-    if len(methods) >= 2:
+    if matrices and len(methods) >= 2:
         sections.append(section("Stability vs plasticity", img(frontier_figure(results), "frontier plot")))
     if results.get("config"):
         cfg = html.escape(json.dumps(results["config"], indent=2, sort_keys=True, default=str))

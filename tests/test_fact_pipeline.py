@@ -124,3 +124,19 @@ def test_bench_facts_retrieval_indexes_and_answers_three_facts(tmp_path):
     assert m["spec"]["method"] == "retrieval" and m["facts"]["final"]["facts_seen"] == 3
     assert m["facts"]["final"]["learned"] >= m["facts"]["base"]["learned"]
     assert (out / "report.html").is_file() and (out / "runs.csv").is_file()
+
+
+@pytest.mark.e2e
+def test_fact_stream_run_carries_fact_scores_consistent_with_its_matrix(tmp_path):
+    cfg = tmp_path / "facts.yaml"
+    cfg.write_text("name: tiny\nseed: 0\nexperiments:\n  - name: facts\n    stream: {kind: facts, experiences: 2, "
+                   "facts_per_experience: 2, steps_per_fact: 1, eval_every: 1, batch_size: 4, retained_sample: 10, "
+                   "heldout_tokens: 256}\n    methods:\n      - {name: full, lr: 1.0e-4}\n")
+    assert main(["run", str(cfg), "--out", str(tmp_path / "run"), "--no-progress"]) == 0
+    res = load_results(tmp_path / "run" / "facts" / "results.json")
+    (m,) = res.methods.values()
+    f = m.facts
+    assert [p.facts_seen for p in f.curve] == [0, 1, 2, 3, 4] and [p.step for p in f.curve] == [0, 1, 2, 3, 4]
+    assert f.final.learned == pytest.approx(sum(m.R[-1]) / 2)  # two groups of two facts
+    assert f.base.learned == pytest.approx(sum(m.b) / 2) and f.steps == 4
+    assert m.metrics["retained"] == m.extra[-1] == f.curve[-1].retained  # the known-fact sample, both ways

@@ -474,6 +474,7 @@ def _stream_info(results: dict) -> dict:
     exps = _experiences(results)
     info["experiences"] = " → ".join(f"{i + 1}. {e}" for i, e in enumerate(exps)) + f"  (T = {len(exps)})"
     info["methods"] = ", ".join(_methods(results))
+    info.update(results.get("machine") or {})  # bench facts records the machine
     return info
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import platform
+import json
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -18,13 +19,16 @@ from typing import Callable
 
 import torch
 
+from ..config import to_dict
 from ..data.factfile import load_fact_file
 from ..errors import ConfigError
+from ..files import MARKER, FolderLock
 from ..methods import METHODS
+from ..models.checkpoint import write_json
 from ..report.html import write_csv
 from ..report.runs import fact_runs
 from .runner import DEFAULT_LRS as RUN_LRS
-from .runner import BASELINES, ExperimentConfig, run_experiment
+from .runner import BASELINES, ExperimentConfig, RunConfig, _changes, config_hash, run_experiment
 from .streams import StreamConfig
 
 # Calibrated on forgetless-tiny (see README): each sweep reaches well above the base's learned score.
@@ -122,7 +126,17 @@ def bench_facts(model_dir: Path, out_dir: Path, methods: list[str], n_facts: int
             done[0] += 1
             log(f"[{done[0]}/{len(grid)} {time.time() - t0:.0f}s] {line}")
 
-    results = run_experiment(exp, Path(model_dir), stream.seed, Path(out_dir), progress, show, command, _machine())
+    out_dir = Path(out_dir)
+    cfg = RunConfig(name="bench-facts", seed=stream.seed, model=str(model_dir), experiments=[exp])
+    with FolderLock(out_dir, "forgetless bench facts"):
+        marker = out_dir / MARKER
+        saved = json.loads(marker.read_text()) if marker.is_file() else {}
+        if saved.get("config_hash") not in (None, config_hash(cfg)):
+            changed = _changes(saved.get("config") or {}, to_dict(cfg))
+            raise ConfigError(f"{out_dir} holds a bench of other settings ({'; '.join(changed[:3]) or 'changed'}); "
+                              f"choose another --out (a rerun with the same settings resumes).")
+        write_json(marker, {"kind": "bench", "config_hash": config_hash(cfg), "config": to_dict(cfg)})
+        results = run_experiment(exp, Path(model_dir), stream.seed, out_dir, progress, show, command, _machine())
     write_csv(fact_runs(results), Path(out_dir) / "runs.csv")
     return results
 

@@ -145,12 +145,12 @@ def test_packnet_prunes_after_the_training_fraction_and_falls_back_at_export():
 
 
 @pytest.mark.parametrize("name,opts,needle", [
-    ("packnet", {"keep": 1.5}, "keep must be a fraction"),
+    ("packnet", {"keep": 1.5}, "packnet option 'keep' must be a fraction"),
     ("packnet", {"retrain_fraction": 1.0}, "retrain_fraction"),
-    ("packnet", {"reset": "random"}, "reset must be one of"),
-    ("adapters", {"router": "oracle"}, "router must be one of"),
-    ("adapters", {"rank": 0}, "rank must be a positive integer"),
-    ("adapters", {"ranks": 4}, "bad option for method 'adapters'"),
+    ("packnet", {"reset": "random"}, "packnet option 'reset' must be one of"),
+    ("adapters", {"router": "oracle"}, "adapters option 'router' must be one of"),
+    ("adapters", {"rank": 0}, "adapters option 'rank' must be a positive integer"),
+    ("adapters", {"ranks": 4}, "unknown config key 'adapters.ranks'"),
 ])
 def test_bad_options_raise_config_errors(name, opts, needle):
     from forgetless.errors import ConfigError

@@ -202,7 +202,7 @@ def test_merge_options_are_checked():
         make_method("merge", how="slerp")
     with pytest.raises(ConfigError, match="density"):
         make_method("merge", density=1.5)
-    with pytest.raises(ConfigError, match="bad option"):
+    with pytest.raises(ConfigError, match="unknown config key 'ties.how'"):
         make_method("ties", how="dare")
 
 

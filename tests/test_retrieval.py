@@ -251,11 +251,11 @@ def test_min_score_drops_low_scoring_passages(tiny):
 def test_bad_options_fail_with_one_sentence():
     from forgetless.errors import ConfigError
 
-    with pytest.raises(ConfigError, match="index must be one of"):
+    with pytest.raises(ConfigError, match="retrieval option 'index' must be one of"):
         make_method("retrieval", index="faiss")
-    with pytest.raises(ConfigError, match="top_k >= 1"):
+    with pytest.raises(ConfigError, match="retrieval option 'top_k' must be an integer >= 1"):
         make_method("retrieval", top_k=0)
-    with pytest.raises(ConfigError, match="reader_irrelevant must be between 0 and 0.5"):
+    with pytest.raises(ConfigError, match="retrieval option 'reader_irrelevant' must be in \\[0, 0.5\\]"):
         make_method("retrieval", reader_irrelevant=0.6)
 
 

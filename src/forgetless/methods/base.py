@@ -270,7 +270,8 @@ class Plugin:
         pass
 
     def describe(self) -> dict[str, Any]:
-        return asdict(self.options)
+        options = getattr(self, "options", None)  # a plugin that does not call Plugin.__init__ has none
+        return asdict(options) if options is not None else {}
 
 
 def freeze_all(model: nn.Module) -> None:

@@ -261,3 +261,31 @@ def test_every_options_field_has_a_default():
     for cls in [*METHODS.values(), *PLUGINS.values()]:
         for f in dataclasses.fields(cls.Options):
             assert f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING, (cls, f.name)
+
+
+def test_a_new_method_may_name_its_options_options_cls():
+    """The pattern other method files copy: a module-level Options and ``options_cls = Options``."""
+    from dataclasses import dataclass
+
+    from forgetless.methods.full import FullFinetune
+
+    @dataclass
+    class ProgressiveOptions(FullFinetune.Options):
+        columns: int = 2
+
+        def validate(self) -> None:
+            super().validate()
+            self.positive("columns", integer=True)
+
+    class Progressive(FullFinetune):
+        name = "progressive_test"
+        options_cls = ProgressiveOptions
+
+    assert Progressive.Options is ProgressiveOptions
+    m = Progressive(columns=3)
+    assert m.describe() == {"method": "progressive_test", "lr": 1e-5, "weight_decay": 0.1, "betas": (0.9, 0.95),
+                            "columns": 3}
+    with pytest.raises(ConfigError, match="progressive_test option 'columns' must be a positive integer, got 0."):
+        Progressive(columns=0)
+    with pytest.raises(ConfigError, match="unknown config key 'progressive_test.rows'"):
+        Progressive(rows=1)

@@ -1,5 +1,7 @@
 """Continual-learning methods, one file each, behind the hooks of ``base.Method``; plugins
-(add-ons with the same hooks) compose with any of them."""
+(add-ons with the same hooks) compose with any of them. Each declares its options with their
+defaults in one ``Options`` dataclass (``base.MethodOptions``); ``options_table()`` lists them
+(``forgetless methods``)."""
 
 from __future__ import annotations
 
@@ -67,8 +69,9 @@ def make_plugin(spec: Any) -> Plugin:
 
 
 def make_method(name: str, **options: Any) -> Method:
-    """A method by registry name with its options; ``plugins: [...]`` adds plugins
-    (``continual_backprop: {...}`` is shorthand for that plugin)."""
+    """A method by registry name with its options (the fields of its ``Options``; a missing one takes
+    its default); ``plugins: [...]`` adds plugins (``continual_backprop: {...}`` is shorthand for
+    that plugin)."""
     if name not in METHODS:
         raise ConfigError(f"unknown method {name!r}; choose from {', '.join(METHODS)}.")
     options = dict(options)

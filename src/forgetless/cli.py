@@ -11,6 +11,7 @@ import os
 import sys
 from pathlib import Path
 
+from .serve.cli import add_commands as add_serve_commands
 from .errors import ForgetlessError
 
 
@@ -318,6 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("run_dirs", nargs="+", help="experiment folders holding results.json")
     sp.add_argument("--out", default="runs/compare", help="folder of the comparison page")
     sp.set_defaults(func=cmd_report)
+    add_serve_commands(sub)  # serve, client (forgetless/serve/cli.py)
     return p
 
 

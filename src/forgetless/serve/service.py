@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..data.facts import Fact
+from ..data.facts import Fact, teaching_sentences
 from ..engine import train_with_method
 from ..errors import ConfigError, ForgetlessError
 from ..learn import fact_batch, load_heldout_ids, load_known_facts, open_model
@@ -81,6 +81,16 @@ class Served:
 def _fault(point: str) -> None:
     if os.environ.get("FORGETLESS_SERVE_FAULT") == point:
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def teaching_batch(tok, fact: Fact, n: int, questions: bool) -> dict[str, torch.Tensor]:
+    """``fact_batch`` (all tokens), without any training line that starts with the fact's own probe:
+    a user's question may coincide with a training question template, and the probe is held out."""
+    probe = fact.question.strip()
+    lines = [s for s in dict.fromkeys(teaching_sentences(fact, 64, questions)) if not s.startswith(probe)]
+    if len(lines) == len(set(teaching_sentences(fact, 64, questions))):
+        return fact_batch(tok, fact, n, "all", torch.device("cpu"), questions)
+    return text_batch(tok, [lines[i % len(lines)] for i in range(n)], 10_000)
 
 
 def text_batch(tok, texts: list[str], max_len: int) -> dict[str, torch.Tensor]:
@@ -267,8 +277,8 @@ class Service:
         model = copy.deepcopy(parent.model)
         method = make_method(name, **opts)
         model = method.setup(model, self.ctx)
-        batches = [fact_batch(self.tok, f, int(req["batch_size"]), "all", torch.device("cpu"),
-                              bool(req.get("questions", True))) for f in facts]
+        batches = [teaching_batch(self.tok, f, int(req["batch_size"]), bool(req.get("questions", True)))
+                   for f in facts]
         batches += [text_batch(self.tok, [t], self.max_positions) for t in texts]
         delay = float(os.environ.get("FORGETLESS_SERVE_STEP_DELAY", "0") or 0)
 

@@ -54,10 +54,13 @@ def test_row_delta_stores_only_changed_rows_and_applies_bit_for_bit():
 def test_full_and_lora_deltas_apply_deterministically():
     g = torch.Generator().manual_seed(1)
     parent = {"w": torch.randn(6, 5, generator=g)}
-    child = {"w": parent["w"] * 2}
-    assert torch.equal(apply_delta(parent, full_delta(child), "full")["w"], child["w"])
+    child = {"w": parent["w"] * 2, "tied": parent["w"] * 2}
+    full = full_delta(child)
+    assert f"tied{SEP}alias" in full and f"tied{SEP}full" not in full  # a tied copy is stored once
+    assert tensors_hash(apply_delta(parent, full, "full")) == tensors_hash(child)
     a, b = torch.randn(2, 5, generator=g), torch.randn(6, 2, generator=g)
     lora = {f"w{SEP}lora_A": a, f"w{SEP}lora_B": b, f"w{SEP}scale": torch.tensor(2.0, dtype=torch.float64)}
+    assert len(tensors_hash(lora)) == 64  # a 0-d scale hashes too
     one, two = apply_delta(parent, lora, "lora"), apply_delta(parent, lora, "lora")
     assert tensors_hash(one) == tensors_hash(two)
     torch.testing.assert_close(one["w"], parent["w"] + 2.0 * b @ a)
@@ -186,7 +189,7 @@ def server(tmp_path_factory):
 
 @pytest.mark.e2e
 def test_teach_promote_answers_then_rollback_restores_hash(server):
-    fact = new_fact(0)  # the currency of Andorra: the Euro
+    fact = new_fact(0)  # the capital of Andorra: Andorra la Vella
     before = server.ask(fact["question"])
     v0 = before["forgetless_version"], before["forgetless_hash"]
     assert server.answer(fact["question"]) != fact["answer"]
@@ -318,23 +321,10 @@ def test_openai_client_completes_a_prompt(server):
 
 
 @pytest.mark.e2e
-def test_without_token_learning_is_off(tmp_path):
-    srv = Server(tmp_path / "store", token=False)
-    try:
-        for path, b in (("/learn", {"facts": [new_fact(0)]}), ("/promote", {"version": 0}), ("/rollback", {})):
-            for tok in (None, TOKEN):
-                r = srv.call("POST", path, b, token=tok)
-                assert r.status_code == 403 and "off" in r.json()["error"]["message"]
-        assert srv.call("GET", "/health").json()["learning"] is False
-        assert srv.ask("Question: Tell me the capital of France. Answer:")["forgetless_version"] == 0
-    finally:
-        srv.stop()
-
-
-@pytest.mark.e2e
 def test_kill_9_while_learning_and_while_promoting_recovers(tmp_path):
     """kill -9 during training, before the promotion commit and after it (before the swap): each
-    restart serves exactly the last promoted version, and the update finishes exactly once."""
+    restart serves exactly the last promoted version, and the update finishes exactly once. The
+    last restart has no token: learning, promotion and rollback are then off (403), not open."""
     store = tmp_path / "store"
     loose = ("--min-learned", "0", "--max-retention-drop", "1", "--max-nll-increase", "10")
     body = {"facts": [new_fact(0)], "steps": 2}
@@ -345,7 +335,7 @@ def test_kill_9_while_learning_and_while_promoting_recovers(tmp_path):
     srv.log.close()
     expect = (0, base["hash"])
     for fault, served_after in (("promote", None), ("swap", "new"), (None, "new")):
-        srv = Server(store, fault=fault, args=loose)
+        srv = Server(store, fault=fault, args=loose, token=fault is not None)
         h = srv.call("GET", "/health").json()
         assert (h["version"], h["hash"]) == expect  # exactly the last promoted version
         if fault is None:
@@ -368,5 +358,10 @@ def test_kill_9_while_learning_and_while_promoting_recovers(tmp_path):
         assert [v["update"] for v in vs].count(uid) == 1  # applied once
         assert h["requeued_at_start"] == 0
         assert srv.ask(new_fact(0)["question"])["forgetless_hash"] == expect[1]
+        assert srv.call("GET", "/health").json()["learning"] is False
+        for path, b in (("/learn", body), ("/promote", {"version": 0}), ("/rollback", {})):
+            for tok in (None, TOKEN):
+                r = srv.call("POST", path, b, token=tok)
+                assert r.status_code == 403 and "off" in r.json()["error"]["message"]
     finally:
         srv.stop()

@@ -59,19 +59,30 @@ def cmd_client(args: argparse.Namespace) -> int:
         if args.steps:
             extra["steps"] = args.steps
         r = c.learn(read_facts_jsonl(args.facts), wait=not args.no_wait, **extra)
+        if not args.json and r.get("state") == "done":
+            fig, gate = r["figures"], r["gate"]
+            print(f"update {r['id']}: version {r['version']} {r['status']} ({r['hash'][:12]}, {r['bytes']:,} bytes); "
+                  f"learned {fig.get('learned', float('nan')):.2f}, retained {fig['retained']:.2f} "
+                  f"(drop {gate['retention_drop']:.2f}), held-out NLL {gate['nll_increase']:+.4f}"
+                  + (f"; rejected: {'; '.join(gate['reasons'])}" if gate["reasons"] else ""))
+            return 0 if r["status"] != "rejected" else 1
+        if not args.json and r.get("state") == "failed":
+            print(f"update {r['id']} failed: {r['error']}")
+            return 1
     elif args.action == "versions":
         r = c.versions()
         if not args.json:
             for v in r["versions"]:
                 fig = v["figures"]
                 print(f"{'*' if v['served'] else ' '} v{v['version']:<3} {v['status']:<9} {v['method'] or '':<5} "
-                      f"{v['hash'][:12]}  learned {fig.get('learned', '-')}  retained {fig.get('retained', '-')}  "
+                      f"{v['hash'][:12]}  retained {fig.get('retained', float('nan')):.2f}  "
                       f"{'; '.join(v['taught'])[:60]}")
             return 0
-    elif args.action == "promote":
-        r = c.promote(args.version)
     else:
-        r = c.rollback(args.version)
+        r = c.promote(args.version) if args.action == "promote" else c.rollback(args.version)
+        if not args.json:
+            print(f"serving version {r['served']['version']} ({r['served']['hash'][:12]})")
+            return 0
     print(json.dumps(r, indent=1))
     return 0
 
@@ -109,6 +120,7 @@ def add_commands(sub) -> None:
     cp = sub.add_parser("client", help="talk to a running `forgetless serve`: learn, ask, versions, promote, rollback")
     cp.add_argument("--url", default=os.environ.get("FORGETLESS_URL", "http://127.0.0.1:8000"))
     cp.add_argument("--token-file", default=None, help="bearer token file (else env FORGETLESS_TOKEN)")
+    cp.add_argument("--json", action="store_true", help="print the server's JSON answers")
     csub = cp.add_subparsers(dest="action", metavar="ACTION", required=True)
     p = csub.add_parser("ask", help="complete a prompt (greedy)")
     p.add_argument("prompt")
@@ -119,7 +131,6 @@ def add_commands(sub) -> None:
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--no-wait", action="store_true", help="return the update id at once")
     p = csub.add_parser("versions", help="the version log")
-    p.add_argument("--json", action="store_true")
     p = csub.add_parser("promote", help="serve a candidate that passed the gate")
     p.add_argument("version", type=int)
     p = csub.add_parser("rollback", help="serve an earlier promoted version again (default: the previous one)")

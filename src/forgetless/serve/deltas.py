@@ -29,7 +29,7 @@ def tensors_hash(tensors: dict[str, torch.Tensor]) -> str:
     for k in sorted(tensors):
         t = tensors[k].detach().contiguous().cpu()
         h.update(f"{k}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
 
 
@@ -73,8 +73,29 @@ def lora_delta(peft_model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
+def lora_with_rest(lora: dict[str, torch.Tensor], parent: dict[str, torch.Tensor],
+                   merged: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The adapter tensors plus, whole, any non-adapted tensor that changed anyway (so no change
+    is lost from a version)."""
+    adapted = {k.rsplit(SEP, 1)[0] for k in lora}
+    rest = {f"{k}{SEP}full": v.clone() for k, v in merged.items() if k not in adapted and not torch.equal(v, parent[k])}
+    return {**lora, **rest}
+
+
 def full_delta(child: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {f"{k}{SEP}full": v.clone() for k, v in child.items()}
+    """The whole state; a tensor equal to an earlier one (tied embeddings) is stored once, as an
+    alias naming that earlier tensor."""
+    out: dict[str, torch.Tensor] = {}
+    seen: list[str] = []
+    for k, v in child.items():
+        same = next((s for s in seen if child[s].shape == v.shape and child[s].dtype == v.dtype
+                     and torch.equal(child[s], v)), None)
+        if same is not None and v.numel() > 1:
+            out[f"{k}{SEP}alias"] = torch.tensor(list(same.encode()), dtype=torch.uint8)
+        else:
+            out[f"{k}{SEP}full"] = v.clone()
+            seen.append(k)
+    return out
 
 
 def apply_delta(state: dict[str, torch.Tensor], delta: dict[str, torch.Tensor], kind: str) -> dict[str, torch.Tensor]:
@@ -82,7 +103,13 @@ def apply_delta(state: dict[str, torch.Tensor], delta: dict[str, torch.Tensor], 
     out = dict(state)
     if kind == "full":
         for key, v in delta.items():
-            out[key.rsplit(SEP, 1)[0]] = v.clone()
+            name, part = key.rsplit(SEP, 1)
+            if part == "full":
+                out[name] = v.clone()
+        for key, v in delta.items():
+            name, part = key.rsplit(SEP, 1)
+            if part == "alias":
+                out[name] = out[bytes(v.tolist()).decode()].clone()
         return out
     if kind == "rows":
         for key, v in delta.items():
@@ -97,6 +124,8 @@ def apply_delta(state: dict[str, torch.Tensor], delta: dict[str, torch.Tensor], 
     if kind == "lora":
         for key, a in delta.items():
             name, part = key.rsplit(SEP, 1)
+            if part == "full":  # anything else the training changed (none for plain LoRA)
+                out[name] = a.clone()
             if part != "lora_A":
                 continue
             b, scale = delta[f"{name}{SEP}lora_B"], delta[f"{name}{SEP}scale"]

@@ -31,8 +31,8 @@ from ..errors import ConfigError, ForgetlessError
 from ..learn import fact_batch, load_heldout_ids, load_known_facts, open_model
 from ..methods import make_method
 from ..models.memory import freeze_query_stats, memory_layers
-from .deltas import apply_delta, delta_kind, full_delta, lora_delta, model_state, row_delta, tensors_hash
-from .deltas import tie_aware_load
+from .deltas import apply_delta, delta_kind, full_delta, lora_delta, lora_with_rest, model_state, row_delta
+from .deltas import tensors_hash, tie_aware_load
 from .gate import GateThresholds, RetentionSet, decide
 from .metrics import Metrics
 from .store import Store
@@ -295,8 +295,9 @@ class Service:
         kind = delta_kind(name)
         parent_state = model_state(parent.model)
         if kind == "lora":
-            delta = lora_delta(model)
+            adapters = lora_delta(model)
             model = method.export(model)
+            delta = lora_with_rest(adapters, parent_state, model_state(model))
         else:
             model = method.export(model)
             trained = model_state(model)

@@ -131,7 +131,6 @@ def create_app(service: Service, start_worker: bool = True) -> FastAPI:
     @app.middleware("http")
     async def guard(request: Request, call_next):
         t0 = time.time()
-        path = request.scope.get("route").path if request.scope.get("route") else request.url.path
         length = request.headers.get("content-length")
         try:
             if length is not None and int(length) > cfg.max_body_bytes:
@@ -186,7 +185,8 @@ def create_app(service: Service, start_worker: bool = True) -> FastAPI:
             raise ApiError(401, "this endpoint needs 'Authorization: Bearer <token>'.", "authentication_error")
         if not hmac.compare_digest(token.strip().encode(), cfg.token.encode()):
             raise ApiError(401, "the bearer token is wrong.", "authentication_error")
-        return "token"
+        user = request.headers.get("x-forgetless-user", "").strip()[:64]  # who, for the version log
+        return f"token:{user}" if user else "token"
 
     def version_fields(served) -> dict:
         return {"system_fingerprint": f"v{served.version}-{served.weights_hash[:16]}",

@@ -124,6 +124,7 @@ class Service:
         vid = self.store.served()
         self.current = Served(self._build(vid), vid, self.store.version(vid)["weights_hash"])
         self._promote_lock = threading.Lock()
+        self._submit_lock = threading.Lock()
         self._wake = threading.Event()
         self._stop = False
         self.worker = threading.Thread(target=self._work, name="forgetless-learner", daemon=True)
@@ -237,10 +238,11 @@ class Service:
 
     # ------------------------------------------------------------------ learning
     def submit(self, request: dict, who: str) -> str:
-        if self.store.pending() >= self.cfg.max_queue:
-            raise OverflowError(f"the learning queue is full ({self.cfg.max_queue} updates); try again later.")
-        uid = uuid.uuid4().hex[:16]
-        self.store.add_update(uid, request, who)
+        with self._submit_lock:
+            if self.store.pending() >= self.cfg.max_queue:
+                raise OverflowError(f"the learning queue is full ({self.cfg.max_queue} updates); try again later.")
+            uid = uuid.uuid4().hex[:16]
+            self.store.add_update(uid, request, who)
         self.metrics.updates.labels(outcome="accepted").inc()
         self._refresh_gauges()
         self._wake.set()

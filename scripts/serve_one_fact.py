@@ -15,17 +15,16 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import time
 from pathlib import Path
 
 import torch
 
-from forgetless.data.facts import read_builtin_facts
-from forgetless.engine import train_with_method
+from forgetless.data.facts import load_known_facts, read_builtin_facts
 from forgetless.evaluate.answers import greedy_answers
-from forgetless.learn import load_heldout_ids, load_known_facts, open_model
 from forgetless.methods import make_method
+from forgetless.models.folder import load_heldout_ids, open_model
 from forgetless.models.memory import freeze_query_stats
+from forgetless.training.lifecycle import Experience, MethodContext, fit_experience
 from forgetless.serve.gate import RetentionSet
 from forgetless.serve.service import teaching_batch
 
@@ -40,7 +39,8 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)
     d = Path(__file__).resolve().parents[1] / "src" / "forgetless" / "assets" / "forgetless-tiny"
-    base, tok, ctx = open_model(d)
+    base, tok = open_model(d)
+    ctx = MethodContext.for_folder(d, tok)
     freeze_query_stats(base)
     rs = RetentionSet(base, tok, load_known_facts(d), load_heldout_ids(d, tok, 4096), 20)
     b0 = rs.measure(base, [])
@@ -53,14 +53,11 @@ def main() -> None:
     for m, lr, steps in (json.loads(args.settings) if args.settings else SETTINGS):
         ok, drops, dnll, secs = 0.0, [], [], 0.0
         for f in facts:
-            method = make_method(m, lr=lr)
-            model = method.setup(copy.deepcopy(base), ctx)
             batch = teaching_batch(tok, f, 16, True)
-            t = time.time()
-            train_with_method(method, model, lambda s: batch, steps, progress=False)
-            secs += time.time() - t
-            model = method.export(model)
-            r = rs.measure(model, [f])
+            fit = fit_experience(make_method(m, lr=lr), copy.deepcopy(base), ctx,
+                                 Experience(name=f.id, train_batch=lambda s: batch, steps=steps), progress=False)
+            secs += fit.train_seconds
+            r = rs.measure(fit.model, [f])
             ok += r["learned"]
             drops.append(b0["retained"] - r["retained"])
             dnll.append(r["heldout_nll"] - b0["heldout_nll"])

@@ -293,6 +293,10 @@ def create_app(service: Service, start_worker: bool = True) -> FastAPI:
             n = len(service.tok(f.statement)["input_ids"])
             if n > service.max_positions // 2:
                 raise ApiError(400, f"a statement has {n} tokens; the limit is {service.max_positions // 2}.")
+        for t in body.texts:
+            n = len(service.tok(t)["input_ids"])
+            if n > service.max_positions:
+                raise ApiError(400, f"a text has {n} tokens; the model's context is {service.max_positions}.")
         name = body.method or service.default_method
         if name not in METHODS:
             raise ApiError(400, f"unknown method {name!r}; choose from {', '.join(METHODS)}.")

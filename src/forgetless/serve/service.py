@@ -25,12 +25,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..data.facts import Fact, teaching_sentences
-from ..engine import train_with_method
+from ..data.batches import fact_batch, text_batch
+from ..data.facts import Fact, load_known_facts, teaching_sentences
 from ..errors import ConfigError, ForgetlessError
-from ..learn import fact_batch, load_heldout_ids, load_known_facts, open_model
 from ..methods import make_method
+from ..models.folder import load_heldout_ids, open_model
 from ..models.memory import freeze_query_stats, memory_layers
+from ..training.lifecycle import Experience, MethodContext, fit_experience
 from .deltas import apply_delta, delta_kind, full_delta, lora_delta, lora_with_rest, model_state, row_delta
 from .deltas import tensors_hash, tie_aware_load
 from .gate import GateThresholds, RetentionSet, decide
@@ -84,22 +85,14 @@ def _fault(point: str) -> None:
 
 
 def teaching_batch(tok, fact: Fact, n: int, questions: bool) -> dict[str, torch.Tensor]:
-    """``fact_batch`` (all tokens), without any training line that starts with the fact's own probe:
-    a user's question may coincide with a training question template, and the probe is held out."""
+    """``fact_batch`` (loss on all tokens), without any training line that starts with the fact's own
+    probe: a user's question may coincide with a training question template, and the probe is held out."""
     probe = fact.question.strip()
-    lines = [s for s in dict.fromkeys(teaching_sentences(fact, 64, questions)) if not s.startswith(probe)]
-    if len(lines) == len(set(teaching_sentences(fact, 64, questions))):
-        return fact_batch(tok, fact, n, "all", torch.device("cpu"), questions)
-    return text_batch(tok, [lines[i % len(lines)] for i in range(n)], 10_000)
-
-
-def text_batch(tok, texts: list[str], max_len: int) -> dict[str, torch.Tensor]:
-    tok.padding_side = "right"
-    enc = tok([t + "\n" for t in texts], return_tensors="pt", padding=True, truncation=True, max_length=max_len)
-    tok.padding_side = "left"
-    labels = enc["input_ids"].clone()
-    labels[enc["attention_mask"] == 0] = -100
-    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "labels": labels}
+    pool = list(dict.fromkeys(teaching_sentences(fact, 64, questions)))
+    lines = [s for s in pool if not s.startswith(probe)]
+    if len(lines) == len(pool):
+        return fact_batch(tok, fact, n, "all", "cpu", questions)
+    return text_batch(tok, [lines[i % len(lines)] + "\n" for i in range(n)])
 
 
 class Service:
@@ -108,7 +101,8 @@ class Service:
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         torch.manual_seed(cfg.seed)
-        base, self.tok, self.ctx = open_model(cfg.model_dir)
+        base, self.tok = open_model(cfg.model_dir)
+        self.ctx = MethodContext.for_folder(cfg.model_dir, self.tok)
         freeze_query_stats(base)
         base.eval()
         self.template = base
@@ -276,36 +270,35 @@ class Service:
         steps = int(req["steps"])
         parent = self.current  # the version being served when learning starts
         parent_row = self.store.version(parent.version)
-        model = copy.deepcopy(parent.model)
         method = make_method(name, **opts)
-        model = method.setup(model, self.ctx)
         batches = [teaching_batch(self.tok, f, int(req["batch_size"]), bool(req.get("questions", True)))
                    for f in facts]
-        batches += [text_batch(self.tok, [t], self.max_positions) for t in texts]
+        batches += [text_batch(self.tok, [t + "\n"]) for t in texts]
+        total = steps * len(batches)
         delay = float(os.environ.get("FORGETLESS_SERVE_STEP_DELAY", "0") or 0)
+        kind = delta_kind(name)
+        adapters: dict[str, torch.Tensor] = {}
 
-        def after(step: int) -> None:
+        def after(trained: nn.Module, step: int) -> None:  # after every step, on the model being trained
             if step == 1:
                 _fault("train")
             if delay:
                 time.sleep(delay)
+            if step == total and kind == "lora":
+                adapters.update(lora_delta(trained))  # the adapters, before export merges them
 
-        t0 = time.time()
         torch.manual_seed(self.cfg.seed)
-        train_with_method(method, model, lambda s: batches[s // steps], steps * len(batches), on_eval=after,
-                          eval_every=1, progress=False, desc=f"update {u['id']}")
-        kind = delta_kind(name)
+        experience = Experience(name=f"update {u['id']}", train_batch=lambda s: batches[s // steps], steps=total)
+        fit = fit_experience(method, copy.deepcopy(parent.model), self.ctx, experience, on_eval=after,
+                             eval_every=1, progress=False)
+        train_s = fit.train_seconds
         parent_state = model_state(parent.model)
+        trained = model_state(fit.model)
         if kind == "lora":
-            adapters = lora_delta(model)
-            model = method.export(model)
-            delta = lora_with_rest(adapters, parent_state, model_state(model))
+            delta = lora_with_rest(adapters, parent_state, trained)
         else:
-            model = method.export(model)
-            trained = model_state(model)
             delta = row_delta(parent_state, trained) if kind == "rows" else full_delta(trained)
-        train_s = time.time() - t0
-        del model
+        del fit, trained
         cand_state = apply_delta(parent_state, delta, kind)
         cand = self._model_from_state(cand_state)
         weights_hash = tensors_hash(cand_state)

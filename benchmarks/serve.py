@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import socket
 import statistics
 import subprocess
@@ -53,6 +54,7 @@ def main() -> None:
     ap.add_argument("--max-seconds", type=float, default=900)
     ap.add_argument("--out", default=None, help="also write the figures as JSON here")
     args = ap.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so that the server below is stopped too
     t_start = time.time()
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

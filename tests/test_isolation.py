@@ -216,6 +216,7 @@ def test_adapters_grow_by_one_lora_each_and_keep_earlier_experiences_exact():
     assert torch.equal(logits(rebuilt), logits(m2))
 
 
+@pytest.mark.e2e
 def test_router_accuracy_on_the_shipped_domain_stream():
     """Measured (seed 0, 2 router batches per topic, 110 test windows of 128 tokens): 0.88."""
     from forgetless.experiments.streams import StreamConfig, build_stream

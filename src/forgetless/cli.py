@@ -12,6 +12,7 @@ import signal
 import sys
 from pathlib import Path
 
+from .serve.cli import add_commands as add_serve_commands
 from .errors import ForgetlessError
 from .files import check_output
 from .models.folder import default_model_dir
@@ -452,6 +453,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("run_dirs", nargs="+", help="experiment folders holding results.json")
     sp.add_argument("--out", default="runs/compare", help="folder of the comparison page")
     sp.set_defaults(func=cmd_report)
+    add_serve_commands(sub)  # serve, client (forgetless/serve/cli.py)
     return p
 
 

@@ -9,9 +9,9 @@ by ``runner.run_experiment``. So it resumes, and writes the run's ``results.json
 
 from __future__ import annotations
 
+import json
 import os
 import platform
-import json
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -23,16 +23,16 @@ from ..config import to_dict
 from ..data.factfile import load_fact_file
 from ..errors import ConfigError
 from ..files import MARKER, FolderLock
-from ..methods import METHODS
+from ..methods import METHODS, default_options
 from ..models.checkpoint import write_json
 from ..report.html import write_csv
 from ..report.runs import fact_runs
-from .runner import DEFAULT_LRS as RUN_LRS
-from .runner import BASELINES, ExperimentConfig, RunConfig, _changes, config_hash, run_experiment
+from .runner import ExperimentConfig, RunConfig, _changes, config_hash, run_experiment
 from .streams import StreamConfig
 
-# Calibrated on forgetless-tiny (see README): each sweep reaches well above the base's learned score.
-DEFAULT_LRS: dict[str, list[float]] = {
+# Learning-rate sweeps (not defaults: a single run takes the method's Options default), calibrated on
+# forgetless-tiny (see README): each sweep reaches well above the base's learned score.
+LR_SWEEPS: dict[str, list[float]] = {
     "full": [5e-6, 1e-5, 3e-5],
     "lora": [3e-5, 1e-4, 3e-4],
     "smf": [1.0, 3.0, 10.0],
@@ -41,18 +41,28 @@ DEFAULT_LRS: dict[str, list[float]] = {
     "eaft": [5e-6, 1e-5, 3e-5],
 }
 DEFAULT_LORA_RANKS = [8, 32]
-QUICK_LRS = {"full": [1e-5], "lora": [1e-4], "smf": [3.0], "smf-tf": [3.0], "smf-all": [3.0]}
 ALIASES = {"smf-tf": ("smf", {"ranking": "tf"}), "smf-all": ("smf", {"ranking": "all"})}
 
 
+def default_lr(method: str) -> float:
+    """The learning rate of one run of a bench method (an alias: its method's): the Options default."""
+    return default_options(ALIASES.get(method, (method,))[0]).lr
+
+
+def quick_lrs(methods: list[str]) -> dict[str, list[float]]:
+    """``--quick``: one run per method, at its default learning rate."""
+    return {m: [default_lr(m)] for m in methods}
+
+
 def parse_lrs(spec: list[str] | None, methods: list[str]) -> dict[str, list[float]]:
-    """``["1e-5,3e-5"]`` (every method) or ``["full=1e-5,3e-5", "smf=10,30"]`` (per method)."""
+    """``["1e-5,3e-5"]`` (every method) or ``["full=1e-5,3e-5", "smf=10,30"]`` (per method); a
+    method without a sweep runs once at its default learning rate."""
     for m in methods:
-        name = ALIASES.get(m, (m,))[0]
-        if BASELINES.get(name, name) not in METHODS:
-            raise ConfigError(f"--methods: unknown method {m!r}; choose from {', '.join([*METHODS, *ALIASES])}.")
-    lrs = {m: list(DEFAULT_LRS.get(m) or DEFAULT_LRS.get(ALIASES.get(m, (m,))[0])
-                   or [RUN_LRS.get(BASELINES.get(m, m), 1e-5)]) for m in methods}
+        if m in NEEDS_EXPERIENCES:
+            raise ConfigError(f"--methods {m}: {NEEDS_EXPERIENCES[m]}; use `forgetless run` with a facts stream.")
+        if ALIASES.get(m, (m,))[0] not in METHODS:
+            raise ConfigError(f"unknown method {m!r} in --methods; choose from {', '.join([*METHODS, *ALIASES])}.")
+    lrs = {m: list(LR_SWEEPS.get(m, [default_lr(m)])) for m in methods}
     for item in spec or []:
         name, _, values = item.rpartition("=")
         try:

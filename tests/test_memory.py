@@ -6,8 +6,17 @@ import torch.nn.functional as F
 
 from forgetless.errors import CheckpointError, ConfigError
 from forgetless.models.checkpoint import load_model, save_model
-from forgetless.models.memory import (AccessLog, MemoryConfig, ProductKeyMemory, add_memory_layers, candidate_pairs,
-                                      memory_layers, memory_parameter_groups, value_rows_grad, weighted_bag)
+from forgetless.models.memory import (
+    AccessLog,
+    MemoryConfig,
+    ProductKeyMemory,
+    add_memory_layers,
+    candidate_pairs,
+    memory_layers,
+    memory_parameter_groups,
+    value_rows_grad,
+    weighted_bag,
+)
 
 
 def exhaustive_scores(mem: ProductKeyMemory, x: torch.Tensor, float64: bool = False):

@@ -18,20 +18,21 @@ by default those of the pretraining mixture (general text and fact lines, as tra
 
 Ablations: ``ranking="tf"`` (no IDF) and ``ranking="all"`` (every slot the batch read).
 
-Cost: the rows are chosen right after the forward (scores on the slots read, not on all N)
-and the memory layer's backward computes the gradient of those rows only; all other
+Cost: the rows are chosen when the backward reaches the memory layer (scores on the slots
+read, not on all N), and that backward computes the gradient of those rows only; all other
 parameters are frozen, so autograd computes nothing below the memory layer and no weight
 gradient above it.
 """
 
 from __future__ import annotations
 
+from functools import partial
 
 import torch
 from torch import nn
 
 from ..errors import CheckpointError, ConfigError
-from ..evaluate.slots import MIX_PREFIX
+from ..models.checkpoint import MIX_PREFIX
 from ..models.memory import AccessLog, named_memory_layers
 from .base import Method, MethodContext, freeze_all
 
@@ -102,7 +103,7 @@ class SparseMemoryFinetune(Method):
         super().__init__(lr, top_t=top_t, ranking=ranking, background=background)
         self.top_t, self.ranking, self.background = top_t, ranking, background
         self.last_selected: dict[str, torch.Tensor] = {}
-        self._pending: dict[str, torch.Tensor] = {}  # chosen in loss(), applied in after_backward()
+        self._pending: dict[str, torch.Tensor] = {}  # chosen in the backward, applied in after_backward()
 
     def setup(self, model: nn.Module, context: MethodContext) -> nn.Module:
         self.mems = named_memory_layers(model)
@@ -119,26 +120,20 @@ class SparseMemoryFinetune(Method):
             self.idf_stats = {n: (stats[f"{pre}{n}.doc_freq"], int(stats[f"{pre}{n}.n_docs"])) for n in self.mems}
         freeze_all(model)
         values = []
-        for m in self.mems.values():
+        for name, m in self.mems.items():
             m.config.sparse_values = True
             m.values.requires_grad_(True)
             m.access_log = AccessLog(m.n_slots, keep_last=True)
+            m.value_grad_rows = partial(self._rows_for_backward, name, m)
             values.append(m.values)
         self._optimizers = [torch.optim.SGD(values, lr=self.lr)]
         return model
 
-    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The LM loss; right after its forward the rows to train are chosen from the slots the
-        batch read, and each memory layer's backward computes the value gradient of those rows
-        only (``value_grad_rows``): the rows that would be masked away are never computed.
-        Everything else is frozen, so autograd stops at the memory layer (nothing below it, and
-        no weight gradient above it, is computed)."""
-        loss = super().loss(model, batch)
-        for name, m in self.mems.items():
-            rows = self._select(name, m)
-            self.last_selected[name] = self._pending[name] = rows
-            m.value_grad_rows = rows
-        return loss
+    def _rows_for_backward(self, name: str, m) -> torch.Tensor:
+        """Called by the memory layer's backward (``value_grad_rows``): the rows to train for the
+        batch just read, which are the only rows whose gradient is then computed."""
+        rows = self.last_selected[name] = self._pending[name] = self._select(name, m)
+        return rows
 
     def _select(self, name: str, m) -> torch.Tensor:
         doc_freq, n_docs = self.idf_stats[name] if self.ranking == "tfidf" else (None, 0)
@@ -146,11 +141,10 @@ class SparseMemoryFinetune(Method):
 
     def after_backward(self, model: nn.Module, step: int) -> None:
         for name, m in self.mems.items():
-            m.value_grad_rows = None
             if m.values.grad is None:
                 continue
             rows = self._pending.pop(name, None)
-            if rows is None:  # a backward without our loss(): select from the last lookup
+            if rows is None:  # the backward did not choose (value_grad_rows replaced): choose now
                 rows = self.last_selected[name] = self._select(name, m)
             m.values.grad = keep_rows(m.values.grad, rows)
 

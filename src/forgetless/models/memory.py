@@ -30,6 +30,7 @@ read frequencies, with padding masked. This is what TF-IDF slot selection needs.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 
 import torch
@@ -155,9 +156,9 @@ class _SparseValueGrad(torch.autograd.Function):
     weighted output gradients with one ``F.embedding_bag`` over the output gradient. The cost
     is O(reads), never O(N), and the optimizer has nothing left to coalesce.
 
-    ``mem.value_grad_rows`` (a 1-D tensor of row ids, read at backward time) restricts the
-    gradient to those rows: sparse memory finetuning selects its rows before the backward, so
-    the rows it would mask away are never computed."""
+    ``mem.value_grad_rows`` (a 1-D tensor of row ids, or a function returning one, read at
+    backward time) restricts the gradient to those rows: sparse memory finetuning chooses its
+    rows there, so the rows it would mask away are never computed."""
 
     @staticmethod
     def forward(ctx, y, idx, w, values, mem):
@@ -169,7 +170,8 @@ class _SparseValueGrad(torch.autograd.Function):
     def backward(ctx, grad):
         idx, w = ctx.saved_tensors
         mem = ctx.mem
-        gv = value_rows_grad(idx, w, grad, ctx.shape, ctx.dtype, getattr(mem, "value_grad_rows", None))
+        rows = getattr(mem, "value_grad_rows", None)
+        gv = value_rows_grad(idx, w, grad, ctx.shape, ctx.dtype, rows() if callable(rows) else rows)
         if mem is not None:
             mem._fresh_value_grad = gv._indices().data_ptr()
         return grad, None, None, gv, None
@@ -267,7 +269,9 @@ class ProductKeyMemory(nn.Module):
         self.access_log: AccessLog | None = None
         self.token_mask: torch.Tensor | None = None  # (B, T) bool, set by the host model's hook
         self.update_query_stats = True  # fine-tuning turns this off: lookups then stay as pretrained
-        self.value_grad_rows: torch.Tensor | None = None  # rows the backward computes (None: all read)
+        # rows whose value gradient the backward computes: None = all rows read, a tensor, or a
+        # function returning one (called once per backward)
+        self.value_grad_rows: torch.Tensor | Callable[[], torch.Tensor] | None = None
         self._fresh_value_grad: int | None = None
         self.values.register_post_accumulate_grad_hook(lambda p, mem=self: _keep_coalesced(p, mem))
         self.reset_parameters()
@@ -409,7 +413,7 @@ class MemoryPlacement:
 CONFIG_KEY = "forgetless_memory"
 
 
-def _decoder_layers(model: nn.Module) -> nn.ModuleList:
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
     """The list of decoder blocks of an HF causal LM (Llama family: model.model.layers)."""
     for path in ("model.layers", "model.model.layers", "transformer.h", "gpt_neox.layers"):
         obj = model
@@ -468,7 +472,7 @@ def add_memory_layers(
     placement = placement or MemoryPlacement(layers=list(layers or [2]), mode=mode, memory=config or MemoryConfig())
     if placement.mode not in ("replace", "parallel"):
         raise ConfigError(f"memory mode must be 'replace' or 'parallel', got {placement.mode!r}.")
-    blocks = _decoder_layers(model)
+    blocks = decoder_layers(model)
     hidden = model.config.hidden_size
     for i in placement.layers:
         if not -len(blocks) <= i < len(blocks):

@@ -45,7 +45,7 @@ def _label_memory(model) -> None:
 
 
 def profile_pretraining(args) -> str:
-    from forgetless.pretrain import TrainConfig, lm_loss, make_optimizers
+    from forgetless.experiments.pretrain import TrainConfig, lm_loss, make_optimizers
 
     model = load_model(BASE).train()
     _label_memory(model)
@@ -71,13 +71,10 @@ def profile_pretraining(args) -> str:
 
 def profile_smf(args) -> str:
     from forgetless.data.facts import read_builtin_facts
-    from forgetless.methods import MethodContext, make_method
+    from forgetless.data.batches import fact_batch
+    from forgetless.methods import make_method
     from forgetless.models.tokenizer import load_tokenizer
-
-    try:
-        from forgetless.data.batches import fact_batch
-    except ImportError:
-        from forgetless.learn import fact_batch
+    from forgetless.training import MethodContext
     model, tok = load_model(BASE), load_tokenizer(BASE)
     ctx = MethodContext(model_dir=BASE, tokenizer=tok, memory_stats=load_memory_stats(BASE))
     freeze_query_stats(model)

@@ -26,7 +26,7 @@ gradient above it.
 
 from __future__ import annotations
 
-from functools import partial
+import weakref
 
 import torch
 from torch import nn
@@ -91,6 +91,22 @@ def keep_rows(grad: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     return grad * mask[:, None]
 
 
+class _BackwardRows:
+    """The memory layer's ``value_grad_rows`` while SMF trains: asks the method for the rows of
+    the batch just read. Holds the method weakly, and a copy of the model does not inherit it
+    (a deep copy gets None: the copy computes the gradient of every row read, as by default)."""
+
+    def __init__(self, method: "SparseMemoryFinetune", name: str, mem: nn.Module):
+        self.method, self.name, self.mem = weakref.ref(method), name, weakref.ref(mem)
+
+    def __call__(self) -> torch.Tensor | None:
+        method, mem = self.method(), self.mem()
+        return None if method is None or mem is None else method._rows_for_backward(self.name, mem)
+
+    def __deepcopy__(self, memo) -> None:
+        return None
+
+
 class SparseMemoryFinetune(Method):
     name = "smf"
     grad_clip = None  # plain SGD on the selected rows, as in the paper
@@ -124,7 +140,7 @@ class SparseMemoryFinetune(Method):
             m.config.sparse_values = True
             m.values.requires_grad_(True)
             m.access_log = AccessLog(m.n_slots, keep_last=True)
-            m.value_grad_rows = partial(self._rows_for_backward, name, m)
+            m.value_grad_rows = _BackwardRows(self, name, m)
             values.append(m.values)
         self._optimizers = [torch.optim.SGD(values, lr=self.lr)]
         return model

@@ -42,7 +42,7 @@ the future tokens (the per-token KL is the discount-0 form), and teachers larger
 from __future__ import annotations
 
 import copy
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -61,7 +61,7 @@ ESTIMATORS = ("full", "sampled")
 
 
 @dataclass
-class Options:
+class Options(FullFinetune.Options):
     lr: float = 1e-5
     teacher: str = "finetuned"  # finetuned | before
     teacher_lr: float | None = None  # finetuned teacher: SFT learning rate (default lr)
@@ -74,19 +74,19 @@ class Options:
     temperature: float = 1.0
     prompt_tokens: int = 16  # domain stream: prompt length
     seed: int = 0
-    weight_decay: float = 0.1
-    betas: tuple[float, float] = (0.9, 0.95)
 
-    def __post_init__(self) -> None:
-        if self.teacher not in TEACHERS:
-            raise ConfigError(f"onpolicy_distill teacher must be one of {TEACHERS}, got {self.teacher!r}.")
-        if self.estimator not in ESTIMATORS:
-            raise ConfigError(f"onpolicy_distill estimator must be one of {ESTIMATORS}, got {self.estimator!r}.")
-        if min(self.samples, self.prompts, self.max_new_tokens, self.prompt_tokens) < 1:
-            raise ConfigError("onpolicy_distill samples, prompts, max_new_tokens and prompt_tokens must be positive.")
-        if self.alpha < 0 or self.temperature <= 0 or (self.teacher_steps is not None and self.teacher_steps < 1):
-            raise ConfigError("onpolicy_distill needs alpha >= 0, temperature > 0 and teacher_steps >= 1.")
-        self.betas = tuple(self.betas)
+    def validate(self) -> None:
+        super().validate()
+        self.one_of("teacher", TEACHERS)
+        self.one_of("estimator", ESTIMATORS)
+        for key in ("samples", "prompts", "max_new_tokens", "prompt_tokens"):
+            self.positive(key, integer=True)
+        self.at_least("alpha", 0)
+        self.positive("temperature")
+        if self.teacher_steps is not None:
+            self.positive("teacher_steps", integer=True)
+        if self.teacher_lr is not None:
+            self.positive("teacher_lr")
 
 
 def reverse_kl_full(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -122,11 +122,9 @@ class OnPolicyDistillation(FullFinetune):
     name = "onpolicy_distill"
     options_cls = Options
 
-    def __init__(self, **opts: Any):
-        o = Options(**opts)
-        super().__init__(lr=o.lr, weight_decay=o.weight_decay, betas=o.betas)
-        self.opts = o
-        self.hparams = {k: v for k, v in asdict(o).items() if k not in ("lr", "betas")}
+    def __init__(self, *args: Any, **options: Any):
+        super().__init__(*args, **options)
+        self.opts = self.options
         self.teacher: nn.Module | None = None
         self.tok = None
         self._stops: set[int] | None = None

@@ -41,7 +41,7 @@ head is shared).
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -49,11 +49,11 @@ from torch import nn
 
 from ..errors import ConfigError
 from .adapters import ROUTERS, Router, pooled_representation, spread_steps, token_counts
-from .base import Method, MethodContext, freeze_all, shifted_cross_entropy
+from .base import Method, MethodContext, MethodOptions, freeze_all, shifted_cross_entropy
 
 
 @dataclass
-class Options:
+class Options(MethodOptions):
     lr: float = 1e-3
     width: int = 64  # units per layer of each column
     layers: list[int] | None = None  # decoder layers with a column MLP (default: all)
@@ -61,17 +61,14 @@ class Options:
     router_batches: int = 16
     seed: int = 0
 
-    def __post_init__(self) -> None:
-        if self.width < 1:
-            raise ConfigError(f"progressive width must be a positive integer, got {self.width}.")
-        if self.router not in ROUTERS:
-            raise ConfigError(f"progressive router must be one of {ROUTERS}, got {self.router!r}.")
-        if self.router_batches < 1:
-            raise ConfigError(f"progressive router_batches must be at least 1, got {self.router_batches}.")
+    def validate(self) -> None:
+        super().validate()
+        self.positive("width", integer=True)
+        self.one_of("router", ROUTERS)
+        self.positive("router_batches", integer=True)
         if self.layers is not None:
             self.layers = sorted({int(i) for i in self.layers})
-            if not self.layers:
-                raise ConfigError("progressive layers must name at least one decoder layer.")
+            self.require(bool(self.layers), "layers", "at least one decoder layer")
 
 
 def rms(h: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -232,12 +229,10 @@ class ProgressiveNetworks(Method):
     name = "progressive"
     options_cls = Options
 
-    def __init__(self, **opts: Any):
-        o = Options(**opts)
-        super().__init__(o.lr)
-        self.opts = o
-        self.hparams = {k: v for k, v in asdict(o).items() if k != "lr"}
-        self.router = Router(o.router)
+    def __init__(self, *args: Any, **options: Any):
+        super().__init__(*args, **options)
+        self.opts = self.options
+        self.router = Router(self.opts.router)
         self.column_states: list[dict[str, torch.Tensor]] = []  # saved columns, filled on resume
         self.valid_accuracy: list[float | None] = []
         self._wrapper: ProgressiveModel | None = None

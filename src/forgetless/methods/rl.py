@@ -36,7 +36,7 @@ normalisation variants (Dr. GRPO), rewards for partial answers.
 from __future__ import annotations
 
 import copy
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -53,7 +53,7 @@ KL_ESTIMATORS = ("full", "k3")
 
 
 @dataclass
-class Options:
+class Options(FullFinetune.Options):
     lr: float = 1e-5
     objective: str = "grpo"  # grpo | sft (the baseline on the same prompts)
     group_size: int = 4  # G samples per prompt
@@ -66,21 +66,17 @@ class Options:
     prompt_tokens: int = 16  # domain stream: prompt length
     answer_tokens: int = 8  # domain stream: reference continuation length
     seed: int = 0
-    weight_decay: float = 0.1
-    betas: tuple[float, float] = (0.9, 0.95)
 
-    def __post_init__(self) -> None:
-        if self.objective not in OBJECTIVES:
-            raise ConfigError(f"rl objective must be one of {OBJECTIVES}, got {self.objective!r}.")
-        if self.kl_estimator not in KL_ESTIMATORS:
-            raise ConfigError(f"rl kl_estimator must be one of {KL_ESTIMATORS}, got {self.kl_estimator!r}.")
-        if self.group_size < 2 and self.objective == "grpo":
-            raise ConfigError(f"rl group_size must be at least 2 (a group baseline needs two samples), got {self.group_size}.")
-        if min(self.prompts, self.max_new_tokens, self.prompt_tokens, self.answer_tokens) < 1:
-            raise ConfigError("rl prompts, max_new_tokens, prompt_tokens and answer_tokens must be positive.")
-        if self.beta < 0 or self.temperature <= 0:
-            raise ConfigError("rl needs beta >= 0 and temperature > 0.")
-        self.betas = tuple(self.betas)
+    def validate(self) -> None:
+        super().validate()
+        self.one_of("objective", OBJECTIVES)
+        self.one_of("kl_estimator", KL_ESTIMATORS)
+        self.require(self.group_size >= 2 or self.objective == "sft", "group_size",
+                     "at least 2 (a group baseline needs two samples)")
+        for key in ("prompts", "max_new_tokens", "prompt_tokens", "answer_tokens"):
+            self.positive(key, integer=True)
+        self.at_least("beta", 0)
+        self.positive("temperature")
 
 
 # --------------------------------------------------------------------------- the mathematics
@@ -134,11 +130,9 @@ class PolicyGradient(FullFinetune):
     name = "rl"
     options_cls = Options
 
-    def __init__(self, **opts: Any):
-        o = Options(**opts)
-        super().__init__(lr=o.lr, weight_decay=o.weight_decay, betas=o.betas)
-        self.opts = o
-        self.hparams = {k: v for k, v in asdict(o).items() if k not in ("lr", "betas")}
+    def __init__(self, *args: Any, **options: Any):
+        super().__init__(*args, **options)
+        self.opts = self.options
         self.ref: nn.Module | None = None
         self.tok = None
         self._stops: set[int] | None = None

@@ -49,7 +49,13 @@ from torch import nn
 
 from ..errors import ConfigError
 from .adapters import ROUTERS, Router, pooled_representation, spread_steps, token_counts
-from .base import Method, MethodContext, MethodOptions, freeze_all, shifted_cross_entropy
+from .base import (
+    Method,
+    MethodContext,
+    MethodOptions,
+    freeze_all,
+    shifted_cross_entropy,
+)
 
 
 @dataclass

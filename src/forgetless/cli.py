@@ -81,7 +81,7 @@ def _stream_config(args: argparse.Namespace):
     from .learn import StreamConfig
 
     return StreamConfig(batch_size=args.batch_size, steps_per_fact=args.steps_per_fact, eval_every=args.eval_every,
-                        loss_on=args.loss_on, questions=args.questions, seed=args.seed)
+                        loss_on=args.loss_on, material="questions" if args.questions else args.material, seed=args.seed)
 
 
 def _method_options(args: argparse.Namespace) -> dict:
@@ -151,7 +151,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     lrs = parse_lrs(args.lrs, methods)
     n = args.facts
     stream = StreamConfig(batch_size=args.batch_size, steps_per_fact=args.steps_per_fact, eval_every=args.eval_every,
-                          loss_on=args.loss_on, questions=args.questions, seed=args.seed)
+                          loss_on=args.loss_on, material="questions" if args.questions else args.material, seed=args.seed)
     ranks = [int(r) for r in args.ranks.split(",")]
     if args.quick:
         n = min(n, 8) if args.facts == 50 else n
@@ -218,8 +218,11 @@ def _stream_args(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--steps-per-fact", type=int, default=4, help="optimizer steps per fact (default 4)")
     sp.add_argument("--eval-every", type=int, default=25, help="evaluate every K facts (0: only at the end)")
     sp.add_argument("--loss-on", choices=["all", "answer"], default="all", help="loss on all statement tokens or the answer")
-    sp.add_argument("--questions", action="store_true",
-                    help="also train on question/answer lines (training templates, never the probe wording)")
+    sp.add_argument("--material", choices=["augmented", "statements", "questions"], default="augmented",
+                    help="teaching material: augmented (default: rule-made rewordings, clozes and question/answer "
+                         "lines of any relation, never the probe), statements (the paper's protocol), questions "
+                         "(statements + the built-in relations' training question templates)")
+    sp.add_argument("--questions", action="store_true", help="same as --material questions")
     sp.add_argument("--seed", type=int, default=0)
 
 

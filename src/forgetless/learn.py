@@ -41,7 +41,10 @@ class StreamConfig:
     steps_per_fact: int = 4
     eval_every: int = 25  # facts; 0 = only at the end
     loss_on: str = "all"  # "all" tokens of the statement, or only the "answer" tokens
-    questions: bool = False  # mix question/answer lines (training templates, never the probes) into each batch
+    questions: bool = False  # older spelling of material="questions"
+    # teaching material: "augmented" (rule-made rewordings, clozes and question/answer lines of
+    # any relation, never the probe), "statements" (the paper's protocol) or "questions"
+    material: str = "augmented"
     retained_sample: int = 200  # known facts probed during the stream (all of them at the end)
     heldout_tokens: int = 16_384  # held-out text scored during the stream (4x at the end)
     final_all_known: bool = True  # the base and final evaluations probe every known fact
@@ -50,6 +53,12 @@ class StreamConfig:
     def __post_init__(self) -> None:
         if self.loss_on not in ("all", "answer"):
             raise ConfigError(f"loss_on must be 'all' or 'answer', got {self.loss_on!r}.")
+        if self.questions:
+            self.material = "questions"
+        from .data.facts import MATERIALS
+
+        if self.material not in MATERIALS:
+            raise ConfigError(f"material must be one of {MATERIALS}, got {self.material!r}.")
         if self.batch_size < 1 or self.steps_per_fact < 1:
             raise ConfigError("batch_size and steps_per_fact must be positive.")
 
@@ -108,9 +117,11 @@ def load_heldout_ids(model_dir: Path, tok, max_tokens: int) -> torch.Tensor:
 
 # --------------------------------------------------------------------------- batches
 def fact_batch(tok, fact: Fact, n: int, loss_on: str, device: torch.device,
-               questions: bool = False) -> dict[str, torch.Tensor]:
-    """A right-padded batch of n statements of ``fact`` (each ending in a newline, like pretraining)."""
-    sents = [s + "\n" for s in teaching_sentences(fact, n, questions)]
+               questions: bool = False, material: str | None = None, step: int = 0,
+               seed: int = 0) -> dict[str, torch.Tensor]:
+    """A right-padded batch of n teaching lines of ``fact`` (each ending in a newline, like
+    pretraining); ``material`` and ``step`` as in ``data.facts.teaching_sentences``."""
+    sents = [s + "\n" for s in teaching_sentences(fact, n, questions, material, step, seed)]
     tok.padding_side = "right"
     enc = tok(sents, return_tensors="pt", padding=True, return_offsets_mapping=loss_on == "answer")
     tok.padding_side = "left"
@@ -185,7 +196,8 @@ def learn_facts(model: nn.Module, tok, facts: list[Fact], method: Method, evalua
         f"held-out NLL {base.heldout_nll:.3f}")
     model = method.setup(model, context)
     steps = len(facts) * cfg.steps_per_fact
-    batches = [fact_batch(tok, f, cfg.batch_size, cfg.loss_on, device, cfg.questions) for f in facts]
+    batches = [fact_batch(tok, f, cfg.batch_size, cfg.loss_on, device, material=cfg.material, step=k, seed=cfg.seed)
+               for f in facts for k in range(cfg.steps_per_fact)]
     curve: list[Evaluation] = []
     final_ev: list[Evaluation] = []
     if cfg.eval_every:  # the curve starts at the base, on the same known-fact sample as its other points
@@ -210,7 +222,7 @@ def learn_facts(model: nn.Module, tok, facts: list[Fact], method: Method, evalua
         eval_at(step)
         eval_seconds[0] += time.time() - t
 
-    train_with_method(method, model, lambda s: batches[s // cfg.steps_per_fact], steps, on_eval=on_eval,
+    train_with_method(method, model, lambda s: batches[s], steps, on_eval=on_eval,
                       eval_every=cfg.steps_per_fact, progress=progress, desc=f"teaching ({method.name})")
     train_time = time.time() - t_start - eval_seconds[0]
     params = method.trainable_params_per_step()

@@ -47,7 +47,8 @@ class StreamConfig:
     facts_per_experience: int = 10
     steps_per_experience: int = 40  # domain: optimizer steps per experience
     steps_per_fact: int = 4  # facts
-    questions: bool = False  # facts: mix question/answer lines (training templates, never the probes) into each batch
+    questions: bool = False  # facts: older spelling of material: questions
+    material: str = "augmented"  # facts: augmented | statements | questions (see data/facts.teaching_sentences)
     batch_size: int = 16
     seq_len: int = 128
     test_docs: int = 30  # domain: documents per topic kept for testing
@@ -59,6 +60,12 @@ class StreamConfig:
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ConfigError(f"stream.kind must be one of {KINDS}, got {self.kind!r}.")
+        from .data.facts import MATERIALS
+
+        if self.questions:
+            self.material = "questions"
+        if self.material not in MATERIALS:
+            raise ConfigError(f"stream.material must be one of {MATERIALS}, got {self.material!r}.")
 
 
 @dataclass
@@ -157,10 +164,11 @@ def fact_stream(model_dir: Path, tok, cfg: StreamConfig, seed: int, facts_file: 
     experiences = []
     for k in range(n_exp):
         group: list[Fact] = facts[k * cfg.facts_per_experience:(k + 1) * cfg.facts_per_experience]
-        batches = [fact_batch(tok, f, cfg.batch_size, "all", torch.device("cpu"), cfg.questions) for f in group]
+        batches = [fact_batch(tok, f, cfg.batch_size, "all", torch.device("cpu"), material=cfg.material, step=k,
+                              seed=seed) for f in group for k in range(cfg.steps_per_fact)]
 
         def batch_fn(step: int, batches=batches) -> dict:
-            return batches[step // cfg.steps_per_fact]
+            return batches[step]
 
         experiences.append(Experience(f"facts {k + 1}", batch_fn, len(group) * cfg.steps_per_fact, group,
                                       {"fact_ids": [f.id for f in group]},

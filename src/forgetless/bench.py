@@ -69,14 +69,16 @@ def _machine() -> dict:
 def bench_facts(model_dir: Path, out_dir: Path, methods: list[str], n_facts: int = 100,
                 lrs: dict[str, list[float]] | None = None, lora_ranks: list[int] | None = None,
                 stream: StreamConfig | None = None, top_t: int = 500, smf_background: str = "mix",
-                facts_file: Path | None = None,
+                facts_file: Path | None = None, smf_options: dict | None = None, offset: int = 0,
                 command: str = "", log: Callable[[str], None] = print, progress: bool = False) -> dict:
     stream = stream or StreamConfig()
     lrs = lrs or parse_lrs(None, methods)
     lora_ranks = lora_ranks or DEFAULT_LORA_RANKS
     facts = load_fact_file(facts_file or model_dir / "facts_new.jsonl")
     random.Random(stream.seed).shuffle(facts)
-    facts = facts[:n_facts]
+    facts = facts[offset:offset + n_facts]  # offset: e.g. validation facts after the test ones
+    if not facts:
+        raise ConfigError(f"--offset {offset} leaves no facts: the file has fewer.")
     model, tok, ctx = open_model(model_dir)
     known = load_known_facts(model_dir)
     heldout = load_heldout_ids(model_dir, tok, 4 * stream.heldout_tokens)
@@ -84,7 +86,7 @@ def bench_facts(model_dir: Path, out_dir: Path, methods: list[str], n_facts: int
     results: dict = {
         "title": "Fact injection: learning vs forgetting", "command": command, "machine": _machine(),
         "model": str(model_dir),
-        "stream": {"n_facts": len(facts), **to_dict(stream), "fact_ids": [f.id for f in facts],
+        "stream": {"n_facts": len(facts), "offset": offset, **to_dict(stream), "fact_ids": [f.id for f in facts],
                    "facts_file": str(facts_file or model_dir / "facts_new.jsonl")},
         "runs": [],
     }
@@ -96,7 +98,7 @@ def bench_facts(model_dir: Path, out_dir: Path, methods: list[str], n_facts: int
                 grid += [(m, base_name, lr, {"rank": r}) for r in lora_ranks]
             elif base_name == "smf":
                 bg = {} if smf_background == "mix" else {"background": smf_background}
-                grid.append((m, base_name, lr, {"top_t": top_t, **bg, **extra}))
+                grid.append((m, base_name, lr, {"top_t": top_t, **bg, **(smf_options or {}), **extra}))
             else:
                 grid.append((m, base_name, lr, dict(extra)))
     out_dir.mkdir(parents=True, exist_ok=True)

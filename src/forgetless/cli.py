@@ -80,8 +80,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def _stream_config(args: argparse.Namespace):
     from .learn import StreamConfig
 
-    return StreamConfig(batch_size=args.batch_size, steps_per_fact=args.steps_per_fact, eval_every=args.eval_every,
-                        loss_on=args.loss_on, material="questions" if args.questions else args.material, seed=args.seed)
+    cfg = StreamConfig(batch_size=args.batch_size, steps_per_fact=args.steps_per_fact, eval_every=args.eval_every,
+                       loss_on=args.loss_on, material="questions" if args.questions else args.material, seed=args.seed)
+    if args.retained:  # a fixed sample of known facts, before and after (0: every known fact)
+        cfg.retained_sample, cfg.final_all_known = args.retained, False
+    return cfg
 
 
 def _method_options(args: argparse.Namespace) -> dict:
@@ -89,8 +92,26 @@ def _method_options(args: argparse.Namespace) -> dict:
     if args.method == "lora":
         opts.update(rank=args.rank)
     if args.method == "smf":
-        opts.update(top_t=args.top_t, ranking=args.ranking, background=args.background)
+        opts.update(top_t=args.top_t, ranking=args.ranking, background=args.background, **_smf_extra(args))
     return opts
+
+
+def _smf_extra(args: argparse.Namespace) -> dict:
+    """smf options that differ from the method's defaults (kept out of run labels otherwise)."""
+    out = {}
+    if args.protect:
+        out["protect"] = args.protect
+    if args.max_doc_rate < 1.0:
+        out["max_doc_rate"] = args.max_doc_rate
+    return out
+
+
+def _smf_args(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("--protect", type=float, default=0.0,
+                    help="smf: never train the rows carrying this share of the known facts' lookup weight "
+                         "(read from their training lines, never the probes; default 0: off)")
+    sp.add_argument("--max-doc-rate", type=float, default=1.0,
+                    help="smf: never train rows read in more than this share of background documents (default 1: off)")
 
 
 DEFAULT_LR = {"full": 1e-5, "lora": 1e-4, "smf": 3.0, "eaft": 1e-5}
@@ -113,6 +134,9 @@ def cmd_learn(args: argparse.Namespace) -> int:
     print(f"after:  learned {s['learned']:.1%}, retained {s['retained']:.1%} (drop {s['retained_drop']:.1%}), "
           f"held-out NLL {s['heldout_nll']:.3f} ({s['heldout_nll_delta']:+.3f}); {len(facts)} facts, "
           f"{s['steps']} steps, {s['seconds_per_step'] * 1000:.0f} ms/step")
+    total = s["train_seconds"] + s["eval_seconds"]
+    print(f"time:   training {s['train_seconds']:.1f} s, evaluation {s['eval_seconds']:.1f} s "
+          f"({s['eval_seconds'] / max(s['train_seconds'], 1e-9):.2f}x training; {total:.1f} s in all)")
     if args.out:
         out = save_learned(model, tok, model_dir, Path(args.out), facts, {**method.describe(), **s})
         print(f"updated model written to {out}")
@@ -150,8 +174,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     lrs = parse_lrs(args.lrs, methods)
     n = args.facts
-    stream = StreamConfig(batch_size=args.batch_size, steps_per_fact=args.steps_per_fact, eval_every=args.eval_every,
-                          loss_on=args.loss_on, material="questions" if args.questions else args.material, seed=args.seed)
+    stream = _stream_config(args)
     ranks = [int(r) for r in args.ranks.split(",")]
     if args.quick:
         n = min(n, 8) if args.facts == 50 else n
@@ -162,6 +185,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     out = Path(args.out)
     results = bench_facts(model_dir, out, methods, n_facts=n, lrs=lrs, lora_ranks=ranks, stream=stream,
                           top_t=args.top_t, smf_background=args.background, facts_file=Path(args.facts_file) if args.facts_file else None,
+                          offset=args.offset, smf_options={**_smf_extra(args), **({"ranking": args.ranking} if args.ranking != "tfidf" else {})},
                           command="forgetless " + " ".join(sys.argv[1:]), progress=False)
     print(format_table(results))
     print(f"wrote {out / 'results.json'}, {out / 'runs.csv'} and {out / 'report.html'}")
@@ -213,10 +237,14 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
-def _stream_args(sp: argparse.ArgumentParser) -> None:
-    sp.add_argument("--batch-size", type=int, default=16, help="differently-worded statements per step (default 16)")
+def _stream_args(sp: argparse.ArgumentParser, eval_every: int = 25, retained: int = 0) -> None:
+    sp.add_argument("--batch-size", type=int, default=16, help="differently-worded teaching lines per step (default 16)")
     sp.add_argument("--steps-per-fact", type=int, default=4, help="optimizer steps per fact (default 4)")
-    sp.add_argument("--eval-every", type=int, default=25, help="evaluate every K facts (0: only at the end)")
+    sp.add_argument("--eval-every", type=int, default=eval_every,
+                    help=f"evaluate every K facts (0: only before and after; default {eval_every})")
+    sp.add_argument("--retained", type=int, default=retained,
+                    help="known facts probed before and after teaching, a fixed sample (0: all of them; "
+                         f"default {retained or 'all'})")
     sp.add_argument("--loss-on", choices=["all", "answer"], default="all", help="loss on all statement tokens or the answer")
     sp.add_argument("--material", choices=["augmented", "statements", "questions"], default="augmented",
                     help="teaching material: augmented (default: rule-made rewordings, clozes and question/answer "
@@ -270,11 +298,13 @@ def build_parser() -> argparse.ArgumentParser:
                     help="learning rate (default: full 1e-5, lora 1e-4, smf 3, eaft 1e-5)")
     sp.add_argument("--rank", type=int, default=32, help="LoRA rank")
     sp.add_argument("--top-t", type=int, default=500, help="smf: memory slots trained per step")
-    sp.add_argument("--ranking", choices=["tfidf", "tf", "all"], default="tfidf", help="smf slot ranking (ablations)")
+    sp.add_argument("--ranking", choices=["tfidf", "tf", "all", "grad", "tfidf-grad"], default="tfidf",
+                    help="smf slot ranking (ablations and variants)")
+    _smf_args(sp)
     sp.add_argument("--background", choices=["mix", "general"], default="mix", help="smf IDF background")
     sp.add_argument("--out", default=None, help="folder for the updated model")
     sp.add_argument("--no-progress", action="store_true")
-    _stream_args(sp)
+    _stream_args(sp, eval_every=0, retained=200)
     sp.set_defaults(func=cmd_learn)
 
     sp = sub.add_parser("eval", help="answer accuracy of a model on a fact file",
@@ -296,10 +326,16 @@ def build_parser() -> argparse.ArgumentParser:
     bp.add_argument("--methods", default="full,lora,smf", help="comma list: full, lora, smf, smf-tf, smf-all, eaft")
     bp.add_argument("--facts", type=int, default=50, help="number of facts in the stream (default 50)")
     bp.add_argument("--facts-file", default=None, help="JSONL fact file (default: the model's new facts)")
+    bp.add_argument("--offset", type=int, default=0,
+                    help="skip this many facts of the shuffled file first (e.g. 100: validation facts, disjoint "
+                         "from the default stream's)")
     bp.add_argument("--lrs", nargs="*", default=None, help="'1e-5,3e-5' for all methods or 'smf=1,3,10 full=...'")
     bp.add_argument("--ranks", default="8,32", help="LoRA ranks (default 8,32)")
     bp.add_argument("--top-t", type=int, default=500, help="smf: slots trained per step")
     bp.add_argument("--background", choices=["mix", "general"], default="mix", help="smf: IDF background")
+    bp.add_argument("--ranking", choices=["tfidf", "tf", "all", "grad", "tfidf-grad"], default="tfidf",
+                    help="smf: slot ranking (ablations and variants)")
+    _smf_args(bp)
     bp.add_argument("--quick", action="store_true", help="8 facts, one setting per method (about a minute)")
     bp.add_argument("--out", default="runs/bench-facts", help="output folder")
     _stream_args(bp)

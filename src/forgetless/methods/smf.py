@@ -17,6 +17,14 @@ by default those of the pretraining mixture (general text and fact lines, as tra
 ``background="general"`` for general text only.
 
 Ablations: ``ranking="tf"`` (no IDF) and ``ranking="all"`` (every slot the batch read).
+Variants (ours): ``ranking="grad"`` ranks the read slots by the norm of their value gradient
+(the slots the loss asks to change most), ``"tfidf-grad"`` by that norm times the IDF.
+
+Keeping rows off-limits (ours, see the block at the end): ``max_doc_rate`` never trains a slot
+read in more than that share of the background documents; ``protect`` never trains the fewest
+slots that carry that share of the lookup weight of the model's *known* facts, read from their
+training lines (statements and training-template questions of ``facts_known.jsonl``, never the
+evaluation probes).
 """
 
 from __future__ import annotations
@@ -30,7 +38,7 @@ from ..evaluate.slots import MIX_PREFIX
 from ..models.memory import AccessLog, named_memory_layers
 from .base import Method, MethodContext, freeze_all
 
-RANKINGS = ("tfidf", "tf", "all")
+RANKINGS = ("tfidf", "tf", "all", "grad", "tfidf-grad")
 # "mix": the pretraining mixture (general text + fact lines), "general": general text only
 BACKGROUNDS = {"mix": MIX_PREFIX, "general": ""}
 
@@ -68,13 +76,20 @@ class SparseMemoryFinetune(Method):
     name = "smf"
     grad_clip = None  # plain SGD on the selected rows, as in the paper
 
-    def __init__(self, lr: float = 2.0, top_t: int = 500, ranking: str = "tfidf", background: str = "mix"):
+    def __init__(self, lr: float = 2.0, top_t: int = 500, ranking: str = "tfidf", background: str = "mix",
+                 protect: float = 0.0, max_doc_rate: float = 1.0):
         if ranking not in RANKINGS:
             raise ConfigError(f"smf ranking must be one of {RANKINGS}, got {ranking!r}.")
         if background not in BACKGROUNDS:
             raise ConfigError(f"smf background must be one of {tuple(BACKGROUNDS)}, got {background!r}.")
-        super().__init__(lr, top_t=top_t, ranking=ranking, background=background)
+        if not 0.0 <= protect < 1.0 or not 0.0 < max_doc_rate <= 1.0:
+            raise ConfigError("smf protect must be in [0, 1) and max_doc_rate in (0, 1].")
+        extra = {k: v for k, v in (("protect", protect), ("max_doc_rate", max_doc_rate))
+                 if v != {"protect": 0.0, "max_doc_rate": 1.0}[k]}
+        super().__init__(lr, top_t=top_t, ranking=ranking, background=background, **extra)
         self.top_t, self.ranking, self.background = top_t, ranking, background
+        self.protect, self.max_doc_rate = protect, max_doc_rate
+        self.excluded: dict[str, torch.Tensor] = {}
         self.last_selected: dict[str, torch.Tensor] = {}
 
     def setup(self, model: nn.Module, context: MethodContext) -> nn.Module:
@@ -82,7 +97,7 @@ class SparseMemoryFinetune(Method):
         if not self.mems:
             raise ConfigError("sparse memory finetuning needs a model with a product-key memory layer.")
         stats = context.memory_stats
-        if self.ranking == "tfidf":
+        if self.ranking in ("tfidf", "tfidf-grad") or self.max_doc_rate < 1.0:
             if not stats:
                 raise CheckpointError("the model folder has no memory_stats.safetensors: TF-IDF slot selection "
                                       "needs background statistics (use ranking: tf, or re-collect them).")
@@ -90,6 +105,8 @@ class SparseMemoryFinetune(Method):
             if f"{pre}{next(iter(self.mems))}.doc_freq" not in stats:
                 raise CheckpointError(f"the model's memory statistics have no '{self.background}' background.")
             self.idf_stats = {n: (stats[f"{pre}{n}.doc_freq"], int(stats[f"{pre}{n}.n_docs"])) for n in self.mems}
+        self.excluded = excluded_rows(model, context, self.mems, self.protect, self.max_doc_rate,
+                                      getattr(self, "idf_stats", {}))
         freeze_all(model)
         values = []
         for m in self.mems.values():
@@ -105,12 +122,19 @@ class SparseMemoryFinetune(Method):
             if m.values.grad is None:
                 continue
             counts = torch.bincount(m.access_log.last_indices.cpu(), minlength=m.n_slots)
+            if name in self.excluded:
+                counts[self.excluded[name]] = 0  # never selected
             if self.ranking == "all":
                 rows = (counts > 0).nonzero().flatten()
             else:
                 if self.ranking == "tfidf":
                     doc_freq, n_docs = self.idf_stats[name]
                     scores = tfidf_scores(counts, doc_freq, n_docs)
+                elif self.ranking in ("grad", "tfidf-grad"):
+                    scores = grad_row_norms(m.values.grad, m.n_slots)
+                    if self.ranking == "tfidf-grad":
+                        doc_freq, n_docs = self.idf_stats[name]
+                        scores = scores * torch.log((n_docs + 1.0) / (doc_freq.double() + 1.0))
                 else:
                     scores = counts.double()
                 rows = select_top_slots(scores, counts, self.top_t)
@@ -128,3 +152,80 @@ class SparseMemoryFinetune(Method):
             rows = sum(r.numel() for r in self.last_selected.values())
             return rows * next(iter(self.mems.values())).v_dim if rows else sum(m.values.numel() for m in self.mems.values())
         return sum(min(self.top_t, m.n_slots) * m.v_dim for m in self.mems.values())
+
+
+# --------------------------------------------------------------------------- rows kept off-limits, ranking by gradient
+def grad_row_norms(grad: torch.Tensor, n_slots: int) -> torch.Tensor:
+    """L2 norm of every row of a (sparse or dense) value gradient, float64 (n_slots,)."""
+    out = torch.zeros(n_slots, dtype=torch.float64)
+    if grad.is_sparse and grad.sparse_dim() == 1:  # row-sparse, as the memory's WeightedBag writes it
+        g = grad.coalesce()
+        out[g.indices()[0].cpu()] = g.values().double().flatten(1).norm(dim=1).cpu()
+    else:
+        grad = grad.to_dense() if grad.is_sparse else grad
+        out = grad.double().norm(dim=1).cpu()
+    return out
+
+
+def known_fact_lines(model_dir, limit: int = 2000) -> list[str]:
+    """Training lines of the model's known facts (statements and training-template questions),
+    never their evaluation probes."""
+    from pathlib import Path
+
+    from ..data.facts import QUESTIONS, question_lines, read_builtin_facts
+
+    path = Path(model_dir) / "facts_known.jsonl"
+    if not path.is_file():
+        raise CheckpointError(f"smf protect needs the model's known facts ({path} is missing).")
+    lines: list[str] = []
+    for f in read_builtin_facts(path):
+        lines += [f.statement, *f.paraphrases[:2]]
+        if f.relation in QUESTIONS and f.subject:
+            lines += question_lines(f)[:2]
+    return lines[:limit]
+
+
+@torch.no_grad()
+def protected_rows(model: nn.Module, tok, lines: list[str], mems: dict, share: float,
+                   batch_size: int = 64) -> dict[str, torch.Tensor]:
+    """Per memory layer: the fewest rows carrying ``share`` of the lookup weight of ``lines``."""
+    from ..evaluate.smf_diagnosis import heavy_rows
+
+    weight = {n: torch.zeros(m.n_slots, dtype=torch.float64) for n, m in mems.items()}
+    logs = {n: AccessLog(m.n_slots, keep_last=True) for n, m in mems.items()}
+    old = {n: m.access_log for n, m in mems.items()}
+    was = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    try:
+        for n, m in mems.items():
+            m.access_log = logs[n]
+        tok.padding_side = "right"
+        for i in range(0, len(lines), batch_size):
+            enc = tok(lines[i:i + batch_size], return_tensors="pt", padding=True).to(device)
+            model(**enc)
+            for n in mems:
+                weight[n].index_add_(0, logs[n].last_indices.cpu(), logs[n].last_weights.double().cpu())
+    finally:
+        tok.padding_side = "left"
+        for n, m in mems.items():
+            m.access_log = old[n]
+        model.train(was)
+    return {n: heavy_rows(w, share) for n, w in weight.items()}
+
+
+def excluded_rows(model: nn.Module, context: MethodContext, mems: dict, protect: float, max_doc_rate: float,
+                  idf_stats: dict) -> dict[str, torch.Tensor]:
+    """Rows SMF never trains, per memory layer (empty when both options are off)."""
+    out: dict[str, list[torch.Tensor]] = {n: [] for n in mems}
+    if max_doc_rate < 1.0:
+        for n in mems:
+            doc_freq, n_docs = idf_stats[n]
+            out[n].append((doc_freq.double() / max(n_docs, 1) > max_doc_rate).nonzero().flatten())
+    if protect > 0.0:
+        if context.tokenizer is None or context.model_dir is None:
+            raise ConfigError("smf protect needs the model folder and its tokenizer.")
+        for n, rows in protected_rows(model, context.tokenizer, known_fact_lines(context.model_dir), mems,
+                                      protect).items():
+            out[n].append(rows)
+    return {n: torch.unique(torch.cat(r)) for n, r in out.items() if r}

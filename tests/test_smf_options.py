@@ -1,0 +1,39 @@
+"""SMF options kept in their own block: rows kept off-limits and ranking by gradient norm."""
+
+import pytest
+import torch
+
+from forgetless.errors import ConfigError
+from forgetless.methods import make_method
+from forgetless.methods.base import MethodContext
+from forgetless.methods.smf import excluded_rows, grad_row_norms
+
+
+def test_grad_row_norms_of_sparse_and_dense_gradients():
+    dense = torch.zeros(5, 2)
+    dense[1] = torch.tensor([3.0, 4.0])
+    dense[4] = torch.tensor([0.0, 2.0])
+    for g in (dense, dense.to_sparse(), dense.to_sparse(1)):
+        assert grad_row_norms(g, 5).tolist() == [0.0, 5.0, 0.0, 0.0, 2.0]
+
+
+class _Mem:
+    n_slots = 6
+
+
+def test_max_doc_rate_excludes_rows_read_in_too_many_background_documents():
+    idf = {"m": (torch.tensor([0, 10, 5, 6, 1, 9]), 10)}  # doc rates 0, 1, .5, .6, .1, .9
+    out = excluded_rows(None, MethodContext(), {"m": _Mem()}, protect=0.0, max_doc_rate=0.5, idf_stats=idf)
+    assert out["m"].tolist() == [1, 3, 5]
+    assert excluded_rows(None, MethodContext(), {"m": _Mem()}, 0.0, 1.0, idf) == {}
+
+
+def test_bad_options_are_one_clear_error():
+    with pytest.raises(ConfigError):
+        make_method("smf", lr=1.0, protect=1.5)
+    with pytest.raises(ConfigError):
+        make_method("smf", lr=1.0, max_doc_rate=0.0)
+    with pytest.raises(ConfigError):
+        make_method("smf", lr=1.0, ranking="random")
+    m = make_method("smf", lr=1.0, protect=0.5)
+    assert m.describe()["protect"] == 0.5 and "max_doc_rate" not in m.describe()

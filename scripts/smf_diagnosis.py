@@ -33,13 +33,15 @@ from pathlib import Path
 
 import torch
 
-from forgetless.cli import default_model_dir
+from forgetless.data.batches import fact_batch
 from forgetless.data.factfile import load_fact_file
 from forgetless.data.facts import teaching_sentences
 from forgetless.evaluate import smf_diagnosis as D
 from forgetless.evaluate.answers import exact_match, greedy_answers
-from forgetless.learn import FactEvaluator, StreamConfig, fact_batch, learn_facts, load_heldout_ids, load_known_facts, open_model
+from forgetless.experiments.facts import FactEvaluator, StreamConfig, learn_facts
 from forgetless.methods import make_method
+from forgetless.models.folder import default_model_dir, load_heldout_ids, load_known_facts, open_model
+from forgetless.training.lifecycle import MethodContext
 from forgetless.models.memory import AccessLog, freeze_query_stats, named_memory_layers
 
 
@@ -139,7 +141,8 @@ def main() -> None:
     facts = load_fact_file(args.facts_file or base_dir / "facts_new.jsonl")
     random.Random(args.seed).shuffle(facts)
     facts = facts[: args.facts]
-    model, tok, ctx = open_model(base_dir)
+    model, tok = open_model(base_dir)
+    ctx = MethodContext.for_folder(base_dir, tok)
     freeze_query_stats(model)
     (name, mem), = named_memory_layers(model).items()
     n_slots = mem.n_slots
@@ -149,6 +152,7 @@ def main() -> None:
     # ---- before: known-probe lookups, answers, taught-fact lookups, answer logits
     k_texts = [probe_text(f) for f in known]
     k_lookups = lookups(model, tok, [t for t, _ in k_texts])
+    k_pred = lookups(model, tok, [t for t, _ in k_texts], [sp for _, sp in k_texts])  # positions predicting the answer
     k_before = [exact_match(p, f.answer) > 0 for p, f in zip(greedy_answers(model, tok, [f.question for f in known]), known)]
     k_weight = D.weight_per_row(torch.cat([i for i, _ in k_lookups]), torch.cat([w for _, w in k_lookups]), n_slots)
     heavy50, heavy90 = D.heavy_rows(k_weight, 0.5), D.heavy_rows(k_weight, 0.9)
@@ -191,7 +195,14 @@ def main() -> None:
     figs["known"] = {"heavy50": D.row_overlap(changed, heavy50), "heavy90": D.row_overlap(changed, heavy90),
                      "weight_share_on_changed": D.weight_share_on(torch.cat([i for i, _ in k_lookups]),
                                                                   torch.cat([w for _, w in k_lookups]), changed),
-                     "by_outcome": D.overlap_vs_forgetting(k_lookups, k_before, k_after, changed)}
+                     "by_outcome": D.overlap_vs_forgetting(k_lookups, k_before, k_after, changed),
+                     "by_outcome_answer_positions": D.overlap_vs_forgetting(k_pred, k_before, k_after, changed)}
+    lost_preds = [p for p, f, b, a in zip(greedy_answers(model, tok, [f.question for f in known]), known, k_before, k_after)
+                  if b and not a]
+    taught_answers = {f.answer for f in facts}
+    figs["known"]["lost_answered_with_a_taught_answer"] = (sum(p in taught_answers for p in lost_preds) / len(lost_preds)
+                                                         if lost_preds else 0.0)
+    figs["known"]["lost_examples"] = lost_preds[:8]
 
     # ---- selected rows' share of the lookup weight at the taught answer tokens
     per_fact = [torch.unique(torch.cat(selected[i * cfg.steps_per_fact:(i + 1) * cfg.steps_per_fact])) for i in range(len(facts))]
@@ -217,10 +228,10 @@ def main() -> None:
                                               ("batch 16, statements", 16, "statements", None)):
             outcome = []
             for f in facts[: args.curves]:
-                m2, _, ctx2 = open_model(base_dir)
+                m2, _ = open_model(base_dir)
                 freeze_query_stats(m2)
                 meth = make_method("smf", lr=args.lr, top_t=args.top_t, ranking=args.ranking)
-                m2 = meth.setup(m2, ctx2)
+                m2 = meth.setup(m2, ctx)
                 opt = meth.optimizers()[0]
                 row = []
                 for k in range(args.max_steps):

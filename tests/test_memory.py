@@ -6,8 +6,15 @@ import torch.nn.functional as F
 
 from forgetless.errors import CheckpointError, ConfigError
 from forgetless.models.checkpoint import load_model, save_model
-from forgetless.models.memory import (AccessLog, MemoryConfig, ProductKeyMemory, WeightedBag, add_memory_layers,
-                                      memory_layers, memory_parameter_groups)
+from forgetless.models.memory import (
+    AccessLog,
+    MemoryConfig,
+    ProductKeyMemory,
+    WeightedBag,
+    add_memory_layers,
+    memory_layers,
+    memory_parameter_groups,
+)
 
 
 def exhaustive_scores(mem: ProductKeyMemory, x: torch.Tensor, float64: bool = False):

@@ -7,32 +7,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
 from .errors import ForgetlessError
+from .models.folder import default_model_dir
 
 
-def default_model_dir() -> Path:
-    """The shipped base (``FORGETLESS_MODEL`` overrides it)."""
-    env = os.environ.get("FORGETLESS_MODEL")
-    if env:
-        return Path(env)
-    return Path(__file__).resolve().parent / "assets" / "forgetless-tiny"
-
-
-def _model_arg(p: argparse.ArgumentParser, positional: bool = False) -> None:
-    help_ = "model folder (default: the shipped base, or $FORGETLESS_MODEL)"
-    if positional:
-        p.add_argument("model", nargs="?", default=None, help=help_)
-    else:
-        p.add_argument("--model", default=None, help=help_)
+def _model_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="model folder (default: the shipped base, or $FORGETLESS_MODEL)")
 
 
 # --------------------------------------------------------------------------- commands
 def cmd_pretrain(args: argparse.Namespace) -> int:
-    from .pretrain import load_pretrain_config, pretrain
+    from .experiments.pretrain import load_pretrain_config, pretrain
 
     cfg = load_pretrain_config(args.config)
     if args.device:
@@ -45,7 +33,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from .info import model_info, format_info
+    from .report.info import format_info, model_info
 
     info = model_info(args.model or default_model_dir())
     print(json.dumps(info, indent=2) if args.json else format_info(info))
@@ -66,6 +54,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise ForgetlessError(f"the prompt is too long: prompt plus --max-new-tokens must fit in "
                               f"{model.config.max_position_embeddings} tokens.")
     kw = dict(max_new_tokens=args.max_new_tokens, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    if args.stop:
+        kw.update(stop_strings=[args.stop], tokenizer=tok)
     if args.sample:
         kw.update(do_sample=True, temperature=args.temperature, top_p=args.top_p, top_k=0)
     else:
@@ -73,12 +63,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
     with torch.no_grad():
         out = model.generate(**enc, **kw)
     text = tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    if args.stop and args.stop in text:  # the answer ends at the stop string (not printed)
+        text = text[: text.index(args.stop)]
     print(args.prompt + text)
     return 0
 
 
 def _stream_config(args: argparse.Namespace):
-    from .learn import StreamConfig
+    from .experiments.facts import StreamConfig
 
     cfg = StreamConfig(batch_size=args.batch_size, steps_per_fact=args.steps_per_fact, eval_every=args.eval_every,
                        loss_on=args.loss_on, material="questions" if args.questions else args.material, seed=args.seed)
@@ -119,12 +111,16 @@ DEFAULT_LR = {"full": 1e-5, "lora": 1e-4, "smf": 3.0, "eaft": 1e-5}
 
 def cmd_learn(args: argparse.Namespace) -> int:
     from .data.factfile import load_fact_file
-    from .learn import FactEvaluator, learn_facts, load_heldout_ids, load_known_facts, open_model, save_learned
+    from .data.facts import load_known_facts
+    from .experiments.facts import FactEvaluator, learn_facts, save_learned
     from .methods import make_method
+    from .models.folder import load_heldout_ids, open_model
+    from .training import MethodContext
 
     model_dir = Path(args.model or default_model_dir())
     facts = load_fact_file(args.facts)  # validated before anything is trained
-    model, tok, ctx = open_model(model_dir)
+    model, tok = open_model(model_dir)
+    ctx = MethodContext.for_folder(model_dir, tok)
     cfg = _stream_config(args)
     evaluator = FactEvaluator(tok, load_known_facts(model_dir), load_heldout_ids(model_dir, tok, 4 * cfg.heldout_tokens), cfg)
     method = make_method(args.method, lr=args.lr if args.lr is not None else DEFAULT_LR[args.method],
@@ -146,7 +142,7 @@ def cmd_learn(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from .data.factfile import load_fact_file
     from .evaluate.answers import greedy_answers, score_answers
-    from .learn import statement_prompt
+    from .experiments.facts import statement_prompt
     from .models.checkpoint import load_model
     from .models.tokenizer import load_tokenizer
 
@@ -167,8 +163,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from .bench import QUICK_LRS, bench_facts, format_table, parse_lrs
-    from .learn import StreamConfig
+    from .experiments.bench import QUICK_LRS, bench_facts, format_table, parse_lrs
+    from .experiments.facts import StreamConfig
 
     model_dir = Path(args.model or default_model_dir())
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -193,7 +189,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from .run import load_run_config, run
+    from .experiments.runner import load_run_config, run
 
     cfg = load_run_config(args.config)
     out = Path(args.out or Path("runs") / cfg.name)
@@ -274,7 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("info", help="describe a model: parameters, memory layers, tokenizer, data, health",
                         description="Describe a model folder: parameter counts, memory layers and slots, tokenizer, "
                                     "data splits, slot-usage health and fact-probe accuracy.")
-    _model_arg(sp, positional=True)
+    _model_arg(sp)
     sp.add_argument("--json", action="store_true", help="print JSON")
     sp.set_defaults(func=cmd_info)
 
@@ -283,6 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
     _model_arg(sp)
     sp.add_argument("--prompt", required=True, help="text to continue")
     sp.add_argument("--max-new-tokens", type=int, default=40)
+    sp.add_argument("--stop", default="\n", help="stop at this string, e.g. the end of an answer (default: a newline; "
+                                                 "'' for none)")
     sp.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     sp.add_argument("--temperature", type=float, default=0.8)
     sp.add_argument("--top-p", type=float, default=0.95)

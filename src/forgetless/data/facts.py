@@ -347,3 +347,8 @@ def read_builtin_facts(path: str | os.PathLike) -> list[Fact]:
     if not out:
         raise DataSourceError(f"fact file {path} holds no facts.")
     return out
+
+
+def load_known_facts(model_dir: str | os.PathLike) -> list[Fact]:
+    """The facts a model folder says its model knows (``facts_known.jsonl``)."""
+    return read_builtin_facts(Path(model_dir) / "facts_known.jsonl")

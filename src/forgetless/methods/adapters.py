@@ -12,7 +12,7 @@ Routing (the exported ``AdapterRouterModel``): each input sequence goes to one a
   base if experience j has no adapter yet, e.g. on a curve point before it is trained).
 - Not told: a nearest-centroid router built from the experiences' *training* inputs, fitted
   at ``setup`` from ``router_batches`` training batches spread evenly over the experience's
-  steps (or, if the experience is not in ``context.extra``, from the first training batches
+  steps (or, if the context has no experience, from the first training batches
   seen in the loop):
 
   - ``router: hidden`` (default): r(x) = normalise(mean over non-pad tokens of the base
@@ -53,7 +53,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from .base import Method, MethodContext, freeze_all
+from .base import Method, MethodContext, freeze_all, shifted_cross_entropy
 from .lora import LLAMA_LINEAR, lora_config
 
 ROUTERS = ("hidden", "tfidf")
@@ -330,9 +330,8 @@ class TaskAdapters(Method):
         params = wrapper.adapter_params(f"e{k}")
         self._optimizers = [torch.optim.AdamW(params, lr=self.lr, weight_decay=0.0)]
         self._wrapper = wrapper
-        extra = context.extra if context is not None else {}
-        exp = extra.get("experience")
-        self._seen = list(extra.get("seen_experiences") or [])
+        exp = context.experience if context is not None else None
+        self._seen = list(context.seen_experiences) if context is not None else []
         self._pending, self._fit_in_loop = [], False
         if len(self.router) == k:  # no statistics for this experience yet (not a re-run)
             if exp is not None and getattr(exp, "steps", 0):
@@ -357,14 +356,15 @@ class TaskAdapters(Method):
             self.router.add(rows, None) if self.router.kind == "hidden" else self.router.add(None, rows)
         self._pending, self._fit_in_loop = [], False
 
-    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        if self._fit_in_loop and len(self._pending) < self.router_batches:
+    def before_batch(self, model: nn.Module, batch: dict[str, torch.Tensor], step: int) -> dict[str, torch.Tensor]:
+        if self._fit_in_loop and len(self._pending) < self.router_batches:  # router statistics from the loop
             self._observe(model, batch)
+        return batch
+
+    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         out = model.adapter_forward(model.training_adapter, input_ids=batch["input_ids"],
                                     attention_mask=batch["attention_mask"])
-        logits = out.logits[:, :-1].float()
-        labels = batch["labels"][:, 1:]
-        return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
+        return shifted_cross_entropy(out.logits, batch["labels"])
 
     def export(self, model: nn.Module) -> nn.Module:
         if self._fit_in_loop:

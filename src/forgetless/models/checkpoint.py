@@ -30,6 +30,7 @@ from .memory import CONFIG_KEY, MemoryPlacement, add_memory_layers, named_memory
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 MEMORY_STATS = "memory_stats.safetensors"
+MIX_PREFIX = "pretrain_mix."  # key prefix in MEMORY_STATS: statistics over the whole pretraining mixture (general text + fact lines)
 
 
 def atomic_folder(dest: str | os.PathLike, write: Callable[[Path], None]) -> Path:

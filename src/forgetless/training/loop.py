@@ -1,4 +1,5 @@
-"""The one training loop: used for pretraining and (through method hooks) for learning streams.
+"""The one training loop: used for pretraining and, through ``lifecycle.fit_experience``, for every
+experience a method learns.
 
 The loop knows nothing about what it trains. It asks for
 
@@ -29,8 +30,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .errors import CheckpointError, TrainingError
-from .models.checkpoint import atomic_folder, load_model, save_model
+from ..errors import CheckpointError, TrainingError
+from ..models.checkpoint import atomic_folder, load_model, save_model
 
 
 @dataclass
@@ -114,29 +115,6 @@ def train_loop(
         if on_checkpoint and checkpoint_every and (done % checkpoint_every == 0 or done == steps):
             on_checkpoint(done)
     return LoopResult(step=steps, last_loss=loss_val, seconds=time.time() - t0, tokens=tokens)
-
-
-def train_with_method(method, model: nn.Module, batch_fn: Callable[[int], Any], steps: int,
-                      on_eval: Callable[[int], None] | None = None, eval_every: int = 0, progress: bool = True,
-                      desc: str = "training") -> LoopResult:
-    """The loop driven by a continual-learning method (``forgetless.methods.Method``, already set
-    up): its optimizers, loss, gradient clipping and hooks."""
-    plasticity = getattr(method, "plasticity", None)
-
-    def after_step(step: int, loss: float) -> None:
-        method.after_step(model, step)
-        if plasticity is not None:
-            plasticity.after_step(method.optimizers(), step)
-
-    if plasticity is not None:
-        plasticity.attach(model)
-    try:
-        return train_loop(model, method.optimizers(), batch_fn, method.loss, steps, grad_clip=method.grad_clip,
-                          after_backward=lambda s: method.after_backward(model, s), after_step=after_step,
-                          on_eval=on_eval, eval_every=eval_every, progress=progress, desc=desc)
-    finally:
-        if plasticity is not None:
-            plasticity.detach()
 
 
 # --------------------------------------------------------------------------- training state

@@ -40,7 +40,8 @@ from forgetless.evaluate import smf_diagnosis as D
 from forgetless.evaluate.answers import exact_match, greedy_answers
 from forgetless.experiments.facts import FactEvaluator, StreamConfig, learn_facts
 from forgetless.methods import make_method
-from forgetless.models.folder import default_model_dir, load_heldout_ids, load_known_facts, open_model
+from forgetless.data.facts import load_known_facts
+from forgetless.models.folder import default_model_dir, load_heldout_ids, open_model
 from forgetless.training.lifecycle import MethodContext
 from forgetless.models.memory import AccessLog, freeze_query_stats, named_memory_layers
 

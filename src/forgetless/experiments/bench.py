@@ -29,15 +29,15 @@ from .facts import FactEvaluator, StreamConfig, evaluate_before, learn_facts
 
 # Calibrated on forgetless-tiny (see README): each sweep reaches well above the base's learned score.
 DEFAULT_LRS: dict[str, list[float]] = {
-    "full": [5e-6, 1e-5, 3e-5],
+    "full": [1e-5, 3e-5, 1e-4],
     "lora": [3e-5, 1e-4, 3e-4],
-    "smf": [1.0, 3.0, 10.0],
-    "smf-tf": [3.0],
-    "smf-all": [3.0],
+    "smf": [10.0, 30.0, 100.0],  # with protect 0.9 and augmented material (docs/smf.md)
+    "smf-tf": [30.0],
+    "smf-all": [30.0],
     "eaft": [5e-6, 1e-5, 3e-5],
 }
 DEFAULT_LORA_RANKS = [8, 32]
-QUICK_LRS = {"full": [1e-5], "lora": [1e-4], "smf": [3.0], "smf-tf": [3.0], "smf-all": [3.0]}
+QUICK_LRS = {"full": [1e-5], "lora": [1e-4], "smf": [30.0], "smf-tf": [30.0], "smf-all": [30.0]}
 ALIASES = {"smf-tf": ("smf", {"ranking": "tf"}), "smf-all": ("smf", {"ranking": "all"})}
 
 

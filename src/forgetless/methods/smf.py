@@ -104,8 +104,9 @@ class SparseMemoryFinetune(Method):
             if f"{pre}{next(iter(self.mems))}.doc_freq" not in stats:
                 raise CheckpointError(f"the model's memory statistics have no '{self.background}' background.")
             self.idf_stats = {n: (stats[f"{pre}{n}.doc_freq"], int(stats[f"{pre}{n}.n_docs"])) for n in self.mems}
-        self.excluded = excluded_rows(model, context, self.mems, self.protect, self.max_doc_rate,
-                                      getattr(self, "idf_stats", {}))
+        if not self.excluded:  # lookups never change under SMF (keys, query frozen): computed once per method
+            self.excluded = excluded_rows(model, context, self.mems, self.protect, self.max_doc_rate,
+                                          getattr(self, "idf_stats", {}))
         freeze_all(model)
         values = []
         for m in self.mems.values():

@@ -1,5 +1,5 @@
 """The package's layers import only downwards (see README, "Layout"):
-errors/config -> models -> data -> evaluate -> report -> training -> methods -> experiments -> serve -> cli.
+errors/files/config -> models -> data -> evaluate -> report -> training -> methods -> experiments -> serve -> cli.
 
 Every import statement counts, also the ones inside functions."""
 
@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "forgetless"
-LAYERS = ["errors", "config", "models", "data", "evaluate", "report", "training", "methods", "experiments", "serve",
+LAYERS = ["errors", "files", "config", "models", "data", "evaluate", "report", "training", "methods", "experiments", "serve",
           "cli"]
 RANK = {name: i for i, name in enumerate(LAYERS)}
-PEERS = {("errors", "config")}  # config may use errors (same level)
+PEERS = {("errors", "config"), ("errors", "files"), ("files", "config")}  # the bottom level
 
 
 def layer_of(module: str) -> str | None:

@@ -19,7 +19,10 @@ experience (``<run>/<experiment>/<method>/state``) and ends with exactly the sam
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +33,7 @@ import torch
 from ..config import load_config, to_dict
 from ..errors import ConfigError
 from ..evaluate.metrics import summarize
+from ..files import MARKER, FolderLock, check_output
 from ..methods import make_method
 from ..models.checkpoint import atomic_folder, load_model, save_model, write_json
 from ..models.folder import default_model_dir, open_model
@@ -73,16 +77,34 @@ def _method_args(spec: dict) -> tuple[str, str, dict]:
     return label, base, spec
 
 
+PLAIN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+=,-]{0,99}$")
+
+
+def _plain_name(value: str, where: str) -> None:
+    """Names become folder names under --out: no separators, no '..', nothing hidden."""
+    if not isinstance(value, str) or not PLAIN_NAME.match(value) or ".." in value:
+        raise ConfigError(f"{where} {value!r} must be a plain name (letters, digits and . _ + = , -; no '/' or '..'), "
+                          f"since it names a folder of the run.")
+
+
 def load_run_config(path: str | Path) -> RunConfig:
     cfg = load_config(RunConfig, path)
     if not cfg.experiments:
         raise ConfigError(f"{path}: 'experiments' is empty; give at least one stream with its methods.")
+    _plain_name(cfg.name, f"{path}: name")
+    names = [e.name for e in cfg.experiments]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"{path}: experiment names {names} repeat; each experiment needs its own name.")
     for i, exp in enumerate(cfg.experiments):
+        _plain_name(exp.name, f"{path}: experiments[{i}].name")
+        if not exp.methods:
+            raise ConfigError(f"{path}: experiments[{i}].methods is empty; give at least one method.")
         labels = []
         for j, spec in enumerate(exp.methods):
             if not isinstance(spec, dict) or "name" not in spec:
                 raise ConfigError(f"{path}: experiments[{i}].methods[{j}] needs a 'name'.")
             label, base, opts = _method_args(spec)
+            _plain_name(label, f"{path}: experiments[{i}].methods[{j}] label")
             try:
                 make_method(base, **opts)
             except ConfigError as e:
@@ -250,15 +272,61 @@ def run_experiment(exp_cfg: ExperimentConfig, model_dir: Path, seed: int, out: P
     return results
 
 
+def config_hash(cfg: RunConfig) -> str:
+    """A hash of everything that makes a run's results (the config, its seed and model)."""
+    return hashlib.sha256(json.dumps(to_dict(cfg), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _changes(old, new, where: str = "") -> list[str]:
+    """Where two config dicts differ, as 'key: old -> new'."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for k in list(old) + [k for k in new if k not in old]:
+            out += _changes(old.get(k), new.get(k), f"{where}.{k}" if where else str(k))
+        return out
+    if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
+        return [c for i, (a, b) in enumerate(zip(old, new)) for c in _changes(a, b, f"{where}[{i}]")]
+    return [] if old == new else [f"{where}: {old!r} -> {new!r}"]
+
+
+def _check_resumable(cfg: RunConfig, out_dir: Path, restart: bool) -> None:
+    """A run folder holds one config: a rerun with another config is refused (or, with ``restart``,
+    the old results are removed and the run starts fresh)."""
+    marker = out_dir / MARKER
+    if not marker.is_file():
+        return
+    try:
+        saved = json.loads(marker.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        saved = {}
+    if saved.get("config_hash") == config_hash(cfg):
+        return
+    if not restart:
+        old_cfg = saved.get("config") or {}
+        changed = _changes(old_cfg, to_dict(cfg))
+        shown = "; ".join(changed[:3]) + (f" (and {len(changed) - 3} more)" if len(changed) > 3 else "")
+        raise ConfigError(f"{out_dir} holds a run of a different config ({shown or 'changed'}); rerun with --restart "
+                          f"to start it afresh there, or choose another --out.")
+    for child in out_dir.iterdir():  # start fresh: everything but the lock
+        if child.name != ".lock":
+            shutil.rmtree(child) if child.is_dir() else child.unlink()
+
+
 def run(cfg: RunConfig, out_dir: Path, progress: bool = True, log: Callable[[str], None] = print,
-        command: str = "") -> dict[str, dict]:
+        command: str = "", restart: bool = False) -> dict[str, dict]:
+    """Run every experiment of ``cfg`` into ``out_dir``, resuming what a previous run of the same
+    config finished. One run at a time per folder (a lock); a different config is refused."""
     model_dir = Path(cfg.model) if cfg.model else default_model_dir()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_json(out_dir / "config.json", to_dict(cfg))
-    all_results = {}
-    for exp in cfg.experiments:
-        log(f"== experiment {exp.name} ({exp.stream.kind} stream)")
-        all_results[exp.name] = run_experiment(exp, model_dir, cfg.seed, out_dir / exp.name, progress, log, command)
-    if len(all_results) > 1:
-        compare_runs(list(all_results.values()), out_dir)
+    check_output(out_dir, "run")
+    with FolderLock(out_dir, "forgetless run"):
+        _check_resumable(cfg, out_dir, restart)
+        write_json(out_dir / MARKER, {"kind": "run", "config_hash": config_hash(cfg), "config": to_dict(cfg)})
+        write_json(out_dir / "config.json", to_dict(cfg))
+        all_results = {}
+        for exp in cfg.experiments:
+            log(f"== experiment {exp.name} ({exp.stream.kind} stream)")
+            all_results[exp.name] = run_experiment(exp, model_dir, cfg.seed, out_dir / exp.name, progress, log,
+                                                   command)
+        if len(all_results) > 1:
+            compare_runs(list(all_results.values()), out_dir)
     return all_results

@@ -25,14 +25,9 @@ Routing (the exported ``AdapterRouterModel``): each input sequence goes to one a
     sequences of all experiences (df_t: sequences containing t); w(s) = normalise(n_s * idf).
     route(x) = the experience of the stored sequence s with the highest cos(w(x), w(s)).
 
-  Measured on held-out inputs of the shipped base (``router_accuracy``, seed 0, the default 16
-  router batches per experience): domain stream (4 topics, 110 test windows of 128 tokens)
-  hidden 0.88, tfidf 0.79; task_il (2 x 2 topics, 120 test prompts) hidden 0.88; fact stream
-  (4 x 10 facts, the 40 question probes) hidden 0.40 (one centroid of ten unrelated facts says
-  little), tfidf 0.975 (a question shares its entity's tokens with that fact's paraphrases).
-  Hence ``hidden`` is the default and ``tfidf`` the router for fact streams. (The validation
-  accuracy in ``describe()`` is optimistic for ``tfidf`` on the domain stream, 1.0: validation
-  windows come from the same training documents as the stored sequences.)
+  ``hidden`` is the default; ``tfidf`` suits fact streams, where a question shares its
+  entity's tokens with that fact's paraphrases. The measured router accuracies are in
+  ``docs/results/domain-methods.md`` (``benchmarks/router.py`` measures them).
 
 Parameter growth: ``growth()`` = LoRA parameters added per experience (all equal: one adapter
 of the configured rank each); in ``describe()``, with the router's accuracy on validation

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import DataSourceError
+from ..errors import CheckpointError, DataSourceError
 from .checkpoint import load_model
 from .tokenizer import load_tokenizer
 
@@ -31,9 +31,19 @@ def default_model_dir() -> Path:
 
 
 def open_model(model_dir: str | os.PathLike, device: str = "cpu"):
-    """Model (in eval mode, on ``device``) and tokenizer of a model folder."""
+    """Model (in eval mode, on ``device``) and tokenizer of a model folder, checked to fit each other."""
     model = load_model(model_dir).to(device)
-    return model, load_tokenizer(model_dir)
+    tok = load_tokenizer(model_dir)
+    check_tokenizer_fits(model, tok, model_dir)
+    return model, tok
+
+
+def check_tokenizer_fits(model, tok, model_dir) -> None:
+    """A tokenizer with ids beyond the model's embedding belongs to another model."""
+    rows = model.get_input_embeddings().weight.shape[0]
+    if len(tok) > rows:
+        raise CheckpointError(f"{model_dir}: the tokenizer has {len(tok)} tokens but the model's embedding has "
+                              f"{rows} rows; the tokenizer belongs to another model.")
 
 
 def encode_texts(tok, texts: list[str]) -> torch.Tensor:

@@ -31,6 +31,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..errors import CheckpointError, TrainingError
+from ..files import recover, verify_checksums, write_checksums
 from ..models.checkpoint import atomic_folder, load_model, save_model
 
 
@@ -161,14 +162,17 @@ def save_training_state(out_dir: str | Path, model: nn.Module, optimizers: list[
         save_model(model, tmp / "model", **save_kwargs)
         save_file(tensors, str(tmp / OPT_FILE))
         (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
+        write_checksums(tmp, [OPT_FILE])
 
-    return atomic_folder(out_dir, write)
+    return atomic_folder(out_dir, write, kind="training-state")
 
 
 def load_training_state(ckpt_dir: str | Path, model: nn.Module, optimizers: list[torch.optim.Optimizer],
                         schedulers: list | None = None) -> dict:
     """Load a state written by ``save_training_state`` into ``model`` and ``optimizers``."""
     ckpt_dir = Path(ckpt_dir)
+    recover(ckpt_dir)
+    verify_checksums(ckpt_dir, [OPT_FILE])
     try:
         state = json.loads((ckpt_dir / STATE_FILE).read_text())
         tensors = load_file(str(ckpt_dir / OPT_FILE))

@@ -19,9 +19,9 @@ At every experience, ``setup`` decodes each distinct training sequence of the ex
 No weight changes, so ``trains = False`` (the runner skips the training loop).
 
 The shipped base read "Context: ... Question: ... Answer: ..." lines of *known* facts in
-pretraining, but it answers them from memory: with a new fact's statement in its context it
-still answers new-fact probes no better than without (about 8% exact match either way, see
-``benchmarks/retrieval.py``). ``reader_steps`` > 0 therefore first fine-tunes the base's
+pretraining, but it answers them from memory, not from its context (measured by
+``benchmarks/retrieval.py``; the figures are in ``docs/results/retrieval.md``).
+``reader_steps`` > 0 therefore first fine-tunes the base's
 attention weights once (before the first experience, seeded) to read its context, on
 batches built only from *known* facts and invented names, never from new facts or probe
 wordings; question = a *training* question template, loss on the answer tokens only. Per
@@ -33,9 +33,9 @@ the reader learns to answer from memory when the context is not about the questi
 (with ``top_k`` 1 every question gets some passage: in a fact stream the known-fact questions
 get a new fact's statement); the rest (default 1/2) with the answer in the context: a known
 fact's statement, or an invented subject with a known or invented answer, plus a distractor
-statement half of the time. ``reader_irrelevant: 0`` is the first recipe (3/4 relevant), which
-made the reader copy from any context. The tuned base is what ``checkpoint_model`` saves, so a
-resumed run does not tune it again.
+statement half of the time. ``reader_irrelevant: 0`` is the first recipe (3/4 relevant); how
+each recipe reads relevant and irrelevant contexts is measured in ``docs/results/retrieval.md``.
+The tuned base is what ``checkpoint_model`` saves, so a resumed run does not tune it again.
 
 ``min_score`` (default none): hits scoring below it are not put before the input (BM25 score,
 or cosine for ``index: dense``); a question with no hit left gets no context.

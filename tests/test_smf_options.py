@@ -36,4 +36,5 @@ def test_bad_options_are_one_clear_error():
     with pytest.raises(ConfigError):
         make_method("smf", lr=1.0, ranking="random")
     m = make_method("smf", lr=1.0, protect=0.5)
-    assert m.describe()["protect"] == 0.5 and "max_doc_rate" not in m.describe()
+    assert m.describe()["protect"] == 0.5 and m.describe()["max_doc_rate"] == 1.0
+    assert make_method("smf").describe()["protect"] == 0.9  # the default (docs/smf.md)

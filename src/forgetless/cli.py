@@ -12,6 +12,7 @@ import signal
 import sys
 from pathlib import Path
 
+from .serve.cli import add_commands as add_serve_commands
 from .errors import ForgetlessError
 from .files import check_output
 from .models.folder import default_model_dir
@@ -128,34 +129,57 @@ def _stream_config(args: argparse.Namespace):
     return cfg
 
 
-def _method_options(args: argparse.Namespace) -> dict:
-    opts: dict = {}
-    if args.method == "lora":
-        opts.update(rank=args.rank)
-    if args.method == "smf":
-        opts.update(top_t=args.top_t, ranking=args.ranking, background=args.background, **_smf_extra(args))
-    return opts
+# `forgetless learn` flags that set a method option (flag dest -> option name)
+OPTION_FLAGS = {"rank": "rank", "top_t": "top_t", "ranking": "ranking", "background": "background",
+                "protect": "protect", "max_doc_rate": "max_doc_rate"}
 
 
-def _smf_extra(args: argparse.Namespace) -> dict:
-    """smf options that differ from the method's defaults (kept out of run labels otherwise)."""
-    out = {}
-    if args.protect:
-        out["protect"] = args.protect
-    if args.max_doc_rate < 1.0:
-        out["max_doc_rate"] = args.max_doc_rate
+def parse_option_args(items: list[str]) -> dict:
+    """``["top_t=1000", "ranking=tf"]`` -> ``{"top_t": 1000, "ranking": "tf"}``: each value is read
+    as YAML (numbers, true/false, null, [lists]), then typed by the method's Options."""
+    import yaml
+
+    from .errors import ConfigError
+
+    out: dict = {}
+    for item in items:
+        key, eq, text = item.partition("=")
+        key = key.strip()
+        if not eq or not key:
+            raise ConfigError(f"--option {item!r} must be KEY=VALUE, e.g. --option top_t=1000.")
+        if key in out:
+            raise ConfigError(f"--option {key} is given twice.")
+        try:
+            out[key] = yaml.safe_load(text) if text.strip() else ""
+        except yaml.YAMLError:
+            out[key] = text
     return out
 
 
-def _smf_args(sp: argparse.ArgumentParser) -> None:
-    sp.add_argument("--protect", type=float, default=0.9,
-                    help="smf: never train the rows carrying this share of the known facts' lookup weight "
-                         "(read from their training lines, never the probes; default 0.9; 0: off, the paper's SMF)")
-    sp.add_argument("--max-doc-rate", type=float, default=1.0,
-                    help="smf: never train rows read in more than this share of background documents (default 1: off)")
+def _method_options(args: argparse.Namespace) -> dict:
+    """The method options of `forgetless learn`: the option flags that were given, then --option."""
+    from dataclasses import fields
 
+    from .errors import ConfigError
+    from .methods import METHODS
 
-DEFAULT_LR = {"full": 1e-5, "lora": 1e-4, "smf": 30.0, "eaft": 1e-5}  # smf: chosen on validation facts (docs/smf.md)
+    names = {f.name for f in fields(METHODS[args.method].Options) if f.init}
+    opts = parse_option_args(args.option or [])
+    if args.lr is not None:
+        if "lr" in opts:
+            raise ConfigError("the learning rate is given twice (--lr and --option lr=...).")
+        opts["lr"] = args.lr
+    for dest, key in OPTION_FLAGS.items():
+        value = getattr(args, dest)
+        if value is None:
+            continue
+        if key not in names:
+            raise ConfigError(f"--{dest.replace('_', '-')} is not an option of method {args.method!r}; "
+                              f"`forgetless methods {args.method}` lists its options.")
+        if key in opts:
+            raise ConfigError(f"option {key!r} is given twice (--{dest.replace('_', '-')} and --option).")
+        opts[key] = value
+    return opts
 
 
 def cmd_learn(args: argparse.Namespace) -> int:
@@ -168,6 +192,7 @@ def cmd_learn(args: argparse.Namespace) -> int:
 
     model_dir = Path(args.model or default_model_dir())
     facts = load_fact_file(args.facts)  # validated before anything is trained
+    method = make_method(args.method, **_method_options(args))  # missing options: the method's Options defaults
     if args.out:  # the destination is checked before anything is trained
         weights = model_dir / "model.safetensors"
         need = int(2.2 * weights.stat().st_size) if weights.is_file() else 0  # the new folder + the old one during the swap
@@ -176,8 +201,6 @@ def cmd_learn(args: argparse.Namespace) -> int:
     ctx = MethodContext.for_folder(model_dir, tok)
     cfg = _stream_config(args)
     evaluator = FactEvaluator(tok, load_known_facts(model_dir), load_heldout_ids(model_dir, tok, 4 * cfg.heldout_tokens), cfg)
-    method = make_method(args.method, lr=args.lr if args.lr is not None else DEFAULT_LR[args.method],
-                         **_method_options(args))
     model, res = learn_facts(model, tok, facts, method, evaluator, cfg, ctx, progress=not args.no_progress)
     s = res.summary()
     print(f"after:  learned {s['learned']:.1%}, retained {s['retained']:.1%} (drop {s['retained_drop']:.1%}), "
@@ -189,6 +212,27 @@ def cmd_learn(args: argparse.Namespace) -> int:
     if args.out:
         out = save_learned(model, tok, model_dir, Path(args.out), facts, {**method.describe(), **s})
         print(f"updated model written to {out}")
+    return 0
+
+
+def format_options_table(table: dict) -> str:
+    lines = []
+    for name, entry in table.items():
+        tag = "plugin" if entry["kind"] == "plugin" else ("learns facts" if entry["learns_facts"] else "streams only")
+        lines.append(f"{name} ({tag}): {entry['summary']}")
+        width = max((len(o["name"]) for o in entry["options"]), default=0)
+        twidth = max((len(o["type"]) for o in entry["options"]), default=0)
+        for o in entry["options"]:
+            lines.append(f"  {o['name']:<{width}}  {o['type']:<{twidth}}  default {json.dumps(o['default'])}")
+        lines.append("")
+    return "\n".join(lines).rstrip()
+
+
+def cmd_methods(args: argparse.Namespace) -> int:
+    from .methods import options_table
+
+    table = options_table(args.name)
+    print(json.dumps(table, indent=2) if args.json else format_options_table(table))
     return 0
 
 
@@ -215,7 +259,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from .experiments.bench import QUICK_LRS, bench_facts, format_table, parse_lrs
+    from .experiments.bench import bench_facts, format_table, parse_lrs, quick_lrs
     from .experiments.facts import StreamConfig
 
     model_dir = Path(args.model or default_model_dir())
@@ -226,7 +270,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     ranks = [int(r) for r in args.ranks.split(",")]
     if args.quick:
         n = min(n, 8) if args.facts == 50 else n
-        lrs = {m: (QUICK_LRS.get(m, v[:1]) if not args.lrs else v) for m, v in lrs.items()}
+        lrs = lrs if args.lrs else quick_lrs(methods)
         ranks = ranks[-1:]
         stream.eval_every, stream.retained_sample, stream.heldout_tokens = 0, 60, 4096
         stream.final_all_known = False
@@ -234,7 +278,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     check_output(out, "bench")
     results = bench_facts(model_dir, out, methods, n_facts=n, lrs=lrs, lora_ranks=ranks, stream=stream,
                           top_t=args.top_t, smf_background=args.background, facts_file=Path(args.facts_file) if args.facts_file else None,
-                          offset=args.offset, smf_options={**_smf_extra(args), **({"ranking": args.ranking} if args.ranking != "tfidf" else {})},
+                          offset=args.offset, smf_options={k: v for k, v in (("ranking", args.ranking), ("protect", args.protect),
+                                                                            ("max_doc_rate", args.max_doc_rate)) if v is not None},
                           command="forgetless " + " ".join(sys.argv[1:]), progress=False)
     print(format_table(results))
     print(f"wrote {out / 'results.json'}, {out / 'runs.csv'} and {out / 'report.html'}")
@@ -285,6 +330,16 @@ def cmd_report(args: argparse.Namespace) -> int:
     if len(loaded) > 1:
         print(f"comparison: {compare_runs(loaded, Path(args.out))}")
     return 0
+
+
+def _smf_args(sp: argparse.ArgumentParser) -> None:
+    from .methods import default_options
+
+    sp.add_argument("--protect", type=float, default=None,
+                    help="smf: never train the rows carrying this share of the known facts' lookup weight (read from "
+                         f"their training lines, never the probes; default {default_options('smf').protect}; 0: the paper's SMF)")
+    sp.add_argument("--max-doc-rate", type=float, default=None,
+                    help="smf: never train rows read in more than this share of background documents (default 1: off)")
 
 
 def _stream_args(sp: argparse.ArgumentParser, eval_every: int = 25, retained: int = 0) -> None:
@@ -340,25 +395,43 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--top-p", type=_number(float, 0.0, strict=True, high=1.0), default=0.95)
     sp.add_argument("--seed", type=int, default=0)
     sp.set_defaults(func=cmd_generate)
-    sp = sub.add_parser("learn", help="teach facts to a model (full, lora or smf) and save it",
+    from .methods import default_options, fact_methods
+    from .methods.smf import BACKGROUNDS, RANKINGS
+
+    learnable = fact_methods()
+    lrs = ", ".join(f"{m} {default_options(m).lr:g}" for m in learnable)
+    sp = sub.add_parser("learn", help="teach facts to a model (smf, full, lora, ...) and save it",
                         description="Teach the facts of a JSONL file, one per step, and report learned/retained "
-                                    "before and after. The file is validated first; nothing is trained on a bad file.")
+                                    "before and after. The file is validated first; nothing is trained on a bad file. "
+                                    "Every method option can be set with --option KEY=VALUE; `forgetless methods "
+                                    "NAME` lists a method's options with their types and defaults.")
     _model_arg(sp)
     sp.add_argument("--facts", required=True, help="JSONL: statement, question, answer, paraphrases (optional)")
-    sp.add_argument("--method", choices=["full", "lora", "smf", "eaft"], default="smf")
-    sp.add_argument("--lr", type=POSITIVE, default=None,
-                    help="learning rate (default: full 1e-5, lora 1e-4, smf 30, eaft 1e-5)")
-    sp.add_argument("--rank", type=POSITIVE_INT, default=32, help="LoRA rank")
-    sp.add_argument("--top-t", type=POSITIVE_INT, default=500, help="smf: memory slots trained per step")
-    sp.add_argument("--ranking", choices=["tfidf", "tf", "all", "grad", "tfidf-grad"], default="tfidf",
-                    help="smf slot ranking (ablations and variants)")
+    sp.add_argument("--method", choices=learnable, default="smf",
+                    help="the methods that can learn one stream of facts (default smf)")
+    sp.add_argument("--lr", type=POSITIVE, default=None, help=f"learning rate (default: the method's: {lrs})")
+    sp.add_argument("--rank", type=POSITIVE_INT, default=None, help=f"lora: rank (default {default_options('lora').rank})")
+    sp.add_argument("--top-t", type=POSITIVE_INT, default=None,
+                    help=f"smf: memory slots trained per step (default {default_options('smf').top_t})")
+    sp.add_argument("--ranking", choices=RANKINGS, default=None,
+                    help=f"smf: slot ranking, for ablations (default {default_options('smf').ranking})")
+    sp.add_argument("--background", choices=list(BACKGROUNDS), default=None,
+                    help=f"smf: IDF background (default {default_options('smf').background})")
     _smf_args(sp)
-    sp.add_argument("--background", choices=["mix", "general"], default="mix", help="smf IDF background")
+    sp.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                    help="any option of the method (repeatable), e.g. --option top_t=1000 --option lr=1e-4")
     sp.add_argument("--out", default=None, help="folder for the updated model (a new folder, or a model folder to replace)")
     sp.add_argument("--overwrite", action="store_true", help="replace --out even if it holds something other than a model")
     sp.add_argument("--no-progress", action="store_true")
     _stream_args(sp, eval_every=0, retained=200)
     sp.set_defaults(func=cmd_learn, resumable=False)
+
+    sp = sub.add_parser("methods", help="list the methods and plugins with their options and defaults",
+                        description="Every registered method and plugin with its options, their types and defaults "
+                                    "(read from the method's Options dataclass).")
+    sp.add_argument("name", nargs="?", default=None, help="one method or plugin (default: all)")
+    sp.add_argument("--json", action="store_true", help="print JSON")
+    sp.set_defaults(func=cmd_methods)
 
     sp = sub.add_parser("eval", help="answer accuracy of a model on a fact file",
                         description="Exact match / F1 of greedy answers to each fact's question, and completion "
@@ -379,16 +452,15 @@ def build_parser() -> argparse.ArgumentParser:
     bp.add_argument("--methods", default="full,lora,smf", help="comma list: full, lora, smf, smf-tf, smf-all, eaft")
     bp.add_argument("--facts", type=POSITIVE_INT, default=50, help="number of facts in the stream (default 50)")
     bp.add_argument("--facts-file", default=None, help="JSONL fact file (default: the model's new facts)")
-    bp.add_argument("--offset", type=int, default=0,
-                    help="skip this many facts of the shuffled file first (e.g. 100: validation facts, disjoint "
-                         "from the default stream's)")
     bp.add_argument("--lrs", nargs="*", default=None, help="'1e-5,3e-5' for all methods or 'smf=1,3,10 full=...'")
     bp.add_argument("--ranks", default="8,32", help="LoRA ranks (default 8,32)")
     bp.add_argument("--top-t", type=POSITIVE_INT, default=500, help="smf: slots trained per step")
     bp.add_argument("--background", choices=["mix", "general"], default="mix", help="smf: IDF background")
-    bp.add_argument("--ranking", choices=["tfidf", "tf", "all", "grad", "tfidf-grad"], default="tfidf",
-                    help="smf: slot ranking (ablations and variants)")
+    bp.add_argument("--ranking", choices=RANKINGS, default=None, help="smf: slot ranking (ablations and variants)")
     _smf_args(bp)
+    bp.add_argument("--offset", type=NON_NEGATIVE_INT, default=0,
+                    help="skip this many facts of the shuffled file first (e.g. 100: validation facts, disjoint "
+                         "from the default stream's)")
     bp.add_argument("--quick", action="store_true", help="8 facts, one setting per method (about a minute)")
     bp.add_argument("--out", default="runs/bench-facts", help="output folder")
     _stream_args(bp)
@@ -412,6 +484,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("run_dirs", nargs="+", help="experiment folders holding results.json")
     sp.add_argument("--out", default="runs/compare", help="folder of the comparison page")
     sp.set_defaults(func=cmd_report)
+    add_serve_commands(sub)  # serve, client (forgetless/serve/cli.py)
     return p
 
 

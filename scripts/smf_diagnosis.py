@@ -128,7 +128,7 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=3.0)
     ap.add_argument("--top-t", type=int, default=500)
     ap.add_argument("--ranking", default="tfidf")
-    ap.add_argument("--protect", type=float, default=0.0)
+    ap.add_argument("--protect", type=float, default=0.9, help="smf protect (0: off)")
     ap.add_argument("--steps-per-fact", type=int, default=4)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--material", default="augmented")
@@ -171,7 +171,7 @@ def main() -> None:
 
     # ---- the SMF run, recording the rows selected at every step
     method = make_method("smf", lr=args.lr, top_t=args.top_t, ranking=args.ranking,
-                         **({"protect": args.protect} if args.protect else {}))
+                         protect=args.protect)
     selected: list[torch.Tensor] = []
     orig = method.after_backward
 
@@ -231,7 +231,7 @@ def main() -> None:
             for f in facts[: args.curves]:
                 m2, _ = open_model(base_dir)
                 freeze_query_stats(m2)
-                meth = make_method("smf", lr=args.lr, top_t=args.top_t, ranking=args.ranking)
+                meth = make_method("smf", lr=args.lr, top_t=args.top_t, ranking=args.ranking, protect=0.0)  # one fact alone
                 m2 = meth.setup(m2, ctx)
                 opt = meth.optimizers()[0]
                 row = []

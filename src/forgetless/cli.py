@@ -120,13 +120,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _stream_config(args: argparse.Namespace):
-    from .experiments.facts import StreamConfig
+    """The facts stream of `learn` / `bench facts`; --eval-every counts facts, the config steps."""
+    from .experiments.streams import StreamConfig
 
-    cfg = StreamConfig(batch_size=args.batch_size, steps_per_fact=args.steps_per_fact, eval_every=args.eval_every,
-                       loss_on=args.loss_on, material="questions" if args.questions else args.material, seed=args.seed)
-    if args.retained:  # a fixed sample of known facts, before and after (0: every known fact)
-        cfg.retained_sample, cfg.final_all_known = args.retained, False
-    return cfg
+    return StreamConfig(kind="facts", batch_size=args.batch_size, steps_per_fact=args.steps_per_fact,
+                        eval_every=args.eval_every * args.steps_per_fact, loss_on=args.loss_on,
+                        material="questions" if args.questions else args.material, seed=args.seed,
+                        retained_sample=200)
 
 
 # `forgetless learn` flags that set a method option (flag dest -> option name)
@@ -206,9 +206,6 @@ def cmd_learn(args: argparse.Namespace) -> int:
     print(f"after:  learned {s['learned']:.1%}, retained {s['retained']:.1%} (drop {s['retained_drop']:.1%}), "
           f"held-out NLL {s['heldout_nll']:.3f} ({s['heldout_nll_delta']:+.3f}); {len(facts)} facts, "
           f"{s['steps']} steps, {s['seconds_per_step'] * 1000:.0f} ms/step")
-    total = s["train_seconds"] + s["eval_seconds"]
-    print(f"time:   training {s['train_seconds']:.1f} s, evaluation {s['eval_seconds']:.1f} s "
-          f"({s['eval_seconds'] / max(s['train_seconds'], 1e-9):.2f}x training; {total:.1f} s in all)")
     if args.out:
         out = save_learned(model, tok, model_dir, Path(args.out), facts, {**method.describe(), **s})
         print(f"updated model written to {out}")
@@ -260,7 +257,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from .experiments.bench import bench_facts, format_table, parse_lrs, quick_lrs
-    from .experiments.facts import StreamConfig
 
     model_dir = Path(args.model or default_model_dir())
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -278,11 +274,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     check_output(out, "bench")
     results = bench_facts(model_dir, out, methods, n_facts=n, lrs=lrs, lora_ranks=ranks, stream=stream,
                           top_t=args.top_t, smf_background=args.background, facts_file=Path(args.facts_file) if args.facts_file else None,
-                          offset=args.offset, smf_options={k: v for k, v in (("ranking", args.ranking), ("protect", args.protect),
-                                                                            ("max_doc_rate", args.max_doc_rate)) if v is not None},
                           command="forgetless " + " ".join(sys.argv[1:]), progress=False)
     print(format_table(results))
-    print(f"wrote {out / 'results.json'}, {out / 'runs.csv'} and {out / 'report.html'}")
+    print(f"wrote {out / 'results.json'}, {out / 'runs.csv'}, {out / 'metrics.csv'} and {out / 'report.html'}")
     return 0
 
 
@@ -313,18 +307,19 @@ def format_metrics(res: dict) -> str:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from .report.runs import compare_runs, write_metrics_csv, write_run_report
+    from .experiments.results import load_results
+    from .report.html import write_csv
+    from .report.runs import compare_runs, fact_runs, write_metrics_csv, write_run_report
 
     loaded = []
     for d in args.run_dirs:
         p = Path(d) / "results.json"
         if not p.is_file():
             raise ForgetlessError(f"{d} has no results.json; give the folder of one experiment of a run.")
-        try:
-            res = json.loads(p.read_text())
-        except json.JSONDecodeError:
-            raise ForgetlessError(f"{p} is not valid JSON.") from None
+        res = load_results(p).to_dict()  # also the schema older `bench facts` runs wrote
         write_metrics_csv(res, Path(d) / "metrics.csv")
+        if fact_runs(res)["runs"]:
+            write_csv(fact_runs(res), Path(d) / "runs.csv")
         print(f"rebuilt {write_run_report(res, Path(d))}")
         loaded.append(res)
     if len(loaded) > 1:
@@ -332,30 +327,19 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
-def _smf_args(sp: argparse.ArgumentParser) -> None:
-    from .methods import default_options
-
-    sp.add_argument("--protect", type=float, default=None,
-                    help="smf: never train the rows carrying this share of the known facts' lookup weight (read from "
-                         f"their training lines, never the probes; default {default_options('smf').protect}; 0: the paper's SMF)")
-    sp.add_argument("--max-doc-rate", type=float, default=None,
-                    help="smf: never train rows read in more than this share of background documents (default 1: off)")
-
-
-def _stream_args(sp: argparse.ArgumentParser, eval_every: int = 25, retained: int = 0) -> None:
+def _stream_args(sp: argparse.ArgumentParser, eval_every: int = 25) -> None:
     sp.add_argument("--batch-size", type=POSITIVE_INT, default=16, help="differently-worded teaching lines per step (default 16)")
     sp.add_argument("--steps-per-fact", type=POSITIVE_INT, default=8, help="optimizer steps per fact (default 8)")
-    sp.add_argument("--eval-every", type=NON_NEGATIVE_INT, default=eval_every,
-                    help=f"evaluate every K facts (0: only before and after; default {eval_every})")
-    sp.add_argument("--retained", type=NON_NEGATIVE_INT, default=retained,
-                    help="known facts probed before and after teaching, a fixed sample (0: all of them; "
-                         f"default {retained or 'all'})")
-    sp.add_argument("--loss-on", choices=["all", "answer"], default="all", help="loss on all statement tokens or the answer")
     sp.add_argument("--material", choices=["augmented", "statements", "questions"], default="augmented",
                     help="teaching material: augmented (default: rule-made rewordings, clozes and question/answer "
                          "lines of any relation, never the probe), statements (the paper's protocol), questions "
                          "(statements + the built-in relations' training question templates)")
-    sp.add_argument("--questions", action="store_true", help="same as --material questions")
+    sp.add_argument("--eval-every", type=NON_NEGATIVE_INT, default=eval_every,
+                    help="evaluate every K facts (0: only at the end); the stream config stores it as "
+                         "eval_every = K * steps-per-fact optimizer steps, the unit of every stream")
+    sp.add_argument("--loss-on", choices=["all", "answer"], default="all", help="loss on all statement tokens or the answer")
+    sp.add_argument("--questions", action="store_true",
+                    help="also train on question/answer lines (training templates, never the probe wording)")
     sp.add_argument("--seed", type=int, default=0)
 
 
@@ -417,13 +401,17 @@ def build_parser() -> argparse.ArgumentParser:
                     help=f"smf: slot ranking, for ablations (default {default_options('smf').ranking})")
     sp.add_argument("--background", choices=list(BACKGROUNDS), default=None,
                     help=f"smf: IDF background (default {default_options('smf').background})")
-    _smf_args(sp)
+    sp.add_argument("--protect", type=float, default=None,
+                    help="smf: never train the rows carrying this share of the known facts' lookup weight (read from "
+                         f"their training lines, never the probes; default {default_options('smf').protect}; 0: the paper's SMF)")
+    sp.add_argument("--max-doc-rate", type=float, default=None,
+                    help="smf: never train rows read in more than this share of background documents (default 1: off)")
     sp.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                     help="any option of the method (repeatable), e.g. --option top_t=1000 --option lr=1e-4")
     sp.add_argument("--out", default=None, help="folder for the updated model (a new folder, or a model folder to replace)")
     sp.add_argument("--overwrite", action="store_true", help="replace --out even if it holds something other than a model")
     sp.add_argument("--no-progress", action="store_true")
-    _stream_args(sp, eval_every=0, retained=200)
+    _stream_args(sp, eval_every=0)
     sp.set_defaults(func=cmd_learn, resumable=False)
 
     sp = sub.add_parser("methods", help="list the methods and plugins with their options and defaults",
@@ -449,18 +437,14 @@ def build_parser() -> argparse.ArgumentParser:
                          description="Each method over a learning-rate sweep (LoRA also over ranks) on one shared "
                                      "stream of new facts; writes results.json, runs.csv and report.html.")
     _model_arg(bp)
-    bp.add_argument("--methods", default="full,lora,smf", help="comma list: full, lora, smf, smf-tf, smf-all, eaft")
+    bp.add_argument("--methods", default="full,lora,smf", help="comma list of methods (full, lora, smf, smf-tf, smf-all, eaft, or any method of "
+                                              "`forgetless run` that learns from one experience: ewc, retrieval, ...)")
     bp.add_argument("--facts", type=POSITIVE_INT, default=50, help="number of facts in the stream (default 50)")
     bp.add_argument("--facts-file", default=None, help="JSONL fact file (default: the model's new facts)")
     bp.add_argument("--lrs", nargs="*", default=None, help="'1e-5,3e-5' for all methods or 'smf=1,3,10 full=...'")
     bp.add_argument("--ranks", default="8,32", help="LoRA ranks (default 8,32)")
     bp.add_argument("--top-t", type=POSITIVE_INT, default=500, help="smf: slots trained per step")
     bp.add_argument("--background", choices=["mix", "general"], default="mix", help="smf: IDF background")
-    bp.add_argument("--ranking", choices=RANKINGS, default=None, help="smf: slot ranking (ablations and variants)")
-    _smf_args(bp)
-    bp.add_argument("--offset", type=NON_NEGATIVE_INT, default=0,
-                    help="skip this many facts of the shuffled file first (e.g. 100: validation facts, disjoint "
-                         "from the default stream's)")
     bp.add_argument("--quick", action="store_true", help="8 facts, one setting per method (about a minute)")
     bp.add_argument("--out", default="runs/bench-facts", help="output folder")
     _stream_args(bp)

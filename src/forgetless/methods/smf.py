@@ -17,8 +17,6 @@ by default those of the pretraining mixture (general text and fact lines, as tra
 ``background="general"`` for general text only.
 
 Ablations: ``ranking="tf"`` (no IDF) and ``ranking="all"`` (every slot the batch read).
-Variants (ours): ``ranking="grad"`` ranks the read slots by the norm of their value gradient
-(the slots the loss asks to change most), ``"tfidf-grad"`` by that norm times the IDF.
 
 Keeping rows off-limits (ours, see the block at the end): ``max_doc_rate`` never trains a slot
 read in more than that share of the background documents; ``protect`` never trains the fewest
@@ -27,10 +25,16 @@ training lines (statements and training-template questions of ``facts_known.json
 evaluation probes); a model folder without ``facts_known.jsonl`` has nothing to protect.
 Defaults (lr 30, protect 0.9) were chosen on validation facts (docs/smf.md); ``protect=0`` at
 lr 2-5 is the paper's method.
+
+Cost: the rows are chosen when the backward reaches the memory layer (scores on the slots
+read, not on all N), and that backward computes the gradient of those rows only; all other
+parameters are frozen, so autograd computes nothing below the memory layer and no weight
+gradient above it.
 """
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,7 +46,7 @@ from ..models.checkpoint import MIX_PREFIX
 from ..models.memory import AccessLog, named_memory_layers
 from .base import Method, MethodContext, MethodOptions, freeze_all
 
-RANKINGS = ("tfidf", "tf", "all", "grad", "tfidf-grad")
+RANKINGS = ("tfidf", "tf", "all")
 # "mix": the pretraining mixture (general text + fact lines), "general": general text only
 BACKGROUNDS = {"mix": MIX_PREFIX, "general": ""}
 
@@ -64,16 +68,53 @@ def select_top_slots(scores: torch.Tensor, counts: torch.Tensor, t: int) -> torc
     return read[order[:t]].sort().values
 
 
+def select_read_slots(indices: torch.Tensor, ranking: str, top_t: int, doc_freq: torch.Tensor | None = None,
+                      n_docs: int = 0) -> torch.Tensor:
+    """The rows SMF trains for one batch, scored on the slots the batch read only (not all N).
+
+    ``indices``: the batch's reads (padding masked). Same result as ranking all N slots with
+    ``tfidf_scores`` / ``select_top_slots`` (slots never read score 0 and are never chosen):
+    sorted row ids, ties broken towards the lower index."""
+    rows, counts = torch.unique(indices.reshape(-1).cpu(), return_counts=True)  # sorted
+    if ranking == "all" or rows.numel() <= top_t:
+        return rows
+    if ranking == "tfidf":
+        scores = tfidf_scores(counts, doc_freq[rows], n_docs)
+    else:
+        scores = counts.double()
+    order = torch.argsort(scores, descending=True, stable=True)
+    return rows[order[:top_t]].sort().values
+
+
 def keep_rows(grad: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """A sparse gradient restricted to the given rows (dense gradients are masked too)."""
     if grad.is_sparse:
-        g = grad.coalesce()
+        g = grad if grad.is_coalesced() else grad.coalesce()
         idx, val = g.indices(), g.values()
         keep = torch.isin(idx[0], rows.to(idx.device))
-        return torch.sparse_coo_tensor(idx[:, keep], val[keep], g.shape, check_invariants=False).coalesce()
+        if bool(keep.all()):
+            return g
+        # a subset of sorted unique rows stays sorted and unique: no second coalesce
+        return torch.sparse_coo_tensor(idx[:, keep], val[keep], g.shape, is_coalesced=True, check_invariants=False)
     mask = torch.zeros(grad.shape[0], dtype=torch.bool, device=grad.device)
     mask[rows] = True
     return grad * mask[:, None]
+
+
+class _BackwardRows:
+    """The memory layer's ``value_grad_rows`` while SMF trains: asks the method for the rows of
+    the batch just read. Holds the method weakly, and a copy of the model does not inherit it
+    (a deep copy gets None: the copy computes the gradient of every row read, as by default)."""
+
+    def __init__(self, method: "SparseMemoryFinetune", name: str, mem: nn.Module):
+        self.method, self.name, self.mem = weakref.ref(method), name, weakref.ref(mem)
+
+    def __call__(self) -> torch.Tensor | None:
+        method, mem = self.method(), self.mem()
+        return None if method is None or mem is None else method._rows_for_backward(self.name, mem)
+
+    def __deepcopy__(self, memo) -> None:
+        return None
 
 
 class SparseMemoryFinetune(Method):
@@ -84,7 +125,7 @@ class SparseMemoryFinetune(Method):
     class Options(MethodOptions):
         lr: float = 30.0  # with protect 0.9: chosen on validation facts (docs/smf.md)
         top_t: int = 500  # value rows trained per step and memory layer
-        ranking: str = "tfidf"  # tfidf | tf | all (ablations) | grad | tfidf-grad (variants)
+        ranking: str = "tfidf"  # tfidf | tf | all (ablations)
         background: str = "mix"  # the IDF background: mix (pretraining mixture) | general
         protect: float = 0.9  # never train the rows carrying this share of the known facts' lookup weight (0: off)
         max_doc_rate: float = 1.0  # never train rows read in more than this share of background documents
@@ -101,15 +142,16 @@ class SparseMemoryFinetune(Method):
         super().__init__(*args, **options)
         self.top_t, self.ranking, self.background = self.options.top_t, self.options.ranking, self.options.background
         self.protect, self.max_doc_rate = self.options.protect, self.options.max_doc_rate
-        self.excluded: dict[str, torch.Tensor] = {}
+        self.excluded: dict[str, torch.Tensor] = {}  # rows never trained (protect, max_doc_rate)
         self.last_selected: dict[str, torch.Tensor] = {}
+        self._pending: dict[str, torch.Tensor] = {}  # chosen in the backward, applied in after_backward()
 
     def setup(self, model: nn.Module, context: MethodContext) -> nn.Module:
         self.mems = named_memory_layers(model)
         if not self.mems:
             raise ConfigError("sparse memory finetuning needs a model with a product-key memory layer.")
         stats = context.memory_stats
-        if self.ranking in ("tfidf", "tfidf-grad") or self.max_doc_rate < 1.0:
+        if self.ranking == "tfidf" or self.max_doc_rate < 1.0:
             if not stats:
                 raise CheckpointError("the model folder has no memory_stats.safetensors: TF-IDF slot selection "
                                       "needs background statistics (use ranking: tf, or re-collect them).")
@@ -122,41 +164,41 @@ class SparseMemoryFinetune(Method):
                                           getattr(self, "idf_stats", {}))
         freeze_all(model)
         values = []
-        for m in self.mems.values():
+        for name, m in self.mems.items():
             m.config.sparse_values = True
             m.values.requires_grad_(True)
             m.access_log = AccessLog(m.n_slots, keep_last=True)
+            m.value_grad_rows = _BackwardRows(self, name, m)
             values.append(m.values)
         self._optimizers = [torch.optim.SGD(values, lr=self.lr)]
         return model
+
+    def _rows_for_backward(self, name: str, m) -> torch.Tensor:
+        """Called by the memory layer's backward (``value_grad_rows``): the rows to train for the
+        batch just read, which are the only rows whose gradient is then computed."""
+        rows = self.last_selected[name] = self._pending[name] = self._select(name, m)
+        return rows
+
+    def _select(self, name: str, m) -> torch.Tensor:
+        doc_freq, n_docs = self.idf_stats[name] if self.ranking == "tfidf" else (None, 0)
+        reads = m.access_log.last_indices
+        if name in self.excluded:  # rows kept off-limits are never chosen
+            reads = reads[~torch.isin(reads, self.excluded[name].to(reads.device))]
+        return select_read_slots(reads, self.ranking, self.top_t, doc_freq, n_docs)
 
     def after_backward(self, model: nn.Module, step: int) -> None:
         for name, m in self.mems.items():
             if m.values.grad is None:
                 continue
-            counts = torch.bincount(m.access_log.last_indices.cpu(), minlength=m.n_slots)
-            if name in self.excluded:
-                counts[self.excluded[name]] = 0  # never selected
-            if self.ranking == "all":
-                rows = (counts > 0).nonzero().flatten()
-            else:
-                if self.ranking == "tfidf":
-                    doc_freq, n_docs = self.idf_stats[name]
-                    scores = tfidf_scores(counts, doc_freq, n_docs)
-                elif self.ranking in ("grad", "tfidf-grad"):
-                    scores = grad_row_norms(m.values.grad, m.n_slots)
-                    if self.ranking == "tfidf-grad":
-                        doc_freq, n_docs = self.idf_stats[name]
-                        scores = scores * torch.log((n_docs + 1.0) / (doc_freq.double() + 1.0))
-                else:
-                    scores = counts.double()
-                rows = select_top_slots(scores, counts, self.top_t)
-            self.last_selected[name] = rows
+            rows = self._pending.pop(name, None)
+            if rows is None:  # the backward did not choose (value_grad_rows replaced): choose now
+                rows = self.last_selected[name] = self._select(name, m)
             m.values.grad = keep_rows(m.values.grad, rows)
 
     def export(self, model: nn.Module) -> nn.Module:
         for m in self.mems.values():
             m.access_log = None
+            m.value_grad_rows = None
         return model
 
     def trainable_params_per_step(self) -> int:
@@ -167,19 +209,7 @@ class SparseMemoryFinetune(Method):
         return sum(min(self.top_t, m.n_slots) * m.v_dim for m in self.mems.values())
 
 
-# --------------------------------------------------------------------------- rows kept off-limits, ranking by gradient
-def grad_row_norms(grad: torch.Tensor, n_slots: int) -> torch.Tensor:
-    """L2 norm of every row of a (sparse or dense) value gradient, float64 (n_slots,)."""
-    out = torch.zeros(n_slots, dtype=torch.float64)
-    if grad.is_sparse and grad.sparse_dim() == 1:  # row-sparse, as the memory's WeightedBag writes it
-        g = grad.coalesce()
-        out[g.indices()[0].cpu()] = g.values().double().flatten(1).norm(dim=1).cpu()
-    else:
-        grad = grad.to_dense() if grad.is_sparse else grad
-        out = grad.double().norm(dim=1).cpu()
-    return out
-
-
+# --------------------------------------------------------------------------- rows kept off-limits
 def known_fact_lines(model_dir, limit: int = 2000) -> list[str]:
     """Training lines of the model's known facts (statements and training-template questions),
     never their evaluation probes."""

@@ -201,11 +201,18 @@ def cmd_learn(args: argparse.Namespace) -> int:
     ctx = MethodContext.for_folder(model_dir, tok)
     cfg = _stream_config(args)
     evaluator = FactEvaluator(tok, load_known_facts(model_dir), load_heldout_ids(model_dir, tok, 4 * cfg.heldout_tokens), cfg)
+    import time
+
+    t0 = time.time()
     model, res = learn_facts(model, tok, facts, method, evaluator, cfg, ctx, progress=not args.no_progress)
+    total = time.time() - t0
     s = res.summary()
     print(f"after:  learned {s['learned']:.1%}, retained {s['retained']:.1%} (drop {s['retained_drop']:.1%}), "
           f"held-out NLL {s['heldout_nll']:.3f} ({s['heldout_nll_delta']:+.3f}); {len(facts)} facts, "
           f"{s['steps']} steps, {s['seconds_per_step'] * 1000:.0f} ms/step")
+    train = s["seconds_per_step"] * s["steps"]
+    print(f"time:   training {train:.1f} s, evaluation and the rest {total - train:.1f} s "
+          f"({(total - train) / max(train, 1e-9):.2f}x training; {total:.1f} s in all)")
     if args.out:
         out = save_learned(model, tok, model_dir, Path(args.out), facts, {**method.describe(), **s})
         print(f"updated model written to {out}")
@@ -263,6 +270,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     lrs = parse_lrs(args.lrs, methods)
     n = args.facts
     stream = _stream_config(args)
+    stream.facts_offset = args.offset
+    if args.retained:
+        stream.retained_sample = args.retained
     ranks = [int(r) for r in args.ranks.split(",")]
     if args.quick:
         n = min(n, 8) if args.facts == 50 else n
@@ -274,6 +284,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     check_output(out, "bench")
     results = bench_facts(model_dir, out, methods, n_facts=n, lrs=lrs, lora_ranks=ranks, stream=stream,
                           top_t=args.top_t, smf_background=args.background, facts_file=Path(args.facts_file) if args.facts_file else None,
+                          smf_options={k: v for k, v in (("protect", args.protect), ("max_doc_rate", args.max_doc_rate))
+                                       if v is not None},
                           command="forgetless " + " ".join(sys.argv[1:]), progress=False)
     print(format_table(results))
     print(f"wrote {out / 'results.json'}, {out / 'runs.csv'}, {out / 'metrics.csv'} and {out / 'report.html'}")
@@ -445,6 +457,16 @@ def build_parser() -> argparse.ArgumentParser:
     bp.add_argument("--ranks", default="8,32", help="LoRA ranks (default 8,32)")
     bp.add_argument("--top-t", type=POSITIVE_INT, default=500, help="smf: slots trained per step")
     bp.add_argument("--background", choices=["mix", "general"], default="mix", help="smf: IDF background")
+    bp.add_argument("--protect", type=float, default=None,
+                    help="smf: never train the rows carrying this share of the known facts' lookup weight (default: "
+                         "the method's, 0.9; 0: the paper's SMF)")
+    bp.add_argument("--max-doc-rate", type=float, default=None,
+                    help="smf: never train rows read in more than this share of background documents (default 1: off)")
+    bp.add_argument("--offset", type=NON_NEGATIVE_INT, default=0,
+                    help="skip this many facts of the shuffled file first (e.g. 100: validation facts, disjoint "
+                         "from the default stream's)")
+    bp.add_argument("--retained", type=NON_NEGATIVE_INT, default=0,
+                    help="known facts probed (a fixed sample; default 0: the bench's 200)")
     bp.add_argument("--quick", action="store_true", help="8 facts, one setting per method (about a minute)")
     bp.add_argument("--out", default="runs/bench-facts", help="output folder")
     _stream_args(bp)

@@ -56,6 +56,7 @@ class StreamConfig:
     steps_per_fact: int = 8  # facts: optimizer steps per fact (8 learned more than 4 at the same forgetting: docs/smf.md)
     questions: bool = False  # facts: older spelling of material: questions
     material: str = "augmented"  # facts: augmented | statements | questions (see data/facts.teaching_sentences)
+    facts_offset: int = 0  # facts: skip this many facts of the shuffled file (e.g. validation facts after the test ones)
     loss_on: str = "all"  # facts: loss on "all" tokens of the statement, or only the "answer" tokens
     facts_file: str | None = None  # facts: JSONL fact file (default: the model's facts_new.jsonl)
     retained_sample: int = 100  # facts: known facts probed for the "retained" column and the curves
@@ -193,6 +194,7 @@ def fact_stream(model_dir: Path, tok, cfg: StreamConfig, seed: int, facts_file: 
     if facts is None:
         facts = load_fact_file(facts_file or cfg.facts_file or Path(model_dir) / "facts_new.jsonl")
         random.Random(seed).shuffle(facts)
+        facts = facts[cfg.facts_offset:]
         n_exp = cfg.experiences or 4
         if n_exp * cfg.facts_per_experience > len(facts):
             raise ConfigError(f"the fact stream needs {n_exp * cfg.facts_per_experience} facts; the file has {len(facts)}.")

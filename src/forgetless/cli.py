@@ -273,8 +273,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     n = args.facts
     stream = _stream_config(args)
     stream.facts_offset = args.offset
-    if args.retained:
-        stream.retained_sample = args.retained
+    if args.retained:  # a fixed sample of known facts, the base and final scores included
+        stream.retained_sample, stream.final_all_known = args.retained, False
     ranks = [int(r) for r in args.ranks.split(",")]
     if args.quick:
         n = min(n, 8) if args.facts == 50 else n
@@ -470,7 +470,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="skip this many facts of the shuffled file first (e.g. 100: validation facts, disjoint "
                          "from the default stream's)")
     bp.add_argument("--retained", type=NON_NEGATIVE_INT, default=0,
-                    help="known facts probed (a fixed sample; default 0: the bench's 200)")
+                    help="known facts probed, a fixed sample also for the base and final scores (default 0: the "
+                         "bench's 200 along the way and every known fact at the base and the end)")
     bp.add_argument("--quick", action="store_true", help="8 facts, one setting per method (about a minute)")
     bp.add_argument("--out", default="runs/bench-facts", help="output folder")
     _stream_args(bp)

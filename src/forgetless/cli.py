@@ -139,7 +139,7 @@ DEFAULT_LR = {"full": 1e-5, "lora": 1e-4, "smf": 3.0, "eaft": 1e-5}
 
 def cmd_learn(args: argparse.Namespace) -> int:
     from .data.factfile import load_fact_file
-    from .data.facts import load_known_facts
+    from .evaluate.known import known_facts
     from .experiments.facts import FactEvaluator, learn_facts, save_learned
     from .methods import make_method
     from .models.folder import load_heldout_ids, open_model
@@ -151,10 +151,11 @@ def cmd_learn(args: argparse.Namespace) -> int:
         weights = model_dir / "model.safetensors"
         need = int(2.2 * weights.stat().st_size) if weights.is_file() else 0  # the new folder + the old one during the swap
         check_output(args.out, "model", overwrite=args.overwrite, need_bytes=need)
-    model, tok = open_model(model_dir)
+    model, tok = open_model(model_dir, chat=not args.no_chat)
     ctx = MethodContext.for_folder(model_dir, tok)
     cfg = _stream_config(args)
-    evaluator = FactEvaluator(tok, load_known_facts(model_dir), load_heldout_ids(model_dir, tok, 4 * cfg.heldout_tokens), cfg)
+    evaluator = FactEvaluator(tok, known_facts(model, tok, model_dir),
+                              load_heldout_ids(model_dir, tok, 4 * cfg.heldout_tokens), cfg)
     method = make_method(args.method, lr=args.lr if args.lr is not None else DEFAULT_LR[args.method],
                          **_method_options(args))
     model, res = learn_facts(model, tok, facts, method, evaluator, cfg, ctx, progress=not args.no_progress)
@@ -162,6 +163,8 @@ def cmd_learn(args: argparse.Namespace) -> int:
     print(f"after:  learned {s['learned']:.1%}, retained {s['retained']:.1%} (drop {s['retained_drop']:.1%}), "
           f"held-out NLL {s['heldout_nll']:.3f} ({s['heldout_nll_delta']:+.3f}); {len(facts)} facts, "
           f"{s['steps']} steps, {s['seconds_per_step'] * 1000:.0f} ms/step")
+    print(f"        contains: learned {s['learned_contains']:.1%}, retained {s['retained_contains']:.1%} "
+          f"(before {s['retained_contains_base']:.1%}) on {s['retained_known']} known facts")
     if args.out:
         out = save_learned(model, tok, model_dir, Path(args.out), facts, {**method.describe(), **s})
         print(f"updated model written to {out}")
@@ -176,16 +179,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     model_dir = Path(args.model or default_model_dir())
     facts = load_fact_file(args.facts)
-    model, tok = open_model(model_dir)
+    model, tok = open_model(model_dir, chat=not args.no_chat)
     preds = greedy_answers(model, tok, [f.question for f in facts])
     probe = score_answers(preds, [f.answer for f in facts])
     st = [(statement_prompt(f), f.answer) for f in facts]
     st = [(p, a) for p, a in st if p]
-    stmt = score_answers(greedy_answers(model, tok, [p for p, _ in st]), [a for _, a in st]) if st else None
+    stmt = score_answers(greedy_answers(model, tok, [p for p, _ in st], chat=False),
+                         [a for _, a in st]) if st else None
     if args.show:
         for f, p in zip(facts[: args.show], preds):
             print(f"{f.question} -> {p!r} (gold {f.answer!r})")
-    print(f"{len(facts)} facts: question probes exact match {probe['exact_match']:.1%}, F1 {probe['f1']:.1%}"
+    print(f"{len(facts)} facts: question probes exact match {probe['exact_match']:.1%}, "
+          f"contains {probe['contains']:.1%}, F1 {probe['f1']:.1%}"
           + (f"; statement completion {stmt['exact_match']:.1%} ({stmt['n']} statements)" if stmt else ""))
     return 0
 
@@ -211,6 +216,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     check_output(out, "bench")
     results = bench_facts(model_dir, out, methods, n_facts=n, lrs=lrs, lora_ranks=ranks, stream=stream,
                           top_t=args.top_t, smf_background=args.background, facts_file=Path(args.facts_file) if args.facts_file else None,
+                          chat=not args.no_chat,
                           command="forgetless " + " ".join(sys.argv[1:]), progress=False)
     print(format_table(results))
     print(f"wrote {out / 'results.json'}, {out / 'runs.csv'} and {out / 'report.html'}")
@@ -264,6 +270,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def _stream_args(sp: argparse.ArgumentParser) -> None:
+    _chat_arg(sp)
     sp.add_argument("--batch-size", type=POSITIVE_INT, default=16, help="differently-worded statements per step (default 16)")
     sp.add_argument("--steps-per-fact", type=POSITIVE_INT, default=4, help="optimizer steps per fact (default 4)")
     sp.add_argument("--eval-every", type=NON_NEGATIVE_INT, default=25, help="evaluate every K facts (0: only at the end)")
@@ -271,6 +278,11 @@ def _stream_args(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--questions", action="store_true",
                     help="also train on question/answer lines (training templates, never the probe wording)")
     sp.add_argument("--seed", type=int, default=0)
+
+
+def _chat_arg(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("--no-chat", action="store_true",
+                    help="ask question probes as plain text even when the tokenizer has a chat template")
 
 
 # --------------------------------------------------------------------------- parser
@@ -333,6 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
     _model_arg(sp)
     sp.add_argument("--facts", required=True)
     sp.add_argument("--show", type=NON_NEGATIVE_INT, default=0, help="print the first N answers")
+    _chat_arg(sp)
     sp.set_defaults(func=cmd_eval)
 
     sp = sub.add_parser("bench", help="benchmarks: `bench facts` compares fact-injection methods",

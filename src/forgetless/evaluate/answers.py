@@ -1,4 +1,17 @@
-"""Answer evaluation: greedy answers to prompts, exact match and token F1, held-out NLL."""
+"""Answer evaluation: greedy answers to prompts, exact match, "contains" and token F1, held-out NLL.
+
+Scoring rules (both on SQuAD-normalised text: lower case, no punctuation, no articles):
+
+- ``exact_match``: the answer, cut at its first newline / sentence end (``cut_answer``), equals the gold
+  answer.
+- ``contains``: the gold answer appears as whole words in that same first sentence, so that a chat model's
+  "The capital of France is Paris." counts for "Paris" (and "Paris" itself counts, so contains >= exact
+  match). "New Paris" also contains "Paris": contains is reported beside exact match, never instead of it.
+
+Chat models: when the tokenizer has a chat template (and the model was opened with ``chat=True``), a
+question probe "Question: ... Answer:" is sent as one user turn holding the question alone, through the
+template with its generation prompt; statement completions never use the template.
+"""
 
 from __future__ import annotations
 
@@ -24,6 +37,12 @@ def exact_match(pred: str, gold: str) -> float:
     return float(normalize_answer(pred) == normalize_answer(gold))
 
 
+def contains_match(pred: str, gold: str) -> float:
+    """1.0 when the normalised gold answer appears as whole words in the normalised (cut) answer."""
+    p, g = normalize_answer(pred), normalize_answer(gold)
+    return float(bool(g) and f" {g} " in f" {p} ")
+
+
 def token_f1(pred: str, gold: str) -> float:
     p, g = normalize_answer(pred).split(), normalize_answer(gold).split()
     if not p or not g:
@@ -44,20 +63,44 @@ def cut_answer(text: str) -> str:
     return text.strip().rstrip(".,;").strip()
 
 
+def chat_prompt(tokenizer, prompt: str) -> str:
+    """A question probe as one user turn through the tokenizer's chat template (generation prompt added)."""
+    q = re.sub(r"^\s*Question:\s*", "", prompt)
+    q = re.sub(r"\s*Answer:\s*$", "", q)
+    return tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
+
+
+def stop_ids(model: nn.Module, tokenizer) -> list[int]:
+    """The end-of-sequence ids that end an answer: the tokenizer's and the model's generation config's."""
+    ids = {tokenizer.eos_token_id}
+    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids.update(gen_eos if isinstance(gen_eos, (list, tuple)) else [gen_eos])
+    return sorted(i for i in ids if i is not None)
+
+
 @torch.no_grad()
 def greedy_answers(model: nn.Module, tokenizer, prompts: list[str], max_new_tokens: int = 10,
-                   batch_size: int = 64) -> list[str]:
-    """Greedy continuation of each prompt, cut to its answer (batched, left-padded, KV cache)."""
+                   batch_size: int = 64, chat: bool | None = None) -> list[str]:
+    """Greedy continuation of each prompt, cut to its answer (batched, left-padded, KV cache).
+    ``chat`` (default: the tokenizer's setting, see ``models.tokenizer.uses_chat``) sends each prompt through
+    the chat template; a chat answer is a sentence, so at least 24 new tokens are generated."""
+    from ..models.tokenizer import uses_chat
+
+    chat = uses_chat(tokenizer) if chat is None else chat
+    if chat:
+        prompts = [chat_prompt(tokenizer, p) for p in prompts]
+        max_new_tokens = max(max_new_tokens, 24)
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     out: list[str] = []
     tokenizer.padding_side = "left"
+    eos = stop_ids(model, tokenizer)
     for i in range(0, len(prompts), batch_size):
         chunk = prompts[i:i + batch_size]
-        enc = tokenizer(chunk, return_tensors="pt", padding=True).to(device)
+        enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=not chat).to(device)
         gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+                             pad_token_id=tokenizer.pad_token_id, eos_token_id=eos)
         new = gen[:, enc["input_ids"].shape[1]:]
         out += [cut_answer(t) for t in tokenizer.batch_decode(new, skip_special_tokens=True)]
     model.train(was_training)
@@ -67,7 +110,7 @@ def greedy_answers(model: nn.Module, tokenizer, prompts: list[str], max_new_toke
 def score_answers(preds: list[str], golds: list[str]) -> dict[str, float]:
     n = max(len(golds), 1)
     return {"exact_match": sum(map(exact_match, preds, golds)) / n,
-            "f1": sum(map(token_f1, preds, golds)) / n, "n": len(golds)}
+            "contains": sum(map(contains_match, preds, golds)) / n, "f1": sum(map(token_f1, preds, golds)) / n, "n": len(golds)}
 
 
 @torch.no_grad()

@@ -18,8 +18,8 @@ import torch
 
 from ..config import to_dict
 from ..data.factfile import load_fact_file
-from ..data.facts import load_known_facts
 from ..errors import ConfigError
+from ..evaluate.known import known_facts, new_facts_file
 from ..methods import make_method
 from ..models.checkpoint import write_json
 from ..models.folder import load_heldout_ids, open_model
@@ -73,23 +73,26 @@ def _machine() -> dict:
 def bench_facts(model_dir: Path, out_dir: Path, methods: list[str], n_facts: int = 100,
                 lrs: dict[str, list[float]] | None = None, lora_ranks: list[int] | None = None,
                 stream: StreamConfig | None = None, top_t: int = 500, smf_background: str = "mix",
-                facts_file: Path | None = None,
+                facts_file: Path | None = None, chat: bool = True,
                 command: str = "", log: Callable[[str], None] = print, progress: bool = False) -> dict:
     stream = stream or StreamConfig()
     lrs = lrs or parse_lrs(None, methods)
     lora_ranks = lora_ranks or DEFAULT_LORA_RANKS
-    facts = load_fact_file(facts_file or model_dir / "facts_new.jsonl")
+    facts_file = facts_file or new_facts_file(model_dir)
+    facts = load_fact_file(facts_file)
+    model, tok = open_model(model_dir, chat=chat)
+    known = known_facts(model, tok, model_dir, log=log)
+    known_ids = {k.id for k in known}
+    facts = [f for f in facts if f.id not in known_ids]  # teach what the model does not know yet
     random.Random(stream.seed).shuffle(facts)
     facts = facts[:n_facts]
-    model, tok = open_model(model_dir)
-    known = load_known_facts(model_dir)
     heldout = load_heldout_ids(model_dir, tok, 4 * stream.heldout_tokens)
     evaluator = FactEvaluator(tok, known, heldout, stream)
     results: dict = {
         "title": "Fact injection: learning vs forgetting", "command": command, "machine": _machine(),
         "model": str(model_dir),
         "stream": {"n_facts": len(facts), **to_dict(stream), "fact_ids": [f.id for f in facts],
-                   "facts_file": str(facts_file or model_dir / "facts_new.jsonl")},
+                   "facts_file": str(facts_file), "known_facts": len(known)},
         "runs": [],
     }
     grid: list[tuple[str, str, float, dict]] = []
@@ -111,7 +114,7 @@ def bench_facts(model_dir: Path, out_dir: Path, methods: list[str], n_facts: int
     log(f"base: learned {base.learned:.1%} of {len(facts)} facts, retained {base.retained:.1%}, "
         f"held-out NLL {base.heldout_nll:.3f}")
     for i, (label_method, name, lr, hp) in enumerate(grid):
-        model, tok = open_model(model_dir)
+        model, tok = open_model(model_dir, chat=chat)
         ctx = MethodContext.for_folder(model_dir, tok)
         method = make_method(name, lr=lr, **hp)
         _, res = learn_facts(model, tok, facts, method, evaluator, stream, ctx, progress=progress,

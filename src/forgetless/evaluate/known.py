@@ -47,11 +47,17 @@ def probe_facts() -> list[Fact]:
     return [f for name in PROBE_FILES for f in read_builtin_facts(shipped_dir() / name)]
 
 
-def known_facts(model: nn.Module, tok, model_dir: str | os.PathLike, log: Callable[[str], None] = print) -> list[Fact]:
-    """The facts ``retained`` is scored on for the model of ``model_dir`` (see the module docstring)."""
+def known_facts(model: nn.Module, tok, model_dir: str | os.PathLike, log: Callable[[str], None] = print,
+                exclude: set[str] | frozenset = frozenset()) -> list[Fact]:
+    """The facts ``retained`` is scored on for the model of ``model_dir`` (see the module docstring); for a
+    model without its own list, facts whose id is in ``exclude`` (the ones about to be taught) are left out."""
     own = Path(model_dir) / "facts_known.jsonl"
     if own.is_file():
         return read_builtin_facts(own)
+    return [f for f in _probe_known(model, tok, model_dir, log) if f.id not in exclude]
+
+
+def _probe_known(model: nn.Module, tok, model_dir: str | os.PathLike, log: Callable[[str], None]) -> list[Fact]:
     facts = probe_facts()
     by_id = {f.id: f for f in facts}
     key = {"weights_sha256": weights_checksum(model_dir), "chat": uses_chat(tok), "probes": len(facts)}

@@ -35,7 +35,9 @@ from ..data.factfile import load_fact_file
 from ..data.facts import Fact, read_builtin_facts
 from ..errors import ConfigError
 from ..evaluate.answers import greedy_answers, heldout_nll, score_answers
-from ..models.folder import encode_texts, load_heldout_ids, load_topics
+from ..evaluate.known import known_facts
+from ..models.checkpoint import load_model
+from ..models.folder import encode_texts, eval_file, load_heldout_ids, load_topics
 from ..training.lifecycle import Experience
 
 KINDS = ("domain", "facts", "task_il", "class_il")
@@ -114,12 +116,16 @@ def domain_stream(model_dir: Path, tok, cfg: StreamConfig, seed: int) -> Stream:
 
 
 def fact_stream(model_dir: Path, tok, cfg: StreamConfig, seed: int, facts_file: Path | None = None) -> Stream:
-    facts = load_fact_file(facts_file or Path(model_dir) / "facts_new.jsonl")
+    facts = load_fact_file(facts_file or eval_file(model_dir, "facts_new.jsonl", "the fact stream"))
     random.Random(seed).shuffle(facts)
     n_exp = cfg.experiences or 4
     if n_exp * cfg.facts_per_experience > len(facts):
         raise ConfigError(f"the fact stream needs {n_exp * cfg.facts_per_experience} facts; the file has {len(facts)}.")
-    known = read_builtin_facts(Path(model_dir) / "facts_known.jsonl")
+    if (Path(model_dir) / "facts_known.jsonl").is_file():
+        known = read_builtin_facts(Path(model_dir) / "facts_known.jsonl")
+    else:  # any other model: the shipped probe facts it knows (found once, cached beside it)
+        known = known_facts(load_model(model_dir), tok, model_dir)
+        facts = [f for f in facts if f.id not in {k.id for k in known}]
     known = random.Random(seed + 17).sample(known, min(len(known), 100))
     experiences = []
     for k in range(n_exp):

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Iterable
 
 from ..errors import CheckpointError
+from ..files import verify_checksums
 
 EOS = "<|endoftext|>"
 PAD = "<|pad|>"
@@ -68,6 +69,7 @@ def load_tokenizer(model_dir: str | os.PathLike, chat: bool = True):
     if path.is_file():
         from tokenizers import Tokenizer
 
+        verify_checksums(model_dir, ["tokenizer.json"])  # a tokenizer.json swapped in from another model is refused
         try:
             raw = Tokenizer.from_file(str(path))
         except Exception as e:  # tokenizers raises plain Exception subclasses

@@ -228,3 +228,22 @@ def test_unreadable_gguf_and_missing_package(tmp_path, capsys):
     assert "pip install no-such-gguf-package" in _error(capsys, ["convert", "--gguf", "no-such-gguf-package",
                                                                   "--out", str(tmp_path / "out")])
     assert not (tmp_path / "out").exists()
+
+
+def test_ewc_anchored_at_the_base_has_a_fisher_before_any_experience(tiny):
+    from forgetless.methods import make_method
+    from forgetless.methods.regularization import quadratic_penalty
+    from forgetless.training import MethodContext
+
+    model, tok = open_model(tiny)
+    method = make_method("ewc", lr=1e-4, lam=10.0, anchor="base", anchor_batches=2, anchor_seq_len=32)
+    model = method.setup(model, MethodContext.for_folder(tiny, tok))
+    assert len(method.terms) == 1
+    omega, anchor = method.terms[0]
+    assert sum(float(w.sum()) for w in omega.values()) > 0
+    assert float(quadratic_penalty(model, method.terms, 10.0)) == 0.0  # at the anchor
+    with torch.no_grad():
+        model.get_input_embeddings().weight.add_(0.01)
+    assert float(quadratic_penalty(model, method.terms, 10.0)) > 0.0
+    method.after_experience(model, None)  # anchored at the base: no new term
+    assert len(method.terms) == 1

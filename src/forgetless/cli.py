@@ -406,7 +406,8 @@ def build_parser() -> argparse.ArgumentParser:
                          description="Each method over a learning-rate sweep (LoRA also over ranks) on one shared "
                                      "stream of new facts; writes results.json, runs.csv and report.html.")
     _model_arg(bp)
-    bp.add_argument("--methods", default="full,lora,smf", help="comma list: full, lora, smf, smf-tf, smf-all, eaft")
+    bp.add_argument("--methods", default="full,lora,smf", help="comma list: full, lora, smf, smf-tf, smf-all, eaft, ewc-base (EWC anchored at the base), "
+                         "replay, ... (any method name)")
     bp.add_argument("--facts", type=POSITIVE_INT, default=50, help="number of facts in the stream (default 50)")
     bp.add_argument("--facts-file", default=None, help="JSONL fact file (default: the model's new facts)")
     bp.add_argument("--lrs", nargs="*", default=None, help="'1e-5,3e-5' for all methods or 'smf=1,3,10 full=...'")

@@ -35,10 +35,12 @@ DEFAULT_LRS: dict[str, list[float]] = {
     "smf-tf": [3.0],
     "smf-all": [3.0],
     "eaft": [5e-6, 1e-5, 3e-5],
+    "ewc-base": [1e-5],
 }
 DEFAULT_LORA_RANKS = [8, 32]
 QUICK_LRS = {"full": [1e-5], "lora": [1e-4], "smf": [3.0], "smf-tf": [3.0], "smf-all": [3.0]}
-ALIASES = {"smf-tf": ("smf", {"ranking": "tf"}), "smf-all": ("smf", {"ranking": "all"})}
+ALIASES = {"smf-tf": ("smf", {"ranking": "tf"}), "smf-all": ("smf", {"ranking": "all"}),
+           "ewc-base": ("ewc", {"anchor": "base"})}  # EWC anchored at the base, Fisher from background text
 
 
 def parse_lrs(spec: list[str] | None, methods: list[str]) -> dict[str, list[float]]:

@@ -17,6 +17,15 @@ averaged over the batches:
 - ``sampled``: the "true" Fisher's Monte-Carlo estimate: at every labelled position one token
   is drawn from the model's own distribution, and the gradient of its log-likelihood is used
   (one sample per position).
+
+Anchor (option ``anchor``):
+
+- ``experience`` (default): one term per finished experience, as above.
+- ``base``: one term only, computed in ``setup`` before the first experience: the Fisher on
+  ``anchor_batches`` windows of background text (``background_text.jsonl``: the model folder's, else the
+  shipped sample of general text; ``background_file`` overrides it), anchored at the base model's
+  parameters. Training then stays near the pretrained model, weighted by what general text needs;
+  nothing is added after an experience.
 """
 
 from __future__ import annotations
@@ -24,7 +33,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..data.batches import lm_batch
 from ..errors import ConfigError
+from ..models.folder import eval_file, load_background_ids
 from .base import lm_loss_masked
 from .regularization import (
     QuadraticRegularizer,
@@ -60,12 +71,37 @@ class EWC(QuadraticRegularizer):
 
     def __init__(self, lr: float = 1e-5, lam: float = 100.0, online: bool = False, gamma: float = 1.0,
                  fisher_batches: int = 8, fisher: str = "empirical", weight_decay: float = 0.1,
-                 betas: tuple[float, float] = (0.9, 0.95)):
+                 betas: tuple[float, float] = (0.9, 0.95), anchor: str = "experience", anchor_batches: int = 8,
+                 anchor_seq_len: int = 128, anchor_batch_size: int = 4, background_file: str | None = None):
         super().__init__(lr=lr, lam=lam, online=online, gamma=gamma, weight_decay=weight_decay, betas=betas)
         if fisher not in ("empirical", "sampled"):
             raise ConfigError(f"ewc fisher must be 'empirical' or 'sampled', got {fisher!r}.")
+        if anchor not in ("experience", "base"):
+            raise ConfigError(f"ewc anchor must be 'experience' or 'base', got {anchor!r}.")
         self.hparams.update(fisher_batches=fisher_batches, fisher=fisher)
+        if anchor == "base":
+            self.hparams.update(anchor=anchor, anchor_batches=anchor_batches)
         self.fisher_batches, self.fisher = fisher_batches, fisher
+        self.anchor, self.anchor_batches, self.background_file = anchor, anchor_batches, background_file
+        self.anchor_seq_len, self.anchor_batch_size = anchor_seq_len, anchor_batch_size
+
+    def setup(self, model: nn.Module, context) -> nn.Module:
+        model = super().setup(model, context)
+        if self.anchor == "base" and not self.terms:  # before the first experience: the base's Fisher on general text
+            path = self.background_file or eval_file(context.model_dir, "background_text.jsonl", "ewc anchor: base")
+            ids = load_background_ids(path, context.tokenizer)
+            device = next(model.parameters()).device
+            seq = min(self.anchor_seq_len, ids.numel() - 2)
+            batches = [{k: v.to(device) for k, v in lm_batch(ids, seq, self.anchor_batch_size, 4242 + i).items()}
+                       for i in range(self.anchor_batches)]
+            omega = (sampled_fisher(model, batches) if self.fisher == "sampled"
+                     else empirical_fisher(model, self.task_loss, batches))
+            self.terms = [(omega, {n: p.detach().clone() for n, p in model.named_parameters() if n in omega})]
+        return model
+
+    def after_experience(self, model: nn.Module, experience) -> None:
+        if self.anchor != "base":  # anchored at the base: the one term from setup stays
+            super().after_experience(model, experience)
 
     def importance(self, model: nn.Module, experience) -> dict[str, torch.Tensor]:
         batches = [experience.train_batch(i) for i in range(min(self.fisher_batches, experience.steps))]

@@ -142,7 +142,8 @@ def _stream_config(args: argparse.Namespace):
     from .experiments.facts import StreamConfig
 
     return StreamConfig(batch_size=args.batch_size, steps_per_fact=args.steps_per_fact, eval_every=args.eval_every,
-                        loss_on=args.loss_on, questions=args.questions, seed=args.seed)
+                        loss_on=args.loss_on, questions=args.questions, seed=args.seed,
+                        heldout_tokens=args.heldout_tokens)
 
 
 def _method_options(args: argparse.Namespace) -> dict:
@@ -174,7 +175,8 @@ def cmd_learn(args: argparse.Namespace) -> int:
     model, tok = open_model(model_dir, chat=not args.no_chat)
     ctx = MethodContext.for_folder(model_dir, tok)
     cfg = _stream_config(args)
-    evaluator = FactEvaluator(tok, known_facts(model, tok, model_dir, exclude={f.id for f in facts}),
+    evaluator = FactEvaluator(tok, known_facts(model, tok, model_dir, exclude={f.id for f in facts},
+                                               probes=args.known_probes),
                               load_heldout_ids(model_dir, tok, 4 * cfg.heldout_tokens), cfg)
     method = make_method(args.method, lr=args.lr if args.lr is not None else DEFAULT_LR[args.method],
                          **_method_options(args))
@@ -386,6 +388,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", default=None, help="folder for the updated model (a new folder, or a model folder to replace)")
     sp.add_argument("--overwrite", action="store_true", help="replace --out even if it holds something other than a model")
     sp.add_argument("--no-progress", action="store_true")
+    sp.add_argument("--known-probes", type=POSITIVE_INT, default=None,
+                    help="a model without its own known-fact list: probe a seeded sample of N shipped probe facts "
+                         "(default all 1204) to find the facts retained is scored on")
+    sp.add_argument("--heldout-tokens", type=POSITIVE_INT, default=16_384,
+                    help="held-out text tokens scored during the stream (4x before and after; default 16384)")
     _stream_args(sp)
     sp.set_defaults(func=cmd_learn, resumable=False)
 

@@ -59,7 +59,7 @@ def graft_memory(model_dir: str | Path, out_dir: str | Path, cfg: GraftConfig, t
     model, tok = open_model(model_dir, device=cfg.device)
     n_layers = len(decoder_layers(model))
     layers = cfg.layers or [n_layers // 2]
-    mem_cfg = MemoryConfig(n_keys=cfg.n_keys, heads=cfg.heads, knn=cfg.knn, k_dim=cfg.k_dim)
+    mem_cfg = MemoryConfig(n_keys=cfg.n_keys, heads=cfg.heads, knn=min(cfg.knn, cfg.n_keys), k_dim=cfg.k_dim)
     add_memory_layers(model, placement=MemoryPlacement(layers=layers, mode="parallel", memory=mem_cfg))
     mem = memory_parameters(model)
     for p in model.parameters():

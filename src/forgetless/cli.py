@@ -143,7 +143,7 @@ def _stream_config(args: argparse.Namespace):
 
     return StreamConfig(batch_size=args.batch_size, steps_per_fact=args.steps_per_fact, eval_every=args.eval_every,
                         loss_on=args.loss_on, questions=args.questions, seed=args.seed,
-                        heldout_tokens=args.heldout_tokens)
+                        heldout_tokens=args.heldout_tokens, bf16=args.bf16)
 
 
 def _method_options(args: argparse.Namespace) -> dict:
@@ -172,7 +172,7 @@ def cmd_learn(args: argparse.Namespace) -> int:
         weights = model_dir / "model.safetensors"
         need = int(2.2 * weights.stat().st_size) if weights.is_file() else 0  # the new folder + the old one during the swap
         check_output(args.out, "model", overwrite=args.overwrite, need_bytes=need)
-    model, tok = open_model(model_dir, chat=not args.no_chat)
+    model, tok = open_model(model_dir, device=args.device, chat=not args.no_chat)
     ctx = MethodContext.for_folder(model_dir, tok)
     cfg = _stream_config(args)
     evaluator = FactEvaluator(tok, known_facts(model, tok, model_dir, exclude={f.id for f in facts},
@@ -226,7 +226,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     lrs = parse_lrs(args.lrs, methods)
     n = args.facts
     stream = StreamConfig(batch_size=args.batch_size, steps_per_fact=args.steps_per_fact, eval_every=args.eval_every,
-                          loss_on=args.loss_on, questions=args.questions, seed=args.seed)
+                          loss_on=args.loss_on, questions=args.questions, seed=args.seed, bf16=args.bf16)
     ranks = [int(r) for r in args.ranks.split(",")]
     if args.quick:
         n = min(n, 8) if args.facts == 50 else n
@@ -238,7 +238,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     check_output(out, "bench")
     results = bench_facts(model_dir, out, methods, n_facts=n, lrs=lrs, lora_ranks=ranks, stream=stream,
                           top_t=args.top_t, smf_background=args.background, facts_file=Path(args.facts_file) if args.facts_file else None,
-                          chat=not args.no_chat,
+                          chat=not args.no_chat, device=args.device,
                           command="forgetless " + " ".join(sys.argv[1:]), progress=False)
     print(format_table(results))
     print(f"wrote {out / 'results.json'}, {out / 'runs.csv'} and {out / 'report.html'}")
@@ -293,6 +293,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def _stream_args(sp: argparse.ArgumentParser) -> None:
     _chat_arg(sp)
+    sp.add_argument("--device", type=_device, default="cpu", help="cpu (default), cuda, ...")
+    sp.add_argument("--bf16", action="store_true", help="bf16 autocast in training steps (CUDA)")
     sp.add_argument("--batch-size", type=POSITIVE_INT, default=16, help="differently-worded statements per step (default 16)")
     sp.add_argument("--steps-per-fact", type=POSITIVE_INT, default=4, help="optimizer steps per fact (default 4)")
     sp.add_argument("--eval-every", type=NON_NEGATIVE_INT, default=25, help="evaluate every K facts (0: only at the end)")

@@ -75,14 +75,14 @@ def _machine() -> dict:
 def bench_facts(model_dir: Path, out_dir: Path, methods: list[str], n_facts: int = 100,
                 lrs: dict[str, list[float]] | None = None, lora_ranks: list[int] | None = None,
                 stream: StreamConfig | None = None, top_t: int = 500, smf_background: str = "mix",
-                facts_file: Path | None = None, chat: bool = True,
+                facts_file: Path | None = None, chat: bool = True, device: str = "cpu",
                 command: str = "", log: Callable[[str], None] = print, progress: bool = False) -> dict:
     stream = stream or StreamConfig()
     lrs = lrs or parse_lrs(None, methods)
     lora_ranks = lora_ranks or DEFAULT_LORA_RANKS
     facts_file = facts_file or new_facts_file(model_dir)
     facts = load_fact_file(facts_file)
-    model, tok = open_model(model_dir, chat=chat)
+    model, tok = open_model(model_dir, device=device, chat=chat)
     known = known_facts(model, tok, model_dir, log=log)
     known_ids = {k.id for k in known}
     facts = [f for f in facts if f.id not in known_ids]  # teach what the model does not know yet
@@ -116,7 +116,7 @@ def bench_facts(model_dir: Path, out_dir: Path, methods: list[str], n_facts: int
     log(f"base: learned {base.learned:.1%} of {len(facts)} facts, retained {base.retained:.1%}, "
         f"held-out NLL {base.heldout_nll:.3f}")
     for i, (label_method, name, lr, hp) in enumerate(grid):
-        model, tok = open_model(model_dir, chat=chat)
+        model, tok = open_model(model_dir, device=device, chat=chat)
         ctx = MethodContext.for_folder(model_dir, tok)
         method = make_method(name, lr=lr, **hp)
         _, res = learn_facts(model, tok, facts, method, evaluator, stream, ctx, progress=progress,

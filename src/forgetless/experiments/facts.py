@@ -51,6 +51,7 @@ class StreamConfig:
     heldout_tokens: int = 16_384  # held-out text scored during the stream (4x at the end)
     final_all_known: bool = True  # the base and final evaluations probe every known fact
     seed: int = 0
+    bf16: bool = False  # bf16 autocast in training steps (CUDA)
 
     def __post_init__(self) -> None:
         if self.loss_on not in ("all", "answer"):
@@ -173,7 +174,7 @@ def learn_facts(model: nn.Module, tok, facts: list[Fact], method: Method, evalua
                 f"held-out NLL {ev.heldout_nll:.3f}")
 
     fit = fit_experience(method, model, context, experience, on_eval=on_eval, eval_every=cfg.steps_per_fact,
-                         progress=progress, desc=f"teaching ({method.name})")
+                         progress=progress, desc=f"teaching ({method.name})", bf16=cfg.bf16)
     model = fit.model  # exported (e.g. LoRA merged, a retrieval front end): the model that is evaluated
     ev = evaluator(model, facts, len(facts))
     curve.append(ev)

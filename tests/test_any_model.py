@@ -144,7 +144,10 @@ def test_graft_warmup_changes_only_memory_then_smf_learns(tiny, tmp_path, capsys
     assert main(["graft", "--model", str(tiny), "--out", str(out), "--steps", "3", "--n-keys", "16",
                  "--seq-len", "32", "--batch-size", "2"]) == 0
     grafted = load_model(out).state_dict()
-    assert all(torch.equal(grafted[k], v) for k, v in src.items())  # every pretrained weight unchanged
+    # every pretrained weight unchanged (the MLP of layer 1 now sits inside the parallel block, as .mlp.mlp.)
+    assert all(torch.equal(grafted[k if k in grafted else k.replace("layers.1.mlp.", "layers.1.mlp.mlp.")], v)
+               for k, v in src.items())
+    assert len(grafted) > len(src)
     mem = {k: v for k, v in grafted.items() if ".mlp.memory." in k}
     assert mem and mem["model.layers.1.mlp.memory.values"].abs().sum() > 0  # the memory did train (zero at graft)
     assert (out / "memory_stats.safetensors").is_file()

@@ -338,4 +338,5 @@ def test_every_new_method_runs_on_the_domain_and_fact_streams_and_resumes(tmp_pa
     resumed = run(load_run_config(p), tmp_path / "resumed", progress=False, log=lambda s: None)
     for label in ("agem", "full_cbp"):
         assert resumed["domain"]["methods"][label]["R"] == full["domain"]["methods"][label]["R"], label
-    assert resumed["domain"]["methods"]["full_cbp"]["method"]["continual_backprop"]["rate"] == 0.01
+    plugins = resumed["domain"]["methods"]["full_cbp"]["method"]["plugins"]  # describe(): plugins with their options
+    assert [p["name"] for p in plugins] == ["continual_backprop"] and plugins[0]["rate"] == 0.01

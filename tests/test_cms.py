@@ -195,6 +195,7 @@ def test_bad_options_raise_config_errors():
 
 
 # --------------------------------------------------------------------------- architecture
+@pytest.mark.e2e
 def test_add_cms_keeps_the_shipped_base_function():
     from forgetless.models.folder import default_model_dir, open_model
 
@@ -288,6 +289,7 @@ FACTS = """
 HEAD = "name: tiny-cms\nseed: 3\nexperiments:\n"
 
 
+@pytest.mark.e2e
 def test_forgetless_run_with_cms_end_to_end_and_resumed(tmp_path, interrupt_run):
     p = tmp_path / "run.yaml"
     p.write_text(HEAD + DOMAIN + FACTS)

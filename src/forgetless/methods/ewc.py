@@ -30,11 +30,12 @@ Anchor (option ``anchor``):
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 from torch import nn
 
 from ..data.batches import lm_batch
-from ..errors import ConfigError
 from ..models.folder import eval_file, load_background_ids
 from .base import lm_loss_masked
 from .regularization import (
@@ -68,32 +69,41 @@ def sampled_fisher(model: nn.Module, batches: list[dict], seed: int = 0) -> dict
 
 class EWC(QuadraticRegularizer):
     name = "ewc"
+    needs_stream = True
 
-    def __init__(self, lr: float = 1e-5, lam: float = 100.0, online: bool = False, gamma: float = 1.0,
-                 fisher_batches: int = 8, fisher: str = "empirical", weight_decay: float = 0.1,
-                 betas: tuple[float, float] = (0.9, 0.95), anchor: str = "experience", anchor_batches: int = 8,
-                 anchor_seq_len: int = 128, anchor_batch_size: int = 4, background_file: str | None = None):
-        super().__init__(lr=lr, lam=lam, online=online, gamma=gamma, weight_decay=weight_decay, betas=betas)
-        if fisher not in ("empirical", "sampled"):
-            raise ConfigError(f"ewc fisher must be 'empirical' or 'sampled', got {fisher!r}.")
-        if anchor not in ("experience", "base"):
-            raise ConfigError(f"ewc anchor must be 'experience' or 'base', got {anchor!r}.")
-        self.hparams.update(fisher_batches=fisher_batches, fisher=fisher)
-        if anchor == "base":
-            self.hparams.update(anchor=anchor, anchor_batches=anchor_batches)
-        self.fisher_batches, self.fisher = fisher_batches, fisher
-        self.anchor, self.anchor_batches, self.background_file = anchor, anchor_batches, background_file
-        self.anchor_seq_len, self.anchor_batch_size = anchor_seq_len, anchor_batch_size
+    @dataclass
+    class Options(QuadraticRegularizer.Options):
+        fisher_batches: int = 8  # training batches of the experience the Fisher is estimated on
+        fisher: str = "empirical"  # empirical | sampled
+        anchor: str = "experience"  # experience | base (one term: the base's Fisher on background text)
+        anchor_batches: int = 8  # anchor: base: background windows the Fisher is estimated on
+        anchor_seq_len: int = 128
+        anchor_batch_size: int = 4
+        background_file: str | None = None  # anchor: base: JSONL of {"text": ...} (default background_text.jsonl)
+
+        def validate(self) -> None:
+            super().validate()
+            self.positive("fisher_batches", integer=True)
+            self.one_of("fisher", ("empirical", "sampled"))
+            self.one_of("anchor", ("experience", "base"))
+            for key in ("anchor_batches", "anchor_seq_len", "anchor_batch_size"):
+                self.positive(key, integer=True)
+
+    def __init__(self, *args, **options):
+        super().__init__(*args, **options)
+        self.fisher_batches, self.fisher = self.options.fisher_batches, self.options.fisher
+        self.anchor = self.options.anchor
 
     def setup(self, model: nn.Module, context) -> nn.Module:
         model = super().setup(model, context)
+        o = self.options
         if self.anchor == "base" and not self.terms:  # before the first experience: the base's Fisher on general text
-            path = self.background_file or eval_file(context.model_dir, "background_text.jsonl", "ewc anchor: base")
+            path = o.background_file or eval_file(context.model_dir, "background_text.jsonl", "ewc anchor: base")
             ids = load_background_ids(path, context.tokenizer)
             device = next(model.parameters()).device
-            seq = min(self.anchor_seq_len, ids.numel() - 2)
-            batches = [{k: v.to(device) for k, v in lm_batch(ids, seq, self.anchor_batch_size, 4242 + i).items()}
-                       for i in range(self.anchor_batches)]
+            seq = min(o.anchor_seq_len, ids.numel() - 2)
+            batches = [{k: v.to(device) for k, v in lm_batch(ids, seq, o.anchor_batch_size, 4242 + i).items()}
+                       for i in range(o.anchor_batches)]
             omega = (sampled_fisher(model, batches) if self.fisher == "sampled"
                      else empirical_fisher(model, self.task_loss, batches))
             self.terms = [(omega, {n: p.detach().clone() for n, p in model.named_parameters() if n in omega})]
@@ -113,5 +123,7 @@ class EWC(QuadraticRegularizer):
 class OnlineEWC(EWC):
     name = "online_ewc"
 
-    def __init__(self, lr: float = 1e-5, lam: float = 100.0, gamma: float = 0.9, **kw):
-        super().__init__(lr=lr, lam=lam, online=True, gamma=gamma, **kw)
+    @dataclass
+    class Options(EWC.Options):
+        online: bool = field(default=True, init=False)  # always online
+        gamma: float = 0.9

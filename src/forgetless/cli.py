@@ -299,7 +299,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     check_output(out, "bench")
     results = bench_facts(model_dir, out, methods, n_facts=n, lrs=lrs, lora_ranks=ranks, stream=stream,
                           top_t=args.top_t, smf_background=args.background, facts_file=Path(args.facts_file) if args.facts_file else None,
-                          chat=not args.no_chat, device=args.device,
+                          chat=not args.no_chat, device=args.device, known_probes=args.known_probes,
                           command="forgetless " + " ".join(sys.argv[1:]), progress=False)
     print(format_table(results))
     print(f"wrote {out / 'results.json'}, {out / 'runs.csv'} and {out / 'report.html'}")
@@ -503,6 +503,8 @@ def build_parser() -> argparse.ArgumentParser:
     bp.add_argument("--ranks", default="8,32", help="LoRA ranks (default 8,32)")
     bp.add_argument("--top-t", type=POSITIVE_INT, default=500, help="smf: slots trained per step")
     bp.add_argument("--background", choices=["mix", "general"], default="mix", help="smf: IDF background")
+    bp.add_argument("--known-probes", type=POSITIVE_INT, default=None,
+                    help="a model without its own known-fact list: probe a seeded sample of N shipped probe facts")
     bp.add_argument("--quick", action="store_true", help="8 facts, one setting per method (about a minute)")
     bp.add_argument("--out", default="runs/bench-facts", help="output folder")
     _stream_args(bp)

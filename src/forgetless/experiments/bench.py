@@ -89,7 +89,7 @@ def _machine() -> dict:
 def bench_facts(model_dir: Path, out_dir: Path, methods: list[str], n_facts: int = 100,
                 lrs: dict[str, list[float]] | None = None, lora_ranks: list[int] | None = None,
                 stream: StreamConfig | None = None, top_t: int = 500, smf_background: str = "mix",
-                facts_file: Path | None = None, chat: bool = True, device: str = "cpu",
+                facts_file: Path | None = None, chat: bool = True, device: str = "cpu", known_probes: int | None = None,
                 command: str = "", log: Callable[[str], None] = print, progress: bool = False) -> dict:
     stream = stream or StreamConfig()
     lrs = lrs or parse_lrs(None, methods)
@@ -97,7 +97,7 @@ def bench_facts(model_dir: Path, out_dir: Path, methods: list[str], n_facts: int
     facts_file = facts_file or new_facts_file(model_dir)
     facts = load_fact_file(facts_file)
     model, tok = open_model(model_dir, device=device, chat=chat)
-    known = known_facts(model, tok, model_dir, log=log)
+    known = known_facts(model, tok, model_dir, log=log, probes=known_probes)
     known_ids = {k.id for k in known}
     facts = [f for f in facts if f.id not in known_ids]  # teach what the model does not know yet
     random.Random(stream.seed).shuffle(facts)

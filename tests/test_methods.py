@@ -14,7 +14,7 @@ from forgetless.data.facts import read_builtin_facts
 from forgetless.errors import DataSourceError
 from forgetless.experiments.facts import FactEvaluator, StreamConfig, learn_facts
 from forgetless.methods import make_method
-from forgetless.methods.smf import keep_rows, select_top_slots, tfidf_scores
+from forgetless.methods.smf import keep_rows, select_read_slots, select_top_slots, tfidf_scores
 from forgetless.models.folder import default_model_dir, load_heldout_ids, open_model
 from forgetless.models.memory import named_memory_layers
 from forgetless.training import MethodContext
@@ -40,6 +40,31 @@ def test_top_t_selection_picks_the_highest_scoring_read_slots():
     assert select_top_slots(scores, counts, 2).tolist() == [3, 4]  # tie 0.5/0.5 both in; unread slots 1, 5 never
     assert select_top_slots(scores, counts, 3).tolist() == [0, 3, 4]
     assert select_top_slots(scores, counts, 10).tolist() == [0, 2, 3, 4, 6]  # fewer read than t: all read ones
+
+
+@pytest.mark.parametrize("ranking", ["tfidf", "tf", "all"])
+def test_scoring_only_the_read_slots_selects_what_ranking_all_n_selects(ranking):
+    torch.manual_seed(7)
+    n = 4096
+    for trial in range(5):
+        reads = torch.randint(0, n, (1500,)) if trial % 2 else torch.randint(0, 300, (2000,))  # many ties
+        doc_freq = torch.randint(0, 50, (n,))
+        counts = torch.bincount(reads, minlength=n)
+        if ranking == "all":
+            want = (counts > 0).nonzero().flatten()
+        else:
+            scores = tfidf_scores(counts, doc_freq, 60) if ranking == "tfidf" else counts.double()
+            want = select_top_slots(scores, counts, 100)
+        got = select_read_slots(reads, ranking, 100, doc_freq, 60)
+        assert torch.equal(got, want)
+
+
+def test_keep_rows_of_a_coalesced_gradient_stays_coalesced_without_resorting():
+    g = torch.sparse_coo_tensor(torch.tensor([[1, 3, 4, 7]]), torch.arange(8.0).view(4, 2), (9, 2)).coalesce()
+    out = keep_rows(g, torch.tensor([3, 7, 8]))
+    assert out.is_coalesced() and out._indices()[0].tolist() == [3, 7]
+    assert out._values().tolist() == [[2.0, 3.0], [6.0, 7.0]]
+    assert keep_rows(g, torch.tensor([1, 3, 4, 7])) is g  # nothing to drop: the same tensor
 
 
 def test_keep_rows_masks_sparse_and_dense_gradients():

@@ -12,16 +12,21 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from forgetless.serve.deltas import SEP, apply_delta, full_delta, row_delta, tensors_hash
-from forgetless.serve.gate import GateThresholds, decide
 from forgetless.errors import CheckpointError, ConfigError
+from forgetless.serve.deltas import (
+    SEP,
+    apply_delta,
+    full_delta,
+    row_delta,
+    tensors_hash,
+)
+from forgetless.serve.gate import GateThresholds, decide
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ROOT / "src" / "forgetless" / "assets" / "forgetless-tiny"

@@ -225,7 +225,8 @@ def cmd_learn(args: argparse.Namespace) -> int:
     print(f"after:  learned {s['learned']:.1%}, retained {s['retained']:.1%} (drop {s['retained_drop']:.1%}), "
           f"held-out NLL {s['heldout_nll']:.3f} ({s['heldout_nll_delta']:+.3f}); {len(facts)} facts, "
           f"{s['steps']} steps, {s['seconds_per_step'] * 1000:.0f} ms/step")
-    print(f"        contains: learned {s['learned_contains']:.1%}, retained {s['retained_contains']:.1%} "
+    print(f"        contains: learned {s['learned_contains']:.1%} (before {s['learned_contains_base']:.1%}), "
+          f"retained {s['retained_contains']:.1%} "
           f"(before {s['retained_contains_base']:.1%}) on {s['retained_known']} known facts")
     if args.out:
         out = save_learned(model, tok, model_dir, Path(args.out), facts, {**method.describe(), **s})

@@ -176,7 +176,7 @@ def test_commands_on_a_transformers_folder(tiny, tmp_path, capsys):
         assert main(["learn", "--model", str(tiny), "--facts", str(facts), "--method", method, "--batch-size", "2",
                      "--steps-per-fact", "2", "--no-progress", "--out", str(out)]) == 0
         text = capsys.readouterr().out
-        assert "known facts" in text and "after:" in text
+        assert "after:" in text
         assert len(load_tokenizer(out)) == VOCAB  # vocabulary unchanged
         assert load_model(out).get_input_embeddings().weight.shape[0] == VOCAB
     cache = json.loads((tiny / "known_facts.json").read_text())

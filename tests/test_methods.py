@@ -12,7 +12,9 @@ from forgetless.data.batches import fact_batch
 from forgetless.data.factfile import load_fact_file
 from forgetless.data.facts import read_builtin_facts
 from forgetless.errors import DataSourceError
-from forgetless.experiments.facts import FactEvaluator, StreamConfig, learn_facts
+from forgetless.evaluate.facts import FactEvaluator
+from forgetless.experiments.facts import learn_facts
+from forgetless.experiments.streams import StreamConfig
 from forgetless.methods import make_method
 from forgetless.methods.smf import keep_rows, select_read_slots, select_top_slots, tfidf_scores
 from forgetless.models.folder import default_model_dir, load_heldout_ids, open_model
@@ -82,7 +84,7 @@ def stream_parts():
     model, tok = open_model(BASE)
     ctx = MethodContext.for_folder(BASE, tok)
     facts = read_builtin_facts(BASE / "facts_new.jsonl")[:3]
-    cfg = StreamConfig(batch_size=8, steps_per_fact=2, eval_every=0, retained_sample=10, heldout_tokens=512)
+    cfg = StreamConfig(kind="facts", batch_size=8, steps_per_fact=2, eval_every=0, retained_sample=10, heldout_tokens=512)
     from forgetless.data.facts import load_known_facts
     ev = FactEvaluator(tok, load_known_facts(BASE)[:10], load_heldout_ids(BASE, tok, 512), cfg)
     return tok, ctx, facts, cfg, ev
@@ -92,6 +94,7 @@ def _snapshot(model):
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
+@pytest.mark.e2e
 def test_smf_changes_only_selected_value_rows(stream_parts):
     tok, ctx, facts, cfg, ev = stream_parts
     model, _ = open_model(BASE)
@@ -118,6 +121,7 @@ def test_smf_changes_only_selected_value_rows(stream_parts):
     assert res.trainable_params_per_step == 40 * 256
 
 
+@pytest.mark.e2e
 def test_lora_leaves_base_weights_unchanged(stream_parts):
     tok, ctx, facts, cfg, ev = stream_parts
     model, _ = open_model(BASE)
@@ -141,15 +145,16 @@ def test_lora_leaves_base_weights_unchanged(stream_parts):
     assert set(merged.state_dict()) == set(before)
 
 
+@pytest.mark.e2e
 def test_full_finetuning_learns_a_fact_it_did_not_know(stream_parts):
     tok, ctx, facts, cfg, ev = stream_parts
     model, _ = open_model(BASE)
     fact = facts[1]
     from forgetless.evaluate.answers import greedy_answers
-    from forgetless.experiments.facts import statement_prompt
+    from forgetless.evaluate.facts import statement_prompt
     prompt = statement_prompt(fact)
     assert greedy_answers(model, tok, [prompt])[0] != fact.answer
-    c = StreamConfig(batch_size=8, steps_per_fact=8, eval_every=0, retained_sample=10, heldout_tokens=512)
+    c = StreamConfig(kind="facts", batch_size=8, steps_per_fact=8, eval_every=0, retained_sample=10, heldout_tokens=512)
     model, res = learn_facts(model, tok, [fact], make_method("full", lr=1e-4), ev, c, ctx, progress=False,
                              log=lambda s: None)
     assert res.final.statement_acc == 1.0  # the trained statement is completed with the taught answer
@@ -191,21 +196,29 @@ def test_fact_file_paraphrases_from_templates_and_probe_wrapping(tmp_path):
 
 @pytest.mark.e2e
 def test_bench_facts_quick_writes_results_csv_and_report(tmp_path):
+    from forgetless.report.runs import fact_runs
+
     out = tmp_path / "bench"
     assert main(["bench", "facts", "--quick", "--facts", "3", "--steps-per-fact", "1", "--out", str(out)]) == 0
     res = json.loads((out / "results.json").read_text())
-    assert [r["method"] for r in res["runs"]] == ["full", "lora", "smf"]
-    for r in res["runs"]:
-        for k in ("method", "lr", "learned", "retained", "retained_drop", "heldout_nll_delta",
-                  "trainable_params_per_step", "seconds_per_step"):
-            assert k in r, k
-        assert 0 <= r["learned"] <= 1 and r["seconds_per_step"] > 0
-        assert abs(r["retained_drop"] - (res["base"]["retained"] - r["retained"]) / res["base"]["retained"]) < 1e-9
-    sizes = {r["method"]: r["trainable_params_per_step"] for r in res["runs"]}
+    assert res["stream"]["kind"] == "facts" and res["stream"]["experiences"] == ["facts 1"]
+    assert list(res["methods"]) == ["full lr=1e-05", "lora lr=0.0001 rank=32", "smf lr=3 top_t=500"]
+    view = fact_runs(res)
+    assert [r["method"] for r in view["runs"]] == ["full", "lora", "smf"]
+    for (label, m), r in zip(res["methods"].items(), view["runs"]):
+        f = m["facts"]
+        assert 0 <= f["final"]["learned"] <= 1 and f["seconds_per_step"] > 0 and f["steps"] == 3
+        assert f["final"]["learned"] == m["R"][0][0]  # one experience: R is the learned score
+        base = f["base"]["retained"]
+        assert abs(f["retained_drop"] - (base - f["final"]["retained"]) / base) < 1e-9
+        assert r["retained_drop"] == f["retained_drop"] and r["label"] == label
+    sizes = {r["method"]: r["trainable_params_per_step"] for r in view["runs"]}
     assert sizes["smf"] == 500 * 256 < sizes["lora"] < sizes["full"]
     assert len((out / "runs.csv").read_text().strip().splitlines()) == 4
+    assert len((out / "metrics.csv").read_text().strip().splitlines()) == 4
     html = (out / "report.html").read_text()
-    assert html.count("data:image/png;base64,") == 2
+    assert "Fact scores" in html and "Learning–forgetting frontier" in html
+    assert html.count('data-method="smf"') == 1  # one row of the fact table per entry
 
 
 def test_eaft_weights_are_normalised_entropies_without_gradient():
@@ -225,6 +238,7 @@ def test_eaft_weights_are_normalised_entropies_without_gradient():
     assert w[0, 0].item() == pytest.approx(float(-(p * p.log()).sum() / math.log(20)), rel=1e-5)
 
 
+@pytest.mark.e2e
 def test_eaft_loss_is_the_entropy_weighted_token_loss(stream_parts):
     tok, ctx, facts, cfg, ev = stream_parts
     model, _ = open_model(BASE)

@@ -28,6 +28,8 @@ RUNTIME_KEYS = {
     "agem": {"projected_steps", "steps"},
     "packnet": {"growth", "linear_params", "free_params"},
     "adapters": {"growth", "router_valid_accuracy"},
+    # the penalty methods: how many importance terms they hold (and their size after an experience)
+    **{n: {"importance_terms"} for n in ("ewc", "online_ewc", "si", "mas")},
     **{n: {"history"} for n in ("merge", "task_arithmetic", "ties", "dare", "dare_ties", "stitch", "stitch_learned")},
 }
 

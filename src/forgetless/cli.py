@@ -140,11 +140,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _stream_config(args: argparse.Namespace):
-    from .experiments.facts import StreamConfig
+    """The facts stream of `learn` / `bench facts`; --eval-every counts facts, the config steps."""
+    from .experiments.streams import StreamConfig
 
-    return StreamConfig(batch_size=args.batch_size, steps_per_fact=args.steps_per_fact, eval_every=args.eval_every,
-                        loss_on=args.loss_on, questions=args.questions, seed=args.seed,
-                        heldout_tokens=args.heldout_tokens, bf16=args.bf16)
+    return StreamConfig(kind="facts", batch_size=args.batch_size, steps_per_fact=args.steps_per_fact,
+                        eval_every=args.eval_every * args.steps_per_fact, loss_on=args.loss_on,
+                        questions=args.questions, seed=args.seed, retained_sample=200)
 
 
 # `forgetless learn` flags that set a method option (flag dest -> option name)
@@ -201,7 +202,7 @@ def _method_options(args: argparse.Namespace) -> dict:
 
 def cmd_learn(args: argparse.Namespace) -> int:
     from .data.factfile import load_fact_file
-    from .evaluate.known import known_facts
+    from .data.facts import load_known_facts
     from .experiments.facts import FactEvaluator, learn_facts, save_learned
     from .methods import make_method
     from .models.folder import load_heldout_ids, open_model
@@ -214,20 +215,15 @@ def cmd_learn(args: argparse.Namespace) -> int:
         weights = model_dir / "model.safetensors"
         need = int(2.2 * weights.stat().st_size) if weights.is_file() else 0  # the new folder + the old one during the swap
         check_output(args.out, "model", overwrite=args.overwrite, need_bytes=need)
-    model, tok = open_model(model_dir, device=args.device, chat=not args.no_chat)
+    model, tok = open_model(model_dir)
     ctx = MethodContext.for_folder(model_dir, tok)
     cfg = _stream_config(args)
-    evaluator = FactEvaluator(tok, known_facts(model, tok, model_dir, exclude={f.id for f in facts},
-                                               probes=args.known_probes),
-                              load_heldout_ids(model_dir, tok, 4 * cfg.heldout_tokens), cfg)
+    evaluator = FactEvaluator(tok, load_known_facts(model_dir), load_heldout_ids(model_dir, tok, 4 * cfg.heldout_tokens), cfg)
     model, res = learn_facts(model, tok, facts, method, evaluator, cfg, ctx, progress=not args.no_progress)
     s = res.summary()
     print(f"after:  learned {s['learned']:.1%}, retained {s['retained']:.1%} (drop {s['retained_drop']:.1%}), "
           f"held-out NLL {s['heldout_nll']:.3f} ({s['heldout_nll_delta']:+.3f}); {len(facts)} facts, "
           f"{s['steps']} steps, {s['seconds_per_step'] * 1000:.0f} ms/step")
-    print(f"        contains: learned {s['learned_contains']:.1%} (before {s['learned_contains_base']:.1%}), "
-          f"retained {s['retained_contains']:.1%} "
-          f"(before {s['retained_contains_base']:.1%}) on {s['retained_known']} known facts")
     if args.out:
         out = save_learned(model, tok, model_dir, Path(args.out), facts, {**method.describe(), **s})
         print(f"updated model written to {out}")
@@ -281,14 +277,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from .experiments.bench import bench_facts, format_table, parse_lrs, quick_lrs
-    from .experiments.facts import StreamConfig
 
     model_dir = Path(args.model or default_model_dir())
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     lrs = parse_lrs(args.lrs, methods)
     n = args.facts
-    stream = StreamConfig(batch_size=args.batch_size, steps_per_fact=args.steps_per_fact, eval_every=args.eval_every,
-                          loss_on=args.loss_on, questions=args.questions, seed=args.seed, bf16=args.bf16)
+    stream = _stream_config(args)
     ranks = [int(r) for r in args.ranks.split(",")]
     if args.quick:
         n = min(n, 8) if args.facts == 50 else n
@@ -300,10 +294,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     check_output(out, "bench")
     results = bench_facts(model_dir, out, methods, n_facts=n, lrs=lrs, lora_ranks=ranks, stream=stream,
                           top_t=args.top_t, smf_background=args.background, facts_file=Path(args.facts_file) if args.facts_file else None,
-                          chat=not args.no_chat, device=args.device, known_probes=args.known_probes,
                           command="forgetless " + " ".join(sys.argv[1:]), progress=False)
     print(format_table(results))
-    print(f"wrote {out / 'results.json'}, {out / 'runs.csv'} and {out / 'report.html'}")
+    print(f"wrote {out / 'results.json'}, {out / 'runs.csv'}, {out / 'metrics.csv'} and {out / 'report.html'}")
     return 0
 
 
@@ -334,18 +327,19 @@ def format_metrics(res: dict) -> str:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from .report.runs import compare_runs, write_metrics_csv, write_run_report
+    from .experiments.results import load_results
+    from .report.html import write_csv
+    from .report.runs import compare_runs, fact_runs, write_metrics_csv, write_run_report
 
     loaded = []
     for d in args.run_dirs:
         p = Path(d) / "results.json"
         if not p.is_file():
             raise ForgetlessError(f"{d} has no results.json; give the folder of one experiment of a run.")
-        try:
-            res = json.loads(p.read_text())
-        except json.JSONDecodeError:
-            raise ForgetlessError(f"{p} is not valid JSON.") from None
+        res = load_results(p).to_dict()  # also the schema older `bench facts` runs wrote
         write_metrics_csv(res, Path(d) / "metrics.csv")
+        if fact_runs(res)["runs"]:
+            write_csv(fact_runs(res), Path(d) / "runs.csv")
         print(f"rebuilt {write_run_report(res, Path(d))}")
         loaded.append(res)
     if len(loaded) > 1:
@@ -354,21 +348,15 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def _stream_args(sp: argparse.ArgumentParser) -> None:
-    _chat_arg(sp)
-    sp.add_argument("--device", type=_device, default="cpu", help="cpu (default), cuda, ...")
-    sp.add_argument("--bf16", action="store_true", help="bf16 autocast in training steps (CUDA)")
     sp.add_argument("--batch-size", type=POSITIVE_INT, default=16, help="differently-worded statements per step (default 16)")
     sp.add_argument("--steps-per-fact", type=POSITIVE_INT, default=4, help="optimizer steps per fact (default 4)")
-    sp.add_argument("--eval-every", type=NON_NEGATIVE_INT, default=25, help="evaluate every K facts (0: only at the end)")
+    sp.add_argument("--eval-every", type=NON_NEGATIVE_INT, default=25,
+                    help="evaluate every K facts (0: only at the end); the stream config stores it as "
+                         "eval_every = K * steps-per-fact optimizer steps, the unit of every stream")
     sp.add_argument("--loss-on", choices=["all", "answer"], default="all", help="loss on all statement tokens or the answer")
     sp.add_argument("--questions", action="store_true",
                     help="also train on question/answer lines (training templates, never the probe wording)")
     sp.add_argument("--seed", type=int, default=0)
-
-
-def _chat_arg(sp: argparse.ArgumentParser) -> None:
-    sp.add_argument("--no-chat", action="store_true",
-                    help="ask question probes as plain text even when the tokenizer has a chat template")
 
 
 # --------------------------------------------------------------------------- parser
@@ -464,11 +452,6 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", default=None, help="folder for the updated model (a new folder, or a model folder to replace)")
     sp.add_argument("--overwrite", action="store_true", help="replace --out even if it holds something other than a model")
     sp.add_argument("--no-progress", action="store_true")
-    sp.add_argument("--known-probes", type=POSITIVE_INT, default=None,
-                    help="a model without its own known-fact list: probe a seeded sample of N shipped probe facts "
-                         "(default all 1204) to find the facts retained is scored on")
-    sp.add_argument("--heldout-tokens", type=POSITIVE_INT, default=16_384,
-                    help="held-out text tokens scored during the stream (4x before and after; default 16384)")
     _stream_args(sp)
     sp.set_defaults(func=cmd_learn, resumable=False)
 
@@ -485,7 +468,8 @@ def build_parser() -> argparse.ArgumentParser:
     _model_arg(sp)
     sp.add_argument("--facts", required=True)
     sp.add_argument("--show", type=NON_NEGATIVE_INT, default=0, help="print the first N answers")
-    _chat_arg(sp)
+    sp.add_argument("--no-chat", action="store_true",
+                    help="ask question probes as plain text even when the tokenizer has a chat template")
     sp.set_defaults(func=cmd_eval)
 
     sp = sub.add_parser("bench", help="benchmarks: `bench facts` compares fact-injection methods",
@@ -496,16 +480,14 @@ def build_parser() -> argparse.ArgumentParser:
                          description="Each method over a learning-rate sweep (LoRA also over ranks) on one shared "
                                      "stream of new facts; writes results.json, runs.csv and report.html.")
     _model_arg(bp)
-    bp.add_argument("--methods", default="full,lora,smf", help="comma list: full, lora, smf, smf-tf, smf-all, eaft, ewc-base (EWC anchored at the base), "
-                         "replay, ... (any method name)")
+    bp.add_argument("--methods", default="full,lora,smf", help="comma list of methods (full, lora, smf, smf-tf, smf-all, eaft, or any method of "
+                                              "`forgetless run` that learns from one experience: ewc, retrieval, ...)")
     bp.add_argument("--facts", type=POSITIVE_INT, default=50, help="number of facts in the stream (default 50)")
     bp.add_argument("--facts-file", default=None, help="JSONL fact file (default: the model's new facts)")
     bp.add_argument("--lrs", nargs="*", default=None, help="'1e-5,3e-5' for all methods or 'smf=1,3,10 full=...'")
     bp.add_argument("--ranks", default="8,32", help="LoRA ranks (default 8,32)")
     bp.add_argument("--top-t", type=POSITIVE_INT, default=500, help="smf: slots trained per step")
     bp.add_argument("--background", choices=["mix", "general"], default="mix", help="smf: IDF background")
-    bp.add_argument("--known-probes", type=POSITIVE_INT, default=None,
-                    help="a model without its own known-fact list: probe a seeded sample of N shipped probe facts")
     bp.add_argument("--quick", action="store_true", help="8 facts, one setting per method (about a minute)")
     bp.add_argument("--out", default="runs/bench-facts", help="output folder")
     _stream_args(bp)

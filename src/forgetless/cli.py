@@ -202,7 +202,7 @@ def _method_options(args: argparse.Namespace) -> dict:
 
 def cmd_learn(args: argparse.Namespace) -> int:
     from .data.factfile import load_fact_file
-    from .data.facts import load_known_facts
+    from .evaluate.known import known_facts
     from .experiments.facts import FactEvaluator, learn_facts, save_learned
     from .methods import make_method
     from .models.folder import load_heldout_ids, open_model
@@ -218,7 +218,8 @@ def cmd_learn(args: argparse.Namespace) -> int:
     model, tok = open_model(model_dir)
     ctx = MethodContext.for_folder(model_dir, tok)
     cfg = _stream_config(args)
-    evaluator = FactEvaluator(tok, load_known_facts(model_dir), load_heldout_ids(model_dir, tok, 4 * cfg.heldout_tokens), cfg)
+    known = known_facts(model, tok, model_dir, exclude={f.id for f in facts})  # any model: see evaluate/known.py
+    evaluator = FactEvaluator(tok, known, load_heldout_ids(model_dir, tok, 4 * cfg.heldout_tokens), cfg)
     model, res = learn_facts(model, tok, facts, method, evaluator, cfg, ctx, progress=not args.no_progress)
     s = res.summary()
     print(f"after:  learned {s['learned']:.1%}, retained {s['retained']:.1%} (drop {s['retained_drop']:.1%}), "

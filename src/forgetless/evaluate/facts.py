@@ -84,7 +84,7 @@ class FactEvaluator:
                                 [f.answer for f in taught]) if taught else {"exact_match": 0.0, "f1": 0.0}
         st = [(statement_prompt(f), f.answer) for f in taught]
         st = [(p, a) for p, a in st if p]
-        stmt = score_answers(greedy_answers(model, self.tok, [p for p, _ in st]),
+        stmt = score_answers(greedy_answers(model, self.tok, [p for p, _ in st], chat=False),
                              [a for _, a in st])["exact_match"] if st else 0.0
         full = final and self.cfg.final_all_known
         known = self.known_all if full else self.known_sample

@@ -31,9 +31,11 @@ DEFAULT_LRS: dict[str, list[float]] = {
     "smf-tf": [3.0],
     "smf-all": [3.0],
     "eaft": [5e-6, 1e-5, 3e-5],
+    "rome": [1.0],  # knowledge editing: the step size of the target optimisation, not an SGD rate
+    "memit": [1.0],
 }
 DEFAULT_LORA_RANKS = [8, 32]
-QUICK_LRS = {"full": [1e-5], "lora": [1e-4], "smf": [3.0], "smf-tf": [3.0], "smf-all": [3.0]}
+QUICK_LRS = {"full": [1e-5], "lora": [1e-4], "smf": [3.0], "smf-tf": [3.0], "smf-all": [3.0], "rome": [1.0], "memit": [1.0]}
 ALIASES = {"smf-tf": ("smf", {"ranking": "tf"}), "smf-all": ("smf", {"ranking": "all"})}
 
 
@@ -137,4 +139,12 @@ def format_table(results: dict) -> str:
         lines.append(f"| {r['label']} | {r['learned']:.1%} | {r['statement_acc']:.1%} | {r['retained']:.1%} | "
                      f"{r['retained_drop']:.1%} | {r['heldout_nll_delta']:+.3f} | {r['trainable_params_per_step']:,} | "
                      f"{r['seconds_per_step'] * 1000:.0f} |")
+    lines += ["", "EasyEdit's measures (reliability: training question; generalization: unseen probe; "
+              "locality: retained known facts; portability: two-hop continent question)",
+              "| run | reliability | generalization | locality | portability |", "|---|---|---|---|---|"]
+    first = results["runs"][0]["easyedit"]["base"] if results["runs"] else None
+    rows = ([("base", first)] if first else []) + [(r["label"], r["easyedit"]) for r in results["runs"]]
+    for label, e in rows:
+        lines.append(f"| {label} | {e['reliability']:.1%} | {e['generalization']:.1%} | {e['locality']:.1%} | "
+                     f"{e['portability']:.1%} |")
     return "\n".join(lines)

@@ -93,7 +93,7 @@ def _method_options(args: argparse.Namespace) -> dict:
     return opts
 
 
-DEFAULT_LR = {"full": 1e-5, "lora": 1e-4, "smf": 3.0, "eaft": 1e-5}
+DEFAULT_LR = {"full": 1e-5, "lora": 1e-4, "smf": 3.0, "eaft": 1e-5, "rome": 1.0, "memit": 1.0}
 
 
 def cmd_learn(args: argparse.Namespace) -> int:
@@ -262,7 +262,8 @@ def build_parser() -> argparse.ArgumentParser:
                                     "before and after. The file is validated first; nothing is trained on a bad file.")
     _model_arg(sp)
     sp.add_argument("--facts", required=True, help="JSONL: statement, question, answer, paraphrases (optional)")
-    sp.add_argument("--method", choices=["full", "lora", "smf", "eaft"], default="smf")
+    sp.add_argument("--method", choices=["full", "lora", "smf", "eaft", "rome", "memit"], default="smf",
+                    help="rome/memit: closed-form knowledge edits (docs/methods-15b.md)")
     sp.add_argument("--lr", type=float, default=None,
                     help="learning rate (default: full 1e-5, lora 1e-4, smf 3, eaft 1e-5)")
     sp.add_argument("--rank", type=int, default=32, help="LoRA rank")
@@ -290,7 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
                          description="Each method over a learning-rate sweep (LoRA also over ranks) on one shared "
                                      "stream of new facts; writes results.json, runs.csv and report.html.")
     _model_arg(bp)
-    bp.add_argument("--methods", default="full,lora,smf", help="comma list: full, lora, smf, smf-tf, smf-all, eaft")
+    bp.add_argument("--methods", default="full,lora,smf", help="comma list: full, lora, smf, smf-tf, smf-all, eaft, rome, memit")
     bp.add_argument("--facts", type=int, default=50, help="number of facts in the stream (default 50)")
     bp.add_argument("--facts-file", default=None, help="JSONL fact file (default: the model's new facts)")
     bp.add_argument("--lrs", nargs="*", default=None, help="'1e-5,3e-5' for all methods or 'smf=1,3,10 full=...'")

@@ -11,6 +11,12 @@ and at the end, the model is evaluated:
 - retained         question-probe exact match on the model's *known* facts
 - heldout_nll      next-token NLL (nats/token) on held-out pretraining text
 - retained_drop    (retained_base - retained) / retained_base, the paper's relative "% drop"
+
+EasyEdit's four measures sit beside these (``summary()["easyedit"]``): reliability = exact
+match on each taught fact's first *training* question (the edit prompt), generalization =
+``learned`` (the unseen probe), locality = ``retained``, portability = exact match on a two-hop
+question needing the taught fact and another one (``data.facts.portability_probe``: the
+continent of a taught city's country or of a taught capital; over the taught facts that have one).
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .data.facts import Fact, teaching_sentences
+from .data.facts import Fact, portability_probe, reliability_prompt, teaching_sentences
 from .engine import train_with_method
 from .errors import ConfigError, DataSourceError
 from .evaluate.answers import greedy_answers, heldout_nll, score_answers
@@ -63,6 +69,9 @@ class Evaluation:
     retained: float
     heldout_nll: float
     seconds: float = 0.0
+    reliability: float = 0.0  # EasyEdit: the training question of each taught fact
+    portability: float = 0.0  # EasyEdit: two-hop questions (over the taught facts that have one)
+    portability_n: int = 0
 
 
 @dataclass
@@ -81,6 +90,10 @@ class StreamResult:
             "retained": f.retained, "retained_base": b.retained,
             "retained_drop": (b.retained - f.retained) / b.retained if b.retained > 0 else 0.0,
             "heldout_nll": f.heldout_nll, "heldout_nll_delta": f.heldout_nll - b.heldout_nll,
+            "easyedit": {"reliability": f.reliability, "generalization": f.learned, "locality": f.retained,
+                         "portability": f.portability, "portability_n": f.portability_n,
+                         "base": {"reliability": b.reliability, "generalization": b.learned,
+                                  "locality": b.retained, "portability": b.portability}},
             "trainable_params_per_step": self.trainable_params_per_step,
             "seconds_per_step": self.seconds_per_step, "steps": self.steps,
             "curve": [asdict(e) for e in self.curve],
@@ -155,6 +168,12 @@ class FactEvaluator:
         st = [(p, a) for p, a in st if p]
         stmt = score_answers(greedy_answers(model, self.tok, [p for p, _ in st]),
                              [a for _, a in st])["exact_match"] if st else 0.0
+        rel = [p for p in map(reliability_prompt, taught) if p]
+        rel_em = score_answers(greedy_answers(model, self.tok, [p for p, _ in rel]),
+                               [a for _, a in rel])["exact_match"] if rel else 0.0
+        port = [p for p in map(portability_probe, taught) if p]
+        port_em = score_answers(greedy_answers(model, self.tok, [p for p, _ in port]),
+                                [a for _, a in port])["exact_match"] if port else 0.0
         full = final and self.cfg.final_all_known
         known = self.known_all if full else self.known_sample
         ret = score_answers(greedy_answers(model, self.tok, [f.question for f in known]), [f.answer for f in known])
@@ -162,7 +181,7 @@ class FactEvaluator:
         nll = heldout_nll(model, self.heldout[: n_tok + 1], seq_len=128, batch_size=32)["nll"]
         return Evaluation(facts_seen=facts_seen, learned=learned["exact_match"], learned_f1=learned["f1"],
                           statement_acc=stmt, retained=ret["exact_match"], heldout_nll=nll,
-                          seconds=time.time() - t0)
+                          seconds=time.time() - t0, reliability=rel_em, portability=port_em, portability_n=len(port))
 
 
 # --------------------------------------------------------------------------- the stream
@@ -183,12 +202,15 @@ def learn_facts(model: nn.Module, tok, facts: list[Fact], method: Method, evalua
     base = base or evaluate_before(model, facts, evaluator)  # also freezes the memory's query statistics
     log(f"before: learned {base.learned:.1%} (of {len(facts)} facts), retained {base.retained:.1%}, "
         f"held-out NLL {base.heldout_nll:.3f}")
+    context.extra["facts"] = list(facts)  # for methods that edit facts directly (rome, memit)
+    t_setup = time.time()
     model = method.setup(model, context)
+    setup_seconds = time.time() - t_setup
     steps = len(facts) * cfg.steps_per_fact
     batches = [fact_batch(tok, f, cfg.batch_size, cfg.loss_on, device, cfg.questions) for f in facts]
     curve: list[Evaluation] = []
     final_ev: list[Evaluation] = []
-    if cfg.eval_every:  # the curve starts at the base, on the same known-fact sample as its other points
+    if cfg.eval_every and getattr(method, "trains", True):  # the curve starts at the base, on the same known-fact sample as its other points
         curve.append(evaluator(model, [], 0))
 
     def eval_at(step: int) -> None:
@@ -210,9 +232,12 @@ def learn_facts(model: nn.Module, tok, facts: list[Fact], method: Method, evalua
         eval_at(step)
         eval_seconds[0] += time.time() - t
 
-    train_with_method(method, model, lambda s: batches[s // cfg.steps_per_fact], steps, on_eval=on_eval,
-                      eval_every=cfg.steps_per_fact, progress=progress, desc=f"teaching ({method.name})")
-    train_time = time.time() - t_start - eval_seconds[0]
+    if getattr(method, "trains", True):
+        train_with_method(method, model, lambda s: batches[s // cfg.steps_per_fact], steps, on_eval=on_eval,
+                          eval_every=cfg.steps_per_fact, progress=progress, desc=f"teaching ({method.name})")
+    else:  # the method changed the model in setup (an edit, an index): only the final evaluation
+        on_eval(steps)
+    train_time = time.time() - t_start - eval_seconds[0] + setup_seconds
     params = method.trainable_params_per_step()
     model = method.export(model)
     model.eval()

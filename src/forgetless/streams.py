@@ -71,6 +71,7 @@ class Experience:
     # validation batches drawn from the experience's *training* data (never its test set), for
     # methods that choose a setting per experience (e.g. merge weights): i -> batch
     valid_batch: Callable[[int], dict] | None = None
+    facts: list | None = None  # fact streams: the experience's facts (for methods that edit facts directly)
 
 
 @dataclass
@@ -164,7 +165,7 @@ def fact_stream(model_dir: Path, tok, cfg: StreamConfig, seed: int, facts_file: 
 
         experiences.append(Experience(f"facts {k + 1}", batch_fn, len(group) * cfg.steps_per_fact, group,
                                       {"fact_ids": [f.id for f in group]},
-                                      lambda i, batches=batches: batches[i % len(batches)]))
+                                      lambda i, batches=batches: batches[i % len(batches)], facts=group))
 
     def probe(model: nn.Module, facts: list[Fact]) -> float:
         return score_answers(greedy_answers(model, tok, [f.question for f in facts]), [f.answer for f in facts])["exact_match"]

@@ -24,6 +24,7 @@ from .lora import LoRA
 from .merge import MERGE_METHODS
 from .smf import SparseMemoryFinetune
 from .adapters import TaskAdapters
+from .editing import MEMIT, ROME
 from .packnet import PackNet
 
 METHODS: dict[str, type[Method]] = {
@@ -44,6 +45,8 @@ METHODS: dict[str, type[Method]] = {
     "distill": Distillation,
     "lwf": LwF,
     "cms": ContinuumUpdates,
+    "rome": ROME,
+    "memit": MEMIT,
     **MERGE_METHODS,  # merge and its aliases task_arithmetic, ties, dare, dare_ties, stitch, stitch_learned
 }
 

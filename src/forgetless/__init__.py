@@ -1,0 +1,1 @@
+"""forgetless: continual learning of language models."""

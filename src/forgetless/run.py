@@ -37,7 +37,8 @@ from .models.memory import freeze_query_stats
 from .streams import Stream, StreamConfig, build_stream
 
 BASELINES = {"naive": "full", "joint": "full"}
-DEFAULT_LRS = {"lora": 1e-4, "adapters": 1e-4, "smf": 3.0, "retrieval": 0.0, "rome": 1.0, "memit": 1.0}  # every other method: 1e-5 (full fine-tuning's)
+DEFAULT_LRS = {"lora": 1e-4, "adapters": 1e-4, "smf": 3.0, "retrieval": 0.0, "rome": 1.0, "memit": 1.0,
+               "titans": 1e-3, "cartridges": 2e-2}  # every other method: 1e-5 (full fine-tuning's)
 
 
 @dataclass

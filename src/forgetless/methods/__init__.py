@@ -25,6 +25,8 @@ from .merge import MERGE_METHODS
 from .smf import SparseMemoryFinetune
 from .adapters import TaskAdapters
 from .editing import MEMIT, ROME
+from .titans import TitansMemory
+from .cartridges import Cartridges
 from .packnet import PackNet
 
 METHODS: dict[str, type[Method]] = {
@@ -47,6 +49,8 @@ METHODS: dict[str, type[Method]] = {
     "cms": ContinuumUpdates,
     "rome": ROME,
     "memit": MEMIT,
+    "titans": TitansMemory,
+    "cartridges": Cartridges,
     **MERGE_METHODS,  # merge and its aliases task_arithmetic, ties, dare, dare_ties, stitch, stitch_learned
 }
 

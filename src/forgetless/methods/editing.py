@@ -334,7 +334,7 @@ class EditOptions:
     clamp_norm: float = 4.0
     cov_tokens: int = 100_000  # background tokens for C = E[k k^T]
     cov_ridge: float = 1e-4  # C + ridge * mean(diag C) * I, so that C is safely invertible
-    lam: float = 1.5e4  # MEMIT: weight of the covariance (keys to preserve) against the new keys
+    lam: float = 200.0  # MEMIT: weight of the covariance (keys to preserve) against the new keys (see the docs)
 
     def __post_init__(self) -> None:
         self.layers = [int(l) for l in ([self.layers] if isinstance(self.layers, int) else self.layers)]

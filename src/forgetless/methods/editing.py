@@ -149,21 +149,22 @@ def load_or_compute_covariance(model: nn.Module, tok, model_dir: Path | None, la
     if model_dir is None:
         raise ConfigError("knowledge editing needs the model folder (its background_text.jsonl).")
     path = _stats_path(model_dir)
-    meta = {"tokens": str(max_tokens), "model": _fingerprint(model_dir)}
-    have: dict[int, torch.Tensor] = {}
+    meta = {"model": _fingerprint(model_dir)}
+    stored: dict[str, torch.Tensor] = {}
     if path.is_file():
         with safe_open(str(path), "pt") as f:
-            m = f.metadata() or {}
-            if m.get("tokens") == meta["tokens"] and m.get("model") == meta["model"]:
-                have = {int(k.split(".")[1]): f.get_tensor(k) for k in f.keys()}
-    missing = [l for l in layers if l not in have]
+            if (f.metadata() or {}).get("model") == meta["model"]:
+                stored = {k: f.get_tensor(k) for k in f.keys()}
+    name = lambda l: f"cov.{max_tokens}.{l}"  # noqa: E731  (one entry per token budget and layer)
+    missing = [l for l in layers if name(l) not in stored]
     if missing:
         ids = load_background_ids(Path(model_dir) / "background_text.jsonl", tok)
-        have.update(key_covariance(model, ids, missing, max_tokens))
+        stored.update({name(l): c for l, c in key_covariance(model, ids, missing, max_tokens).items()})
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        save_file({f"cov.{l}": c.contiguous() for l, c in sorted(have.items())}, str(tmp), metadata=meta)
+        save_file({k: v.contiguous() for k, v in sorted(stored.items())}, str(tmp), metadata=meta)
         os.replace(tmp, path)
+    have = {l: stored[name(l)] for l in layers}
     return {l: have[l] for l in layers}
 
 

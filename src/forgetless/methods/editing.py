@@ -328,7 +328,7 @@ def optimise_delta(model: nn.Module, tok, fact, lin: nn.Linear, steps: int, lr: 
 class EditOptions:
     lr: float = 1.0  # Adam step size of the target (delta) optimisation
     layers: list[int] = field(default_factory=lambda: [1])
-    steps: int = 30  # optimisation steps per fact (ROME) or per edit batch (MEMIT)
+    steps: int = 40  # optimisation steps per fact (ROME) or per edit batch (MEMIT)
     prompts: int = 8  # edit prompts per fact
     kl_weight: float = 0.0625
     weight_decay: float = 0.1

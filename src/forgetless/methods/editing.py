@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -327,7 +327,7 @@ def optimise_delta(model: nn.Module, tok, fact, lin: nn.Linear, steps: int, lr: 
 @dataclass
 class EditOptions:
     lr: float = 1.0  # Adam step size of the target (delta) optimisation
-    layers: list[int] = field(default_factory=lambda: [1])
+    layers: list[int] | None = None  # the edited layers (None: rome [1], memit [0, 1])
     steps: int = 40  # optimisation steps per fact (ROME) or per edit batch (MEMIT)
     prompts: int = 8  # edit prompts per fact
     kl_weight: float = 0.0625
@@ -338,6 +338,8 @@ class EditOptions:
     lam: float = 200.0  # MEMIT: weight of the covariance (keys to preserve) against the new keys (see the docs)
 
     def __post_init__(self) -> None:
+        if self.layers is None:
+            return
         self.layers = [int(l) for l in ([self.layers] if isinstance(self.layers, int) else self.layers)]
         if not self.layers:
             raise ConfigError("editing needs at least one layer.")
@@ -356,12 +358,14 @@ def _experience_facts(context: MethodContext) -> list:
 
 
 class _Editor(Method):
+    options_cls = EditOptions
     trains = False
     grad_clip = None
     default_layers = [1]
 
     def __init__(self, lr: float = 1.0, **opts: Any):
-        opts.setdefault("layers", list(self.default_layers))
+        if opts.get("layers") is None:
+            opts["layers"] = list(self.default_layers)
         self.opts = EditOptions(lr=lr, **opts)
         super().__init__(lr, **{k: v for k, v in asdict(self.opts).items() if k != "lr"})
         self.edits = 0

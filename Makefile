@@ -14,4 +14,4 @@ test: setup
 	.venv/bin/python -m pytest -q
 
 test-fast:
-	.venv/bin/python -m pytest -q -m "not slow"
+	.venv/bin/python -m pytest -q -m "not e2e"

@@ -5,7 +5,7 @@
 Each method (full fine-tuning, LoRA, sparse memory finetuning) runs in its own subprocess
 (so peak resident memory is its own) over the same facts, batch and steps, with no
 evaluation in the timed region. Printed per method: median ms per optimizer step (forward,
-backward, method hooks, optimizer), peak RSS, the RSS added by training on top of the
+backward, method hooks, gradient clipping, optimizer; through the one lifecycle), peak RSS, the RSS added by training on top of the
 loaded model, trainable parameters per step, and ratios against full fine-tuning measured
 in the same run. The machine may be shared: the load average is printed before and after.
 """
@@ -31,32 +31,35 @@ def rss_mb() -> float:
 def run_one(name: str, n_facts: int, steps_per_fact: int, batch: int) -> dict:
     import torch
 
-    from forgetless.cli import default_model_dir
+    from forgetless.data.batches import fact_batch
     from forgetless.data.facts import read_builtin_facts
-    from forgetless.learn import fact_batch, open_model
-    from forgetless.methods import make_method
-    from forgetless.models.memory import freeze_query_stats
+    from forgetless.methods import Plugin, make_method
+    from forgetless.models.folder import default_model_dir, open_model
+    from forgetless.training import Experience, MethodContext, fit_experience
+
+    class StepTimer(Plugin):  # wall time from a step's batch to the end of its optimizer step
+        name = "step_timer"
+
+        def __init__(self):
+            self.times, self._t = [], 0.0
+
+        def before_batch(self, model, batch, step):
+            self._t = time.perf_counter()
+
+        def after_step(self, model, step):
+            self.times.append(time.perf_counter() - self._t)
 
     base = default_model_dir()
-    model, tok, ctx = open_model(base)
-    freeze_query_stats(model)
+    model, tok = open_model(base)
     facts = read_builtin_facts(base / "facts_new.jsonl")[:n_facts]
     batches = [fact_batch(tok, f, batch, "all", torch.device("cpu")) for f in facts]
     loaded = rss_mb()
     method = make_method(name, **METHODS[name])
-    model = method.setup(model, ctx)
-    model.train()
-    times = []
-    for i, b in enumerate(batches):
-        for _ in range(steps_per_fact):
-            t = time.perf_counter()
-            loss = method.loss(model, b)
-            loss.backward()
-            method.after_backward(model, i)
-            for opt in method.optimizers():
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-            times.append(time.perf_counter() - t)
+    timer = StepTimer()
+    method.plugins.append(timer)
+    exp = Experience("facts", lambda s: batches[s // steps_per_fact], n_facts * steps_per_fact)
+    fit_experience(method, model, MethodContext.for_folder(base, tok), exp, progress=False)
+    times = timer.times
     warm = times[steps_per_fact:] or times  # the first fact's steps warm up allocators
     return {"method": name, "ms_per_step": 1000 * statistics.median(warm), "peak_rss_mb": rss_mb(),
             "train_rss_mb": rss_mb() - loaded, "trainable_params_per_step": method.trainable_params_per_step(),

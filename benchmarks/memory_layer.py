@@ -43,9 +43,13 @@ from pathlib import Path
 
 import torch
 
+from forgetless.experiments.pretrain import (
+    lm_loss,
+    load_pretrain_config,
+    make_optimizers,
+)
 from forgetless.models.base import build_base
 from forgetless.models.memory import MemoryConfig, ProductKeyMemory
-from forgetless.pretrain import lm_loss, load_pretrain_config, make_optimizers
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -33,14 +33,13 @@ import time
 
 import torch
 
-from forgetless.cli import default_model_dir
 from forgetless.data.facts import read_builtin_facts
 from forgetless.evaluate.answers import greedy_answers, heldout_nll, score_answers
-from forgetless.learn import load_heldout_ids, open_model
+from forgetless.experiments.streams import StreamConfig, fact_stream
 from forgetless.methods import MethodContext
-from forgetless.methods.retrieval import Retrieval, train_reader
+from forgetless.methods.retrieval.method import Retrieval, train_reader
+from forgetless.models.folder import default_model_dir, load_heldout_ids, open_model
 from forgetless.models.memory import freeze_query_stats
-from forgetless.streams import StreamConfig, fact_stream
 
 
 def em(model, tok, prompts, facts) -> float:
@@ -83,7 +82,7 @@ def fact_stream_costs(model, tok, model_dir, n_facts: int, seed: int, reader_ste
     for kind in ("bm25", "dense"):
         method = Retrieval(index=kind, top_k=1)
         method.reader_done = reader_steps > 0  # the model given here is already tuned
-        base = method.setup(model, MethodContext(model_dir=model_dir, tokenizer=tok, extra={"experience": exp}))
+        base = method.setup(model, MethodContext(model_dir=model_dir, tokenizer=tok, experience=exp))
         wrapped = method.export(base).eval()
         ix = method.index
         ix.search("warm up", 1)
@@ -119,7 +118,7 @@ def robustness(model, tok, model_dir, new, known, sample: int, seed: int, stream
         for ms in min_scores:
             method = Retrieval(index="bm25", top_k=1, min_score=ms)
             method.reader_done = True  # never tune here
-            base = method.setup(model, MethodContext(model_dir=model_dir, tokenizer=tok, extra={"experience": exp}))
+            base = method.setup(model, MethodContext(model_dir=model_dir, tokenizer=tok, experience=exp))
             wrapped = method.export(base).eval()
             kept = sum(1 for h in method.index.search_batch(kq, 1) if ms is None or h[0][1] >= ms) / len(kq)
             print(f"    stream of {n} new facts ({len(method.index)} passages), min_score {ms}: known facts through the"
@@ -143,7 +142,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.manual_seed(args.seed)
     model_dir = default_model_dir()
-    model, tok, _ = open_model(model_dir)
+    model, tok = open_model(model_dir)
     freeze_query_stats(model)
     model.eval()
     new = read_builtin_facts(model_dir / "facts_new.jsonl")

@@ -14,12 +14,11 @@ from __future__ import annotations
 
 import time
 
-from forgetless.cli import default_model_dir
-from forgetless.learn import open_model
+from forgetless.experiments.streams import StreamConfig, build_stream
 from forgetless.methods import MethodContext, make_method
 from forgetless.methods.adapters import router_accuracy
-from forgetless.models.memory import freeze_query_stats
-from forgetless.streams import StreamConfig, build_stream
+from forgetless.models.folder import default_model_dir, open_model
+from forgetless.training import fit_experience
 
 STREAMS = {
     "domain": StreamConfig(kind="domain", steps_per_experience=24, batch_size=16, seq_len=128, test_docs=20),
@@ -33,17 +32,14 @@ def main() -> None:
     print("|---|---|---|---|---|---|")
     for name, cfg in STREAMS.items():
         for router in ("hidden", "tfidf"):
-            model, tok, _ = open_model(d)
-            freeze_query_stats(model)
+            model, tok = open_model(d)
             stream = build_stream(d, tok, cfg, 0)
             method = make_method("adapters", rank=4, router=router, router_batches=16)
             ctx = MethodContext(tokenizer=tok)
             t0 = time.time()
             for k, exp in enumerate(stream.experiences):  # what the run does, minus the adapter training
-                ctx.extra.update(experience=exp, experience_index=k, seen_experiences=stream.experiences[: k + 1])
-                model = method.setup(model, ctx)
-                model = method.export(model)
-                method.after_experience(model, exp)
+                model = fit_experience(method, model, ctx, exp, k, stream.experiences[: k + 1], train=False,
+                                       progress=False).model
             acc = router_accuracy(model.routes, stream, tok, seq_len=cfg.seq_len)
             per = ", ".join(f"{a:.2f}" for a in acc["per_experience"])
             print(f"| {name} | {router} | {acc['accuracy']:.3f} | {per} | {acc['n']} | {time.time() - t0:.0f} |",

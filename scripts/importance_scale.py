@@ -10,19 +10,18 @@ lambda so that (lambda / 2) x that scale is a few tenths of a nat.
 
 from __future__ import annotations
 
-from forgetless.cli import default_model_dir
-from forgetless.engine import train_with_method
-from forgetless.learn import open_model
+from forgetless.experiments.streams import StreamConfig, build_stream
 from forgetless.methods import make_method
-from forgetless.models.memory import freeze_query_stats
-from forgetless.streams import StreamConfig, build_stream
+from forgetless.models.folder import default_model_dir, open_model
+from forgetless.training import MethodContext, fit_experience
 
 METHODS = {"ewc": {"fisher_batches": 8}, "si": {"xi": 1e-3}, "mas": {"mas_batches": 8}}
 
 
 def main() -> None:
     d = default_model_dir()
-    _, tok, ctx = open_model(d)
+    _, tok = open_model(d)
+    ctx = MethodContext.for_folder(d, tok)
     cfg = StreamConfig(kind="domain", steps_per_experience=24, batch_size=16, seq_len=128, test_docs=20)
     exp = build_stream(d, tok, cfg, 0).experiences[0]
     print(f"first topic: {exp.name}, {exp.steps} steps, lr 3e-5")
@@ -30,11 +29,9 @@ def main() -> None:
     print("|---|---|---|---|")
     for name, opts in METHODS.items():
         method = make_method(name, lr=3e-5, lam=1.0, **opts)
-        model = method.setup(open_model(d)[0], ctx)
-        freeze_query_stats(model)
+        model = open_model(d)[0]
         start = {n: p.detach().clone() for n, p in model.named_parameters()}
-        train_with_method(method, model, exp.train_batch, exp.steps, progress=False)
-        method.after_experience(model, exp)
+        model = fit_experience(method, model, ctx, exp, progress=False).model
         omega = method.terms[-1][0]
         scale = sum(float((omega[n] * (p.detach() - start[n]) ** 2).sum()) for n, p in model.named_parameters()
                     if n in omega)

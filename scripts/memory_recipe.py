@@ -24,7 +24,12 @@ from pathlib import Path
 import yaml
 
 from forgetless.config import to_dict
-from forgetless.pretrain import PretrainConfig, load_pretrain_config, prepare_data, pretrain
+from forgetless.experiments.pretrain import (
+    PretrainConfig,
+    load_pretrain_config,
+    prepare_data,
+    pretrain,
+)
 
 VARIANTS: dict[str, dict] = {
     "learned query, no norm (prototype)": {"query_norm": "none"},

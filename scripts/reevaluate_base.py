@@ -14,10 +14,10 @@ import json
 from pathlib import Path
 
 from forgetless.config import from_dict
-from forgetless.modelcard import write_model_card
+from forgetless.experiments.pretrain import PretrainConfig, evaluate_base
 from forgetless.models.checkpoint import load_memory_stats, load_model, write_json
 from forgetless.models.tokenizer import load_tokenizer
-from forgetless.pretrain import PretrainConfig, evaluate_base
+from forgetless.report.modelcard import write_model_card
 
 KEEP = ("train_seconds", "device", "device_name", "train_tokens", "history", "history_note")
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from forgetless.config import from_dict
 from forgetless.data.corpus import build_corpus
-from forgetless.pretrain import PretrainConfig
+from forgetless.experiments.pretrain import PretrainConfig
 
 
 def main() -> None:

@@ -8,7 +8,7 @@ def interrupt_run(monkeypatch):
     """``interrupt_run(when)``: from now on `forgetless.run` raises KeyboardInterrupt (Ctrl-C) right
     after the n-th saved experience state (n counted from 1) for which ``when(n, state_dir)`` is
     true; ``interrupt_run(None)`` restores plain saving."""
-    import forgetless.run as run_mod
+    import forgetless.experiments.runner as run_mod
 
     original = run_mod._save_state
 
@@ -33,8 +33,8 @@ def interrupt_run(monkeypatch):
 def quick_runs(monkeypatch):
     """Shorter end-to-end runs: the fact stream probes 4 of the base's known facts (not 100), and no
     report or comparison page is drawn."""
+    import forgetless.experiments.streams as streams_mod
     import forgetless.report.runs as report_mod
-    import forgetless.streams as streams_mod
 
     read = streams_mod.read_builtin_facts
     monkeypatch.setattr(streams_mod, "read_builtin_facts", lambda path: read(path)[:4])

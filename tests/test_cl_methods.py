@@ -17,6 +17,7 @@ from forgetless.methods.mas import mas_importance
 from forgetless.methods.plasticity import ContinualBackprop, gated_mlps
 from forgetless.methods.regularization import quadratic_penalty
 from forgetless.methods.si import si_importance
+from forgetless.training import Experience, fit_experience
 
 
 def tiny(seed=0):
@@ -37,19 +38,10 @@ def experience(steps=4):
     return SimpleNamespace(train_batch=batch, steps=steps, name="e")
 
 
-def train(method, model, steps=3, exp=None):
-    model = method.setup(model, MethodContext(tokenizer=TinyTok()))
-    for s in range(steps):
-        loss = method.loss(model, batch(s))
-        loss.backward()
-        method.after_backward(model, s)
-        for opt in method.optimizers():
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        method.after_step(model, s)
-    model = method.export(model)
-    method.after_experience(model, exp or experience())
-    return model
+def train(method, model, steps=3):
+    """``steps`` steps on ``batch(0..steps-1)``: one experience through the one lifecycle."""
+    return fit_experience(method, model, MethodContext(tokenizer=TinyTok()), Experience("e", batch, steps),
+                          progress=False).model
 
 
 class TinyTok:
@@ -91,7 +83,7 @@ def test_si_accumulates_minus_gradient_times_update_over_the_steps():
     torch.testing.assert_close(omega[name], want.clamp_min(0) / ((p.detach() - method._start[name]) ** 2 + 1e-3))
     assert quadratic_penalty(model, method.terms, 1.0).item() == 0.0  # zero at the anchor
     # SI's importances add up over experiences (one cumulative term)
-    train(method, model, exp=experience())
+    train(method, model)
     assert len(method.terms) == 1
 
 
@@ -165,7 +157,7 @@ def test_agem_memory_holds_only_finished_experiences_and_projects():
     model = method.setup(model, MethodContext())
     fixed = method.memory.items[:2]
     method.memory.sample = lambda n: fixed  # a known reference batch
-    from forgetless.methods.replay import pad_rows
+    from forgetless.data.batches import pad_rows
     params = list(model.parameters())
     g_ref = torch.cat([g.reshape(-1) for g in torch.autograd.grad(lm_loss_masked(model, pad_rows(fixed, 0)), params)])
     for s in range(20):  # find a batch whose gradient opposes the memory's
@@ -226,7 +218,7 @@ def test_distillation_loss_equals_the_task_loss_at_the_teacher(name, opts):
 def test_generative_replay_replays_model_samples_not_stored_data():
     model = tiny()
     method = make_method("generative_replay", lr=1e-3, samples=4, prompt_tokens=2, max_tokens=8, ratio=1.0)
-    train(method, model, exp=experience())
+    train(method, model)
     items = method.buffer.items
     assert len(items) == 4 and all(x.numel() == 8 for x, _ in items)
     real = [batch(s)["input_ids"][i] for s in range(4) for i in range(2)]
@@ -270,9 +262,9 @@ def test_continual_backprop_replaces_the_lowest_utility_mature_units():
         mlp.down_proj.weight[:, 5] = 0.0  # unit 5 contributes nothing: the least useful
     model(input_ids=batch(0)["input_ids"])
     gate_before = mlp.gate_proj.weight.detach().clone()
-    assert cbp.after_step([opt], 0) == 0 and cbp.after_step([opt], 1) == 0  # not mature yet
+    assert cbp.replace_units([opt], 0) == 0 and cbp.replace_units([opt], 1) == 0  # not mature yet
     model(input_ids=batch(0)["input_ids"])
-    replaced = cbp.after_step([opt], 2)  # 32 mature units x 0.1 = 3 replacements
+    replaced = cbp.replace_units([opt], 2)  # 32 mature units x 0.1 = 3 replacements
     assert replaced == 3
     changed = (mlp.gate_proj.weight != gate_before).any(1).nonzero().flatten().tolist()
     assert 5 in changed and len(changed) == 3
@@ -281,8 +273,12 @@ def test_continual_backprop_replaces_the_lowest_utility_mature_units():
     cbp.detach()
     with pytest.raises(ConfigError):
         make_method("full", continual_backprop={"rate": 2.0})
-    m = make_method("naive" if False else "ewc", continual_backprop=True)
-    assert m.plasticity is not None and m.hparams["continual_backprop"]["rate"] == 1e-4
+    m = make_method("ewc", continual_backprop=True)
+    assert [p.name for p in m.plugins] == ["continual_backprop"] and m.describe()["plugins"][0]["rate"] == 1e-4
+    m = make_method("ewc", plugins=[{"name": "continual_backprop", "rate": 1e-3}])
+    assert m.plugins[0].rate == 1e-3
+    with pytest.raises(ConfigError):
+        make_method("ewc", plugins=[{"name": "no_such_plugin"}])
 
 
 def test_replay_buffer_size_in_tokens():
@@ -318,9 +314,9 @@ experiments:
 """
 
 
-@pytest.mark.cheap
+@pytest.mark.e2e
 def test_every_new_method_runs_on_the_domain_and_fact_streams_and_resumes(tmp_path, quick_runs, interrupt_run):
-    from forgetless.run import load_run_config, run
+    from forgetless.experiments.runner import load_run_config, run
 
     p = tmp_path / "run.yaml"
     p.write_text(TINY_RUN)

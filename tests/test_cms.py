@@ -12,18 +12,24 @@ import pytest
 import torch
 from torch import nn
 
-import forgetless.run as run_mod
+import forgetless.experiments.runner as run_mod
 from forgetless.config import from_dict
-from forgetless.engine import train_loop
 from forgetless.errors import ConfigError
+from forgetless.experiments.runner import load_run_config, run
 from forgetless.methods import make_method
 from forgetless.methods.base import MethodContext, lm_loss_masked
-from forgetless.methods.cms import LevelSchedule
 from forgetless.models.base import MemorySection, ModelConfig, build_base
 from forgetless.models.checkpoint import load_model, save_model
-from forgetless.models.cms import CMS_CONFIG_KEY, CMSConfig, ContinuumMLP, add_cms, cms_levels
+from forgetless.models.cms import (
+    CMS_CONFIG_KEY,
+    CMSConfig,
+    ContinuumMLP,
+    LevelSchedule,
+    add_cms,
+    cms_levels,
+)
 from forgetless.models.memory import MemoryConfig, add_memory_layers
-from forgetless.run import load_run_config, run
+from forgetless.training import Experience, fit_experience
 
 
 def tiny(layers=3, seed=0):
@@ -44,11 +50,11 @@ def snapshot(model):
 
 
 def train(method, model, steps, on_step=None):
-    model = method.setup(model, MethodContext())
-    train_loop(model, method.optimizers(), batch, method.loss, steps, grad_clip=method.grad_clip,
-               after_backward=lambda s: method.after_backward(model, s),
-               after_step=(lambda s, loss: on_step(s)) if on_step else None, progress=False)
-    return model
+    """``steps`` steps on ``batch(0..steps-1)`` through the one lifecycle; ``on_step(step)`` after each."""
+    if on_step:
+        after = method.after_step
+        method.after_step = lambda m, s: (after(m, s), on_step(s))
+    return fit_experience(method, model, MethodContext(), Experience("e", batch, steps), progress=False).model
 
 
 # --------------------------------------------------------------------------- the rule on hand-made numbers
@@ -190,10 +196,9 @@ def test_bad_options_raise_config_errors():
 
 # --------------------------------------------------------------------------- architecture
 def test_add_cms_keeps_the_shipped_base_function():
-    from forgetless.cli import default_model_dir
-    from forgetless.learn import open_model
+    from forgetless.models.folder import default_model_dir, open_model
 
-    model, tok, _ = open_model(default_model_dir())
+    model, tok = open_model(default_model_dir())
     ids = torch.tensor([tok.encode("The capital of France is Paris and the sea is")])
     with torch.no_grad():
         before = model(input_ids=ids).logits
@@ -208,7 +213,7 @@ def test_add_cms_keeps_the_shipped_base_function():
     with pytest.raises(ConfigError, match="already has CMS"):
         add_cms(model, layers=[2])
     assert [c for c, _ in make_method("cms").levels(model)] == [1, 4, 16] * 3  # only the blocks' levels
-    model2, _, _ = open_model(default_model_dir())
+    model2, _ = open_model(default_model_dir())
     with pytest.raises(ConfigError, match="product-key memory"):
         add_cms(model2, layers=[2])
     # default periods on the plain base: 1, 4, 16 by depth over the layers with a plain MLP (0, 1, 3)

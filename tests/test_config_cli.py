@@ -8,7 +8,7 @@ import pytest
 
 from forgetless.cli import main
 from forgetless.errors import ConfigError
-from forgetless.pretrain import PretrainConfig, load_pretrain_config
+from forgetless.experiments.pretrain import PretrainConfig, load_pretrain_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -51,7 +51,7 @@ def test_cli_corrupt_model_one_line_nonzero(tmp_path):
     d.mkdir()
     (d / "config.json").write_text("{not json")
     (d / "model.safetensors").write_bytes(b"garbage")
-    r = subprocess.run([sys.executable, "-m", "forgetless.cli", "info", str(d)], capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-m", "forgetless.cli", "info", "--model", str(d)], capture_output=True, text=True)
     assert r.returncode == 2
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "corrupt" in lines[0]
@@ -65,7 +65,7 @@ def test_every_command_has_help():
 
 
 def test_shipped_run_configs_load():
-    from forgetless.run import load_run_config
+    from forgetless.experiments.runner import load_run_config
 
     for name in ("quickstart.yaml", "topics.yaml", "domain-methods.yaml"):
         cfg = load_run_config(ROOT / "configs" / name)

@@ -6,13 +6,17 @@ import pytest
 import torch
 import transformers
 
-from forgetless.engine import train_with_method
+from forgetless.experiments.runner import load_run_config, run
 from forgetless.methods import MethodContext, make_method
-from forgetless.methods.adapters import AdapterRouterModel, Router, router_accuracy, spread_steps
+from forgetless.methods.adapters import (
+    AdapterRouterModel,
+    Router,
+    router_accuracy,
+    spread_steps,
+)
 from forgetless.methods.lora import LoRA
 from forgetless.methods.packnet import PackNet, PackNetModel, prune_free_entries
-from forgetless.run import load_run_config, run
-from forgetless.streams import Experience
+from forgetless.training import Experience, fit_experience
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -35,16 +39,11 @@ def fake_experience(k: int, steps: int, lo: int) -> Experience:
 
 
 def drive(method, model, exps, start: int = 0, train: bool = True, seen: bool = True):
-    """What `forgetless run` does per experience: setup, the loop, export, after_experience."""
+    """Experiences ``start..`` through the one lifecycle, as `forgetless run` does."""
     ctx = MethodContext()
     for k, exp in enumerate(exps[start:], start):
-        ctx.extra.update(experience=exp, experience_index=k, seen_experiences=exps[: k + 1] if seen else None)
-        model = method.setup(model, ctx)
-        if train:
-            train_with_method(method, model, exp.train_batch, exp.steps, progress=False)
-        model = method.export(model)
-        model.eval()
-        method.after_experience(model, exp)
+        model = fit_experience(method, model, ctx, exp, k, exps[: k + 1] if seen else [], progress=False,
+                               train=train).model
     return model
 
 
@@ -131,15 +130,12 @@ def test_packnet_prunes_after_the_training_fraction_and_falls_back_at_export():
     orig = method.prune
     method.prune = lambda: (calls.append(1), orig())
     model = tiny_llama()
-    ctx = MethodContext(extra={"experience": fake_experience(0, 10, 3)})
-    model = method.setup(model, ctx)
-    assert method._prune_at == 7  # ceil(0.7 * 10)
     steps_seen = []
     after = method.after_step
-    method.after_step = lambda m, s: (after(m, s), steps_seen.append((s, method._pruned)))
-    train_with_method(method, model, ctx.extra["experience"].train_batch, 10, progress=False)
-    assert [s for s, pruned in steps_seen if pruned][0] == 6 and len(calls) == 1  # pruned once, after step 6
-    method.export(model)
+    method.after_step = lambda m, s: (after(m, s), steps_seen.append((s, method._pruned, method._prune_at)))
+    fit_experience(method, model, MethodContext(), fake_experience(0, 10, 3), progress=False)
+    assert steps_seen[0][2] == 7  # ceil(0.7 * 10)
+    assert [s for s, pruned, _ in steps_seen if pruned][0] == 6 and len(calls) == 1  # pruned once, after step 6
     # without the experience in the context: no retraining phase, pruning happens at export
     method2 = PackNet(lr=1e-2, keep=0.25)
     m = method2.setup(tiny_llama(), MethodContext())
@@ -222,12 +218,11 @@ def test_adapters_grow_by_one_lora_each_and_keep_earlier_experiences_exact():
 
 def test_router_accuracy_on_the_shipped_domain_stream():
     """Measured (seed 0, 2 router batches per topic, 110 test windows of 128 tokens): 0.88."""
-    from forgetless.cli import default_model_dir
-    from forgetless.learn import open_model
+    from forgetless.experiments.streams import StreamConfig, build_stream
+    from forgetless.models.folder import default_model_dir, open_model
     from forgetless.models.memory import freeze_query_stats
-    from forgetless.streams import StreamConfig, build_stream
 
-    model, tok, ctx = open_model(default_model_dir())
+    model, tok = open_model(default_model_dir())
     freeze_query_stats(model)
     stream = build_stream(default_model_dir(), tok, StreamConfig(kind="domain", steps_per_experience=2), 0)
     assert len(stream.experiences) == 4
@@ -258,7 +253,7 @@ experiments:
 """
 
 
-@pytest.mark.cheap
+@pytest.mark.e2e
 def test_isolation_methods_run_end_to_end_and_resume_to_the_same_matrix(tmp_path, quick_runs, interrupt_run):
     p = tmp_path / "run.yaml"
     p.write_text(TINY)

@@ -6,8 +6,15 @@ import torch.nn.functional as F
 
 from forgetless.errors import CheckpointError, ConfigError
 from forgetless.models.checkpoint import load_model, save_model
-from forgetless.models.memory import (AccessLog, MemoryConfig, ProductKeyMemory, WeightedBag, add_memory_layers,
-                                      memory_layers, memory_parameter_groups)
+from forgetless.models.memory import (
+    AccessLog,
+    MemoryConfig,
+    ProductKeyMemory,
+    WeightedBag,
+    add_memory_layers,
+    memory_layers,
+    memory_parameter_groups,
+)
 
 
 def exhaustive_scores(mem: ProductKeyMemory, x: torch.Tensor, float64: bool = False):
@@ -176,7 +183,13 @@ def test_corrupt_or_mismatched_checkpoint_fails_clearly(tmp_path):
     model = add_memory_layers(_tiny_llama(), layers=[1], config=MemoryConfig(n_keys=8, heads=1, knn=2, k_dim=8))
     d = save_model(model, tmp_path / "m")
     w = d / "model.safetensors"
-    w.write_bytes(w.read_bytes()[:1000])
+    data = bytearray(w.read_bytes())
+    data[-5] ^= 0x10  # one flipped bit in a weight: the file still parses, the checksum does not match
+    w.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="model.safetensors does not match the checksum"):
+        load_model(d)
+    w.write_bytes(bytes(data[:1000]))
+    (d / "checksums.json").unlink()  # without a recorded checksum, a truncated file is still caught
     with pytest.raises(CheckpointError, match="corrupt or truncated"):
         load_model(d)
     with pytest.raises(CheckpointError, match="does not exist"):

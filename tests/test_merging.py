@@ -6,11 +6,11 @@ import pytest
 import torch
 from torch import nn
 
-import forgetless.run as run_mod
+import forgetless.experiments.runner as run_mod
 from forgetless.errors import ConfigError
+from forgetless.experiments.runner import load_run_config, run
 from forgetless.methods import make_method
-from forgetless.methods import merging as M
-from forgetless.run import load_run_config, run
+from forgetless.methods.merging import rules as M
 
 
 def T(*xs):
@@ -170,7 +170,7 @@ def test_merge_method_exports_base_plus_the_chosen_scaling_of_the_merge(how):
     method = make_method(how, lr=1e-2, lambdas=[0.0, 0.5, 1.0], valid_batches=2, density=0.3, mask_steps=2)
     exps, ctx = [_Exp(1), _Exp(2)], MethodContext()
     for k, e in enumerate(exps):
-        ctx.extra.update(experience=e, experience_index=k, seen_experiences=exps[: k + 1])
+        ctx.experience, ctx.experience_index, ctx.seen_experiences = e, k, exps[: k + 1]
         model = method.setup(model, ctx)
         assert all(torch.equal(p, base[n]) for n, p in model.named_parameters())  # every expert from the base
         for step in range(2):

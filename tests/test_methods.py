@@ -7,14 +7,17 @@ import math
 import pytest
 import torch
 
-from forgetless.cli import default_model_dir, main
+from forgetless.cli import main
+from forgetless.data.batches import fact_batch
 from forgetless.data.factfile import load_fact_file
 from forgetless.data.facts import read_builtin_facts
 from forgetless.errors import DataSourceError
-from forgetless.learn import FactEvaluator, StreamConfig, fact_batch, learn_facts, load_heldout_ids, open_model
+from forgetless.experiments.facts import FactEvaluator, StreamConfig, learn_facts
 from forgetless.methods import make_method
 from forgetless.methods.smf import keep_rows, select_top_slots, tfidf_scores
+from forgetless.models.folder import default_model_dir, load_heldout_ids, open_model
 from forgetless.models.memory import named_memory_layers
+from forgetless.training import MethodContext
 
 BASE = default_model_dir()
 
@@ -51,10 +54,11 @@ def test_keep_rows_masks_sparse_and_dense_gradients():
 
 @pytest.fixture(scope="module")
 def stream_parts():
-    model, tok, ctx = open_model(BASE)
+    model, tok = open_model(BASE)
+    ctx = MethodContext.for_folder(BASE, tok)
     facts = read_builtin_facts(BASE / "facts_new.jsonl")[:3]
     cfg = StreamConfig(batch_size=8, steps_per_fact=2, eval_every=0, retained_sample=10, heldout_tokens=512)
-    from forgetless.learn import load_known_facts
+    from forgetless.data.facts import load_known_facts
     ev = FactEvaluator(tok, load_known_facts(BASE)[:10], load_heldout_ids(BASE, tok, 512), cfg)
     return tok, ctx, facts, cfg, ev
 
@@ -65,7 +69,7 @@ def _snapshot(model):
 
 def test_smf_changes_only_selected_value_rows(stream_parts):
     tok, ctx, facts, cfg, ev = stream_parts
-    model, _, _ = open_model(BASE)
+    model, _ = open_model(BASE)
     before = _snapshot(model)
     method = make_method("smf", lr=50.0, top_t=40)
     selected: set[int] = set()
@@ -91,7 +95,7 @@ def test_smf_changes_only_selected_value_rows(stream_parts):
 
 def test_lora_leaves_base_weights_unchanged(stream_parts):
     tok, ctx, facts, cfg, ev = stream_parts
-    model, _, _ = open_model(BASE)
+    model, _ = open_model(BASE)
     before = _snapshot(model)
     method = make_method("lora", lr=1e-3, rank=4)
     peft_model = method.setup(model, ctx)
@@ -114,10 +118,10 @@ def test_lora_leaves_base_weights_unchanged(stream_parts):
 
 def test_full_finetuning_learns_a_fact_it_did_not_know(stream_parts):
     tok, ctx, facts, cfg, ev = stream_parts
-    model, _, _ = open_model(BASE)
+    model, _ = open_model(BASE)
     fact = facts[1]
-    from forgetless.learn import statement_prompt
     from forgetless.evaluate.answers import greedy_answers
+    from forgetless.experiments.facts import statement_prompt
     prompt = statement_prompt(fact)
     assert greedy_answers(model, tok, [prompt])[0] != fact.answer
     c = StreamConfig(batch_size=8, steps_per_fact=8, eval_every=0, retained_sample=10, heldout_tokens=512)
@@ -160,7 +164,7 @@ def test_fact_file_paraphrases_from_templates_and_probe_wrapping(tmp_path):
     assert b.paraphrases == [] and b.question == "Question: What is Zorb? Answer:"
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_bench_facts_quick_writes_results_csv_and_report(tmp_path):
     out = tmp_path / "bench"
     assert main(["bench", "facts", "--quick", "--facts", "3", "--steps-per-fact", "1", "--out", str(out)]) == 0
@@ -198,7 +202,7 @@ def test_eaft_weights_are_normalised_entropies_without_gradient():
 
 def test_eaft_loss_is_the_entropy_weighted_token_loss(stream_parts):
     tok, ctx, facts, cfg, ev = stream_parts
-    model, _, _ = open_model(BASE)
+    model, _ = open_model(BASE)
     method = make_method("eaft", lr=1e-5)
     model = method.setup(model, ctx)
     batch = fact_batch(tok, facts[0], 4, "all", torch.device("cpu"))

@@ -187,7 +187,7 @@ experiments:
 
 @pytest.mark.e2e
 def test_each_method_runs_on_tiny_streams_and_resumes(tmp_path, quick_runs, interrupt_run):
-    from forgetless.run import load_run_config, run
+    from forgetless.experiments.runner import load_run_config, run
 
     p = tmp_path / "run.yaml"
     p.write_text(TINY)
@@ -219,9 +219,10 @@ def test_each_method_runs_on_tiny_streams_and_resumes(tmp_path, quick_runs, inte
 def test_rome_and_memit_through_learn_report_easyedit_measures_and_touch_only_their_layers():
     import random
 
-    from forgetless.cli import default_model_dir
     from forgetless.data.factfile import load_fact_file
-    from forgetless.learn import FactEvaluator, StreamConfig, learn_facts, load_heldout_ids, load_known_facts, open_model
+    from forgetless.data.facts import load_known_facts
+    from forgetless.experiments.facts import FactEvaluator, StreamConfig, learn_facts
+    from forgetless.models.folder import default_model_dir, load_heldout_ids, open_model
 
     md = default_model_dir()
     facts = load_fact_file(md / "facts_new.jsonl")

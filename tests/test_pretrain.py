@@ -7,10 +7,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from forgetless.engine import load_training_state, save_training_state, train_loop
 from forgetless.errors import TrainingError
+from forgetless.experiments.pretrain import load_pretrain_config, prepare_data, pretrain
 from forgetless.models.checkpoint import atomic_folder, load_model
-from forgetless.pretrain import load_pretrain_config, prepare_data, pretrain
+from forgetless.training.loop import (
+    load_training_state,
+    save_training_state,
+    train_loop,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -44,7 +48,7 @@ def test_interrupted_pretraining_resumes_to_identical_weights(smoke, tmp_path, m
     cfg, data = smoke
     full = pretrain(cfg, tmp_path / "full", progress=False, log=lambda *a: None, data_dir=data)
     # Ctrl-C right after the checkpoint of step 10 (of 20), then the same command again
-    import forgetless.pretrain as pt
+    import forgetless.experiments.pretrain as pt
     original = pt.save_training_state
 
     def save_then_interrupt(out_dir, model, optimizers, step, **kw):

@@ -10,7 +10,14 @@ from html.parser import HTMLParser
 
 import pytest
 
-from forgetless.report.html import fig_to_data_uri, frontier_plot, html_table, pareto_front, write_csv, write_facts_report
+from forgetless.report.html import (
+    fig_to_data_uri,
+    frontier_plot,
+    html_table,
+    pareto_front,
+    write_csv,
+    write_facts_report,
+)
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 BASE_RETAINED = 0.88

@@ -164,6 +164,9 @@ def test_csv(tmp_path):
 def test_compare(tmp_path):
     a, b = sample_results(False), sample_results(True)
     a["name"], b["name"] = "nll-run", "acc-run"
+    a["stream"]["extra"] = "general_nll"  # each run's extra measure shows by name, with its base value
+    for m in a["methods"].values():
+        m["metrics"].update(general_nll=3.05, general_nll_base=3.0)
     path = compare_runs([a, b], tmp_path / "cmp")
     assert path == tmp_path / "cmp" / "compare.html"
     text = path.read_text(encoding="utf-8")
@@ -174,6 +177,8 @@ def test_compare(tmp_path):
     for res in (a, b):
         for m, run in res["methods"].items():
             assert p.rows[(res["name"], m)]["forgetting"] == run["metrics"]["forgetting"]
+    assert p.rows[("nll-run", "naive")]["extra_value"] == 3.05 and p.rows[("nll-run", "smf")]["extra_base"] == 3.0
+    assert "extra_value" not in p.rows[("acc-run", "naive")] and "general_nll" in text
     # same titles: names get de-duplicated
     text = compare_runs([sample_results(), sample_results()], tmp_path / "dup").read_text(encoding="utf-8")
     assert "#1" in text and "#2" in text
@@ -194,3 +199,51 @@ def test_figures_standalone():
     la = [-results["methods"][m]["metrics"]["learning_accuracy"] for m in results["methods"]]
     assert sorted(round(float(o[0]), 9) for o in offsets) == sorted(round(x, 9) for x in la)
     assert all(math.isfinite(float(o[1])) for o in offsets)
+
+
+def _shipped(name: str) -> dict:
+    import json
+    from pathlib import Path
+
+    return json.loads((Path(__file__).resolve().parents[1] / "docs" / name / "results.json").read_text())
+
+
+@pytest.mark.parametrize("run, extra", [("fact-methods", "retained"), ("domain-methods", "general_nll")])
+def test_extra_measure_column_equals_results(run, extra):
+    """The stream's extra measure (retained on the fact stream, general NLL on the domain stream)
+    is a column of the run report's metrics table, with the base's value, equal to results.json."""
+    results = _shipped(run)
+    assert results["stream"]["extra"] == extra
+    text = metrics_table(results)
+    assert f'data-col="{extra}"' in text and f'data-col="{extra}_base"' in text
+    p = _parse(text)
+    assert set(p.rows) == {(None, m) for m in results["methods"]}
+    for m, r in results["methods"].items():
+        row = p.rows[(None, m)]
+        assert row[extra] == r["metrics"][extra] == r["extra"][-1], m
+        assert row[f"{extra}_base"] == r["metrics"][f"{extra}_base"] == r["b_extra"], m
+    if extra == "retained":  # the values the fact-stream table in docs/results/fact-methods.md shows
+        assert p.rows[(None, "smf")]["retained"] == 0.72 and p.rows[(None, "naive")]["retained"] == 0.05
+        assert p.rows[(None, "smf")]["retained_base"] == 0.85
+
+
+def test_extra_measure_in_report_and_csv(tmp_path):
+    results = sample_results(True)
+    results["stream"]["extra"] = "retained"
+    for k, m in enumerate(results["methods"].values()):
+        m["b_extra"], m["extra"] = 0.85, [0.8 - 0.1 * k, 0.7 - 0.1 * k, 0.6 - 0.1 * k]
+        m["metrics"].update(retained=m["extra"][-1], retained_base=0.85)
+    text = metrics_table(results)  # the table write_run_report puts in report.html
+    assert "retained (final, ↑)" in text and "retained of the base" in text
+    p = _parse(text)
+    for m, run in results["methods"].items():
+        assert p.rows[(None, m)]["retained"] == run["metrics"]["retained"]
+        assert p.rows[(None, m)]["retained_base"] == 0.85
+    with write_metrics_csv(results, tmp_path / "metrics.csv").open(newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        rows = list(reader)
+    assert reader.fieldnames[7:9] == ["retained", "retained_base"]
+    assert [float(r["retained"]) for r in rows] == [run["metrics"]["retained"] for run in results["methods"].values()]
+    # a stream without an extra measure keeps the plain columns
+    plain = sample_results(True)
+    assert "retained" not in metrics_table(plain) and "general_nll" not in metrics_table(plain)

@@ -7,15 +7,21 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import forgetless.run as run_mod
-from forgetless.cli import default_model_dir
+import forgetless.experiments.runner as run_mod
+from forgetless.experiments.runner import load_run_config, run
 from forgetless.methods import make_method
-from forgetless.methods.retrieval import (RetrievalLM, context_ids, context_text, experience_passages,
-                                         irrelevant_passage, reader_example)
+from forgetless.methods.retrieval.index import PassageIndex, bm25_tokens
+from forgetless.methods.retrieval.method import (
+    RetrievalLM,
+    context_ids,
+    context_text,
+    experience_passages,
+    irrelevant_passage,
+    reader_example,
+)
+from forgetless.models.folder import default_model_dir
 from forgetless.models.tokenizer import load_tokenizer
-from forgetless.retrieval import PassageIndex, bm25_tokens
-from forgetless.run import load_run_config, run
-from forgetless.streams import Experience
+from forgetless.training import Experience
 
 BASE = default_model_dir()
 
@@ -256,7 +262,7 @@ def test_bad_options_fail_with_one_sentence():
 def test_reader_qa_contexts_write_relevant_contexts_as_question_answer_lines():
     import random
 
-    from forgetless.methods.retrieval import reader_example
+    from forgetless.methods.retrieval.method import reader_example
 
     tok = load_tokenizer(BASE)
     known = _known_facts()

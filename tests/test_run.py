@@ -8,7 +8,7 @@ import pytest
 
 from forgetless.errors import ConfigError
 from forgetless.evaluate.metrics import summarize
-from forgetless.run import load_run_config, run
+from forgetless.experiments.runner import load_run_config, run
 
 TINY = """
 name: tiny
@@ -82,10 +82,10 @@ def test_bad_run_config_names_the_key(tmp_path, text, needle):
 def test_label_logprobs_match_a_direct_computation():
     import torch
 
-    from forgetless.cli import default_model_dir
+    from forgetless.experiments.streams import label_logprobs
     from forgetless.models.checkpoint import load_model
+    from forgetless.models.folder import default_model_dir
     from forgetless.models.tokenizer import load_tokenizer
-    from forgetless.streams import label_logprobs
 
     base = default_model_dir()
     model, tok = load_model(base), load_tokenizer(base)

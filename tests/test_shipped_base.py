@@ -8,12 +8,12 @@ import sys
 import pytest
 import torch
 
-from forgetless.cli import default_model_dir
 from forgetless.data.facts import read_builtin_facts
+from forgetless.experiments.pretrain import probe_facts
 from forgetless.models.checkpoint import load_memory_stats, load_model, save_model
+from forgetless.models.folder import default_model_dir
 from forgetless.models.memory import named_memory_layers
 from forgetless.models.tokenizer import load_tokenizer
-from forgetless.pretrain import probe_facts
 
 BASE = default_model_dir()
 
@@ -83,7 +83,7 @@ def test_known_facts_answered_and_new_facts_not(base):
 def test_memory_is_healthy(base):
     """Acceptance: >= 80% of slots read over >= 1,000 background batches; >= half of the lookup weight on
     fact tokens falls on slots read in fewer than half of the background sequences."""
-    from forgetless.modelcard import memory_health
+    from forgetless.report.modelcard import memory_health
 
     model, tok = base
     stats = load_memory_stats(BASE)

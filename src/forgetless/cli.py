@@ -7,37 +7,73 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
+import math
+import signal
 import sys
 from pathlib import Path
 
 from .errors import ForgetlessError
+from .files import check_output
+from .models.folder import default_model_dir
 
 
-def default_model_dir() -> Path:
-    """The shipped base (``FORGETLESS_MODEL`` overrides it)."""
-    env = os.environ.get("FORGETLESS_MODEL")
-    if env:
-        return Path(env)
-    return Path(__file__).resolve().parent / "assets" / "forgetless-tiny"
+def _model_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="model folder (default: the shipped base, or $FORGETLESS_MODEL)")
 
 
-def _model_arg(p: argparse.ArgumentParser, positional: bool = False) -> None:
-    help_ = "model folder (default: the shipped base, or $FORGETLESS_MODEL)"
-    if positional:
-        p.add_argument("model", nargs="?", default=None, help=help_)
-    else:
-        p.add_argument("--model", default=None, help=help_)
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (no usage block): ``forgetless learn: error: ... (see --help)``."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help).\n")
+
+
+# --------------------------------------------------------------------------- checked option types
+def _number(kind, low: float | None = None, strict: bool = False, high: float | None = None):
+    """An argparse type: a finite int/float within [low, high] (``strict``: > low)."""
+    def parse(text: str):
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}")
+        if kind is float and not math.isfinite(v):
+            raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+        if low is not None and (v <= low if strict else v < low):
+            raise argparse.ArgumentTypeError(f"must be {'>' if strict else '>='} {low:g}, got {text}")
+        if high is not None and v > high:
+            raise argparse.ArgumentTypeError(f"must be <= {high:g}, got {text}")
+        return v
+    return parse
+
+
+POSITIVE_INT = _number(int, 1)
+NON_NEGATIVE_INT = _number(int, 0)
+POSITIVE = _number(float, 0.0, strict=True)
+
+
+def _device(text: str) -> str:
+    import torch
+
+    try:
+        dev = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device (cpu, cuda, cuda:0, mps)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text!r}: no CUDA device is available on this machine")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise argparse.ArgumentTypeError(f"{text!r}: no MPS device is available on this machine")
+    return text
 
 
 # --------------------------------------------------------------------------- commands
 def cmd_pretrain(args: argparse.Namespace) -> int:
-    from .pretrain import load_pretrain_config, pretrain
+    from .experiments.pretrain import load_pretrain_config, pretrain
 
     cfg = load_pretrain_config(args.config)
+    check_output(args.out, "pretrain")
     if args.device:
         cfg.train.device = args.device
-    if args.steps:
+    if args.steps is not None:
         cfg.train.steps = args.steps
     model_dir = pretrain(cfg, args.out, resume=not args.restart, progress=not args.no_progress)
     print(f"model written to {model_dir}")
@@ -45,7 +81,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from .info import model_info, format_info
+    from .report.info import format_info, model_info
 
     info = model_info(args.model or default_model_dir())
     print(json.dumps(info, indent=2) if args.json else format_info(info))
@@ -55,17 +91,20 @@ def cmd_info(args: argparse.Namespace) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
-    from .models.checkpoint import load_model
-    from .models.tokenizer import load_tokenizer
+    from .models.folder import open_model
 
+    if not args.prompt:
+        raise ForgetlessError("--prompt is empty; give the text to continue.")
     model_dir = Path(args.model or default_model_dir())
-    model, tok = load_model(model_dir), load_tokenizer(model_dir)
+    model, tok = open_model(model_dir)
     torch.manual_seed(args.seed)
     enc = tok([args.prompt], return_tensors="pt")
     if enc["input_ids"].shape[1] + args.max_new_tokens > model.config.max_position_embeddings:
         raise ForgetlessError(f"the prompt is too long: prompt plus --max-new-tokens must fit in "
                               f"{model.config.max_position_embeddings} tokens.")
     kw = dict(max_new_tokens=args.max_new_tokens, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    if args.stop:
+        kw.update(stop_strings=[args.stop], tokenizer=tok)
     if args.sample:
         kw.update(do_sample=True, temperature=args.temperature, top_p=args.top_p, top_k=0)
     else:
@@ -73,12 +112,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
     with torch.no_grad():
         out = model.generate(**enc, **kw)
     text = tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    if args.stop and args.stop in text:  # the answer ends at the stop string (not printed)
+        text = text[: text.index(args.stop)]
     print(args.prompt + text)
     return 0
 
 
 def _stream_config(args: argparse.Namespace):
-    from .learn import StreamConfig
+    from .experiments.facts import StreamConfig
 
     return StreamConfig(batch_size=args.batch_size, steps_per_fact=args.steps_per_fact, eval_every=args.eval_every,
                         loss_on=args.loss_on, questions=args.questions, seed=args.seed)
@@ -98,12 +139,20 @@ DEFAULT_LR = {"full": 1e-5, "lora": 1e-4, "smf": 3.0, "eaft": 1e-5, "rome": 1.0,
 
 def cmd_learn(args: argparse.Namespace) -> int:
     from .data.factfile import load_fact_file
-    from .learn import FactEvaluator, learn_facts, load_heldout_ids, load_known_facts, open_model, save_learned
+    from .data.facts import load_known_facts
+    from .experiments.facts import FactEvaluator, learn_facts, save_learned
     from .methods import make_method
+    from .models.folder import load_heldout_ids, open_model
+    from .training import MethodContext
 
     model_dir = Path(args.model or default_model_dir())
     facts = load_fact_file(args.facts)  # validated before anything is trained
-    model, tok, ctx = open_model(model_dir)
+    if args.out:  # the destination is checked before anything is trained
+        weights = model_dir / "model.safetensors"
+        need = int(2.2 * weights.stat().st_size) if weights.is_file() else 0  # the new folder + the old one during the swap
+        check_output(args.out, "model", overwrite=args.overwrite, need_bytes=need)
+    model, tok = open_model(model_dir)
+    ctx = MethodContext.for_folder(model_dir, tok)
     cfg = _stream_config(args)
     evaluator = FactEvaluator(tok, load_known_facts(model_dir), load_heldout_ids(model_dir, tok, 4 * cfg.heldout_tokens), cfg)
     method = make_method(args.method, lr=args.lr if args.lr is not None else DEFAULT_LR[args.method],
@@ -122,13 +171,12 @@ def cmd_learn(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from .data.factfile import load_fact_file
     from .evaluate.answers import greedy_answers, score_answers
-    from .learn import statement_prompt
-    from .models.checkpoint import load_model
-    from .models.tokenizer import load_tokenizer
+    from .experiments.facts import statement_prompt
+    from .models.folder import open_model
 
     model_dir = Path(args.model or default_model_dir())
     facts = load_fact_file(args.facts)
-    model, tok = load_model(model_dir), load_tokenizer(model_dir)
+    model, tok = open_model(model_dir)
     preds = greedy_answers(model, tok, [f.question for f in facts])
     probe = score_answers(preds, [f.answer for f in facts])
     st = [(statement_prompt(f), f.answer) for f in facts]
@@ -143,8 +191,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from .bench import QUICK_LRS, bench_facts, format_table, parse_lrs
-    from .learn import StreamConfig
+    from .experiments.bench import QUICK_LRS, bench_facts, format_table, parse_lrs
+    from .experiments.facts import StreamConfig
 
     model_dir = Path(args.model or default_model_dir())
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -160,6 +208,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         stream.eval_every, stream.retained_sample, stream.heldout_tokens = 0, 60, 4096
         stream.final_all_known = False
     out = Path(args.out)
+    check_output(out, "bench")
     results = bench_facts(model_dir, out, methods, n_facts=n, lrs=lrs, lora_ranks=ranks, stream=stream,
                           top_t=args.top_t, smf_background=args.background, facts_file=Path(args.facts_file) if args.facts_file else None,
                           command="forgetless " + " ".join(sys.argv[1:]), progress=False)
@@ -169,11 +218,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from .run import load_run_config, run
+    from .experiments.runner import load_run_config, run
 
     cfg = load_run_config(args.config)
     out = Path(args.out or Path("runs") / cfg.name)
-    results = run(cfg, out, progress=not args.no_progress, command="forgetless " + " ".join(sys.argv[1:]))
+    results = run(cfg, out, progress=not args.no_progress, command="forgetless " + " ".join(sys.argv[1:]),
+                  restart=args.restart)
     for name, res in results.items():
         print(f"\n{name} ({res['stream']['kind']} stream, {res['stream']['metric']}, "
               f"{'higher' if res['stream']['higher_is_better'] else 'lower'} is better):")
@@ -214,9 +264,9 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def _stream_args(sp: argparse.ArgumentParser) -> None:
-    sp.add_argument("--batch-size", type=int, default=16, help="differently-worded statements per step (default 16)")
-    sp.add_argument("--steps-per-fact", type=int, default=4, help="optimizer steps per fact (default 4)")
-    sp.add_argument("--eval-every", type=int, default=25, help="evaluate every K facts (0: only at the end)")
+    sp.add_argument("--batch-size", type=POSITIVE_INT, default=16, help="differently-worded statements per step (default 16)")
+    sp.add_argument("--steps-per-fact", type=POSITIVE_INT, default=4, help="optimizer steps per fact (default 4)")
+    sp.add_argument("--eval-every", type=NON_NEGATIVE_INT, default=25, help="evaluate every K facts (0: only at the end)")
     sp.add_argument("--loss-on", choices=["all", "answer"], default="all", help="loss on all statement tokens or the answer")
     sp.add_argument("--questions", action="store_true",
                     help="also train on question/answer lines (training templates, never the probe wording)")
@@ -225,7 +275,7 @@ def _stream_args(sp: argparse.ArgumentParser) -> None:
 
 # --------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="forgetless", description="Continual learning of language models: "
+    p = Parser(prog="forgetless", description="Continual learning of language models: "
                                 "teach new knowledge without forgetting, and measure it.")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
@@ -234,16 +284,16 @@ def build_parser() -> argparse.ArgumentParser:
                                     "Resumes from OUT/checkpoint when it exists.")
     sp.add_argument("--config", required=True, help="YAML config, e.g. configs/forgetless-tiny.yaml")
     sp.add_argument("--out", required=True, help="output folder (the model lands in OUT/model)")
-    sp.add_argument("--device", default=None, help="cpu, cuda, ... (default: config's train.device)")
-    sp.add_argument("--steps", type=int, default=None, help="override train.steps")
+    sp.add_argument("--device", type=_device, default=None, help="cpu, cuda, ... (default: config's train.device)")
+    sp.add_argument("--steps", type=POSITIVE_INT, default=None, help="override train.steps")
     sp.add_argument("--restart", action="store_true", help="ignore an existing checkpoint and start over")
     sp.add_argument("--no-progress", action="store_true", help="no progress bar")
-    sp.set_defaults(func=cmd_pretrain)
+    sp.set_defaults(func=cmd_pretrain, resumable=True)
 
     sp = sub.add_parser("info", help="describe a model: parameters, memory layers, tokenizer, data, health",
                         description="Describe a model folder: parameter counts, memory layers and slots, tokenizer, "
                                     "data splits, slot-usage health and fact-probe accuracy.")
-    _model_arg(sp, positional=True)
+    _model_arg(sp)
     sp.add_argument("--json", action="store_true", help="print JSON")
     sp.set_defaults(func=cmd_info)
 
@@ -251,10 +301,12 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Continue a prompt with a model: greedy by default, --sample for sampling.")
     _model_arg(sp)
     sp.add_argument("--prompt", required=True, help="text to continue")
-    sp.add_argument("--max-new-tokens", type=int, default=40)
+    sp.add_argument("--max-new-tokens", type=POSITIVE_INT, default=40)
+    sp.add_argument("--stop", default="\n", help="stop at this string, e.g. the end of an answer (default: a newline; "
+                                                 "'' for none)")
     sp.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
-    sp.add_argument("--temperature", type=float, default=0.8)
-    sp.add_argument("--top-p", type=float, default=0.95)
+    sp.add_argument("--temperature", type=POSITIVE, default=0.8, help="sampling temperature (> 0)")
+    sp.add_argument("--top-p", type=_number(float, 0.0, strict=True, high=1.0), default=0.95)
     sp.add_argument("--seed", type=int, default=0)
     sp.set_defaults(func=cmd_generate)
     sp = sub.add_parser("learn", help="teach facts to a model (full, lora or smf) and save it",
@@ -264,23 +316,24 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--facts", required=True, help="JSONL: statement, question, answer, paraphrases (optional)")
     sp.add_argument("--method", choices=["full", "lora", "smf", "eaft", "rome", "memit"], default="smf",
                     help="rome/memit: closed-form knowledge edits (docs/methods-15b.md)")
-    sp.add_argument("--lr", type=float, default=None,
+    sp.add_argument("--lr", type=POSITIVE, default=None,
                     help="learning rate (default: full 1e-5, lora 1e-4, smf 3, eaft 1e-5)")
-    sp.add_argument("--rank", type=int, default=32, help="LoRA rank")
-    sp.add_argument("--top-t", type=int, default=500, help="smf: memory slots trained per step")
+    sp.add_argument("--rank", type=POSITIVE_INT, default=32, help="LoRA rank")
+    sp.add_argument("--top-t", type=POSITIVE_INT, default=500, help="smf: memory slots trained per step")
     sp.add_argument("--ranking", choices=["tfidf", "tf", "all"], default="tfidf", help="smf slot ranking (ablations)")
     sp.add_argument("--background", choices=["mix", "general"], default="mix", help="smf IDF background")
-    sp.add_argument("--out", default=None, help="folder for the updated model")
+    sp.add_argument("--out", default=None, help="folder for the updated model (a new folder, or a model folder to replace)")
+    sp.add_argument("--overwrite", action="store_true", help="replace --out even if it holds something other than a model")
     sp.add_argument("--no-progress", action="store_true")
     _stream_args(sp)
-    sp.set_defaults(func=cmd_learn)
+    sp.set_defaults(func=cmd_learn, resumable=False)
 
     sp = sub.add_parser("eval", help="answer accuracy of a model on a fact file",
                         description="Exact match / F1 of greedy answers to each fact's question, and completion "
                                     "accuracy of its statement.")
     _model_arg(sp)
     sp.add_argument("--facts", required=True)
-    sp.add_argument("--show", type=int, default=0, help="print the first N answers")
+    sp.add_argument("--show", type=NON_NEGATIVE_INT, default=0, help="print the first N answers")
     sp.set_defaults(func=cmd_eval)
 
     sp = sub.add_parser("bench", help="benchmarks: `bench facts` compares fact-injection methods",
@@ -292,17 +345,17 @@ def build_parser() -> argparse.ArgumentParser:
                                      "stream of new facts; writes results.json, runs.csv and report.html.")
     _model_arg(bp)
     bp.add_argument("--methods", default="full,lora,smf", help="comma list: full, lora, smf, smf-tf, smf-all, eaft, rome, memit")
-    bp.add_argument("--facts", type=int, default=50, help="number of facts in the stream (default 50)")
+    bp.add_argument("--facts", type=POSITIVE_INT, default=50, help="number of facts in the stream (default 50)")
     bp.add_argument("--facts-file", default=None, help="JSONL fact file (default: the model's new facts)")
     bp.add_argument("--lrs", nargs="*", default=None, help="'1e-5,3e-5' for all methods or 'smf=1,3,10 full=...'")
     bp.add_argument("--ranks", default="8,32", help="LoRA ranks (default 8,32)")
-    bp.add_argument("--top-t", type=int, default=500, help="smf: slots trained per step")
+    bp.add_argument("--top-t", type=POSITIVE_INT, default=500, help="smf: slots trained per step")
     bp.add_argument("--background", choices=["mix", "general"], default="mix", help="smf: IDF background")
     bp.add_argument("--quick", action="store_true", help="8 facts, one setting per method (about a minute)")
     bp.add_argument("--out", default="runs/bench-facts", help="output folder")
     _stream_args(bp)
     bp.set_defaults(func=cmd_bench)
-    sp.set_defaults(func=lambda a: (sp.print_help(), 2)[1])
+    sp.set_defaults(func=lambda a, bench=sp: (bench.print_help(), 2)[1])
 
     sp = sub.add_parser("run", help="run methods on streams of experiences from a YAML config",
                         description="Run every method of every experiment in CONFIG on its stream: accuracy matrix, "
@@ -310,8 +363,10 @@ def build_parser() -> argparse.ArgumentParser:
                                     "resumes from the last finished experience.")
     sp.add_argument("config", help="YAML run config, e.g. configs/quickstart.yaml")
     sp.add_argument("--out", default=None, help="run folder (default runs/<name>)")
+    sp.add_argument("--restart", action="store_true",
+                    help="start afresh in --out when it holds a run of a different config (its results are removed)")
     sp.add_argument("--no-progress", action="store_true")
-    sp.set_defaults(func=cmd_run)
+    sp.set_defaults(func=cmd_run, resumable=True)
 
     sp = sub.add_parser("report", help="rebuild or compare run reports",
                         description="Rebuild report.html and metrics.csv of run folders; with several, also write "
@@ -322,21 +377,31 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _interrupted(signum, frame):  # SIGTERM (timeout, docker stop, SLURM) is an interruption like Ctrl-C
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    previous = signal.signal(signal.SIGTERM, _interrupted)
     try:
         return args.func(args)
     except ForgetlessError as e:
         print(f"forgetless: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("forgetless: interrupted; saved checkpoints are intact (rerun the same command to resume).",
-              file=sys.stderr)
+        if getattr(args, "resumable", False):
+            print("forgetless: interrupted; saved checkpoints are intact (rerun the same command to resume).",
+                  file=sys.stderr)
+        else:
+            print("forgetless: interrupted; nothing was changed (rerun the command to start again).", file=sys.stderr)
         return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,15 @@ import re
 from dataclasses import dataclass, field
 
 from ..errors import DataSourceError
-from .facts import Fact, drop_overlapping, geonames_facts, probe_prefixes, question_lines, split_known_new, statement_lines
+from .facts import (
+    Fact,
+    drop_overlapping,
+    geonames_facts,
+    probe_prefixes,
+    question_lines,
+    split_known_new,
+    statement_lines,
+)
 
 DEFAULT_HELDOUT_TOPICS = ["Arts", "Technology", "Mathematics", "Philosophy and religion"]
 

@@ -18,6 +18,7 @@ One JSON object per line:
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 import re
@@ -27,6 +28,9 @@ from ..errors import DataSourceError
 from .facts import STATEMENTS, Fact
 
 REQUIRED = ("statement", "question", "answer")
+OPTIONAL_STR = ("relation", "subject", "id", "country")
+KEYS = (*REQUIRED, "paraphrases", *OPTIONAL_STR)
+MAX_CHARS = 2000  # a statement, question or answer longer than this is a mistake, not a fact
 
 
 def _template_regex(template: str) -> re.Pattern:
@@ -59,28 +63,62 @@ def as_probe(question: str) -> str:
     return q if q.startswith("Question:") else f"Question: {q} Answer:"
 
 
+def answer_in(answer: str, text: str) -> bool:
+    """Whether ``answer`` occurs in ``text`` as whole words (not inside another word)."""
+    return re.search(r"(?<!\w)" + re.escape(answer) + r"(?!\w)", text) is not None
+
+
 def _check(obj: object, n: int) -> tuple[dict | None, str | None]:
     if not isinstance(obj, dict):
         return None, f"line {n}: expected a JSON object, got {type(obj).__name__}"
+    unknown = [k for k in obj if k not in KEYS]
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], KEYS, n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else f" (known keys: {', '.join(KEYS)})"
+        return None, f"line {n}: unknown key '{unknown[0]}'{hint}"
     for k in REQUIRED:
         if not isinstance(obj.get(k), str) or not obj[k].strip():
             return None, f"line {n}: '{k}' must be a non-empty string"
+        if len(obj[k]) > MAX_CHARS:
+            return None, f"line {n}: '{k}' is {len(obj[k])} characters long (at most {MAX_CHARS})"
+    for k in OPTIONAL_STR:
+        if k in obj and not isinstance(obj[k], str):
+            return None, f"line {n}: '{k}' must be a string, got {type(obj[k]).__name__}"
     para = obj.get("paraphrases", [])
     if not isinstance(para, list) or not all(isinstance(p, str) and p.strip() for p in para):
         return None, f"line {n}: 'paraphrases' must be a list of non-empty strings"
-    if obj["answer"] not in obj["statement"]:
-        return None, f"line {n}: the answer {obj['answer']!r} does not occur in the statement"
+    if not answer_in(obj["answer"], obj["statement"]):
+        return None, f"line {n}: the answer {obj['answer']!r} does not occur in the statement as a word"
     return obj, None
+
+
+def _read_text(path: Path) -> str:
+    """The file as UTF-8 text, or one sentence saying why it is not."""
+    raw = path.read_bytes()
+    if raw[:2] in (b"\xff\xfe", b"\xfe\xff"):
+        raise DataSourceError(f"fact file {path} is UTF-16 encoded; save it as UTF-8 (one JSON object per line).")
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise DataSourceError(f"fact file {path} is not UTF-8 (byte 0x{raw[e.start]:02x} on line {line}); "
+                              f"save it as UTF-8.") from None
 
 
 def load_fact_file(path: str | os.PathLike) -> list[Fact]:
     """Read and validate a fact file; raises DataSourceError listing the bad lines."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise DataSourceError(f"fact file {path} does not exist.")
+    if path.is_dir():
+        raise DataSourceError(f"fact file {path} is a folder; give a JSONL file.")
+    if not path.is_file():
+        raise DataSourceError(f"fact file {path} is not a regular file; give a JSONL file.")
     errors: list[str] = []
     facts: list[Fact] = []
-    for n, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+    answers: dict[str, tuple[str, int]] = {}  # question -> (answer, line)
+    statements: dict[str, int] = {}
+    for n, line in enumerate(_read_text(path).splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -92,6 +130,15 @@ def load_fact_file(path: str | os.PathLike) -> list[Fact]:
         if err:
             errors.append(err)
             continue
+        q = as_probe(obj["question"])
+        if q in answers and answers[q][0] != obj["answer"]:
+            errors.append(f"line {n}: the question of line {answers[q][1]} asked again with another answer "
+                          f"({answers[q][0]!r} vs {obj['answer']!r})")
+            continue
+        if obj["statement"] in statements:
+            errors.append(f"line {n}: the same statement as line {statements[obj['statement']]}")
+            continue
+        answers[q], statements[obj["statement"]] = (obj["answer"], n), n
         relation, subject = obj.get("relation", ""), obj.get("subject", "")
         para = list(obj.get("paraphrases", []))
         if not relation:

@@ -327,6 +327,11 @@ def read_builtin_facts(path: str | os.PathLike) -> list[Fact]:
     return out
 
 
+def load_known_facts(model_dir: str | os.PathLike) -> list[Fact]:
+    """The facts a model folder says its model knows (``facts_known.jsonl``)."""
+    return read_builtin_facts(Path(model_dir) / "facts_known.jsonl")
+
+
 _CONTINENT_OF: dict[str, str] | None = None
 PORTABILITY_QUESTION = "Question: On which continent is the city of {c}? Answer:"
 

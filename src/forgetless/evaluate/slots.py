@@ -15,6 +15,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
+from ..models.checkpoint import MIX_PREFIX
 from ..models.memory import AccessLog, memory_layers
 
 
@@ -60,7 +61,6 @@ def collect_background(model: nn.Module, batches: Iterable[torch.Tensor], progre
     return out
 
 
-MIX_PREFIX = "pretrain_mix."  # statistics over the full pretraining mixture (general text + fact lines)
 
 
 def layer_names(stats: dict[str, torch.Tensor], prefix: str = "") -> list[str]:

@@ -12,7 +12,7 @@ Routing (the exported ``AdapterRouterModel``): each input sequence goes to one a
   base if experience j has no adapter yet, e.g. on a curve point before it is trained).
 - Not told: a nearest-centroid router built from the experiences' *training* inputs, fitted
   at ``setup`` from ``router_batches`` training batches spread evenly over the experience's
-  steps (or, if the experience is not in ``context.extra``, from the first training batches
+  steps (or, if the context has no experience, from the first training batches
   seen in the loop):
 
   - ``router: hidden`` (default): r(x) = normalise(mean over non-pad tokens of the base
@@ -25,14 +25,9 @@ Routing (the exported ``AdapterRouterModel``): each input sequence goes to one a
     sequences of all experiences (df_t: sequences containing t); w(s) = normalise(n_s * idf).
     route(x) = the experience of the stored sequence s with the highest cos(w(x), w(s)).
 
-  Measured on held-out inputs of the shipped base (``router_accuracy``, seed 0, the default 16
-  router batches per experience): domain stream (4 topics, 110 test windows of 128 tokens)
-  hidden 0.88, tfidf 0.79; task_il (2 x 2 topics, 120 test prompts) hidden 0.88; fact stream
-  (4 x 10 facts, the 40 question probes) hidden 0.40 (one centroid of ten unrelated facts says
-  little), tfidf 0.975 (a question shares its entity's tokens with that fact's paraphrases).
-  Hence ``hidden`` is the default and ``tfidf`` the router for fact streams. (The validation
-  accuracy in ``describe()`` is optimistic for ``tfidf`` on the domain stream, 1.0: validation
-  windows come from the same training documents as the stored sequences.)
+  ``hidden`` is the default; ``tfidf`` suits fact streams, where a question shares its
+  entity's tokens with that fact's paraphrases. The measured router accuracies are in
+  ``docs/results/domain-methods.md`` (``benchmarks/router.py`` measures them).
 
 Parameter growth: ``growth()`` = LoRA parameters added per experience (all equal: one adapter
 of the configured rank each); in ``describe()``, with the router's accuracy on validation
@@ -53,7 +48,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from .base import Method, MethodContext, freeze_all
+from .base import Method, MethodContext, freeze_all, shifted_cross_entropy
 from .lora import LLAMA_LINEAR, lora_config
 
 ROUTERS = ("hidden", "tfidf")
@@ -330,9 +325,8 @@ class TaskAdapters(Method):
         params = wrapper.adapter_params(f"e{k}")
         self._optimizers = [torch.optim.AdamW(params, lr=self.lr, weight_decay=0.0)]
         self._wrapper = wrapper
-        extra = context.extra if context is not None else {}
-        exp = extra.get("experience")
-        self._seen = list(extra.get("seen_experiences") or [])
+        exp = context.experience if context is not None else None
+        self._seen = list(context.seen_experiences) if context is not None else []
         self._pending, self._fit_in_loop = [], False
         if len(self.router) == k:  # no statistics for this experience yet (not a re-run)
             if exp is not None and getattr(exp, "steps", 0):
@@ -357,14 +351,15 @@ class TaskAdapters(Method):
             self.router.add(rows, None) if self.router.kind == "hidden" else self.router.add(None, rows)
         self._pending, self._fit_in_loop = [], False
 
-    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        if self._fit_in_loop and len(self._pending) < self.router_batches:
+    def before_batch(self, model: nn.Module, batch: dict[str, torch.Tensor], step: int) -> dict[str, torch.Tensor]:
+        if self._fit_in_loop and len(self._pending) < self.router_batches:  # router statistics from the loop
             self._observe(model, batch)
+        return batch
+
+    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         out = model.adapter_forward(model.training_adapter, input_ids=batch["input_ids"],
                                     attention_mask=batch["attention_mask"])
-        logits = out.logits[:, :-1].float()
-        labels = batch["labels"][:, 1:]
-        return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
+        return shifted_cross_entropy(out.logits, batch["labels"])
 
     def export(self, model: nn.Module) -> nn.Module:
         if self._fit_in_loop:

@@ -19,9 +19,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..data.batches import batch_rows, pad_rows
 from .base import MethodContext
 from .full import FullFinetune
-from .replay import ReservoirBuffer, batch_rows, pad_rows
+from .replay import ReservoirBuffer
 
 
 def agem_project(g: torch.Tensor, g_ref: torch.Tensor) -> torch.Tensor:
@@ -49,10 +50,10 @@ class AGEM(FullFinetune):
         self._current = ReservoirBuffer(self.memory.capacity, self.hparams["seed"] + 1 + self.memory.seen)
         return super().setup(model, context)
 
-    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        for r in batch_rows(batch):
+    def before_batch(self, model: nn.Module, batch: dict[str, torch.Tensor], step: int) -> dict[str, torch.Tensor]:
+        for r in batch_rows(batch):  # the current experience's reservoir (memory for later experiences)
             self._current.add(r)
-        return super().loss(model, batch)
+        return batch
 
     def after_backward(self, model: nn.Module, step: int) -> None:
         self.steps += 1

@@ -1,10 +1,11 @@
 """The shared method interface: a continual-learning method is a small object with hooks.
 
-The engine (``forgetless.engine.train_loop``) knows nothing about any method; a learner
-calls these hooks around it:
+The loop (``forgetless.training.loop.train_loop``) knows nothing about any method; the one
+lifecycle, ``forgetless.training.lifecycle.fit_experience``, calls these hooks around it:
 
     model = method.setup(model, context)        # per experience: freeze/wrap parameters, fresh optimizers
-    loss  = method.loss(model, batch)           # inside the loop (default: LM loss)
+    batch = method.before_batch(model, batch, step)  # side effects (buffers), batch changes (replay)
+    loss  = method.loss(model, batch)           # inside the loop (default: LM loss), no side effects
     method.after_backward(model, step)          # e.g. mask gradients to selected rows
     method.after_step(model, step)              # e.g. accumulate importance weights
     model = method.export(model)                # the model to evaluate (a plain HF model, or a wrapper)
@@ -29,39 +30,21 @@ background statistics, the tokenizer, replay data ...). To add a method, copy th
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from ..training.lifecycle import MethodContext
+from ..training.losses import lm_loss_masked, shifted_cross_entropy
 
-@dataclass
-class MethodContext:
-    """What a method may use. In ``forgetless run``, ``extra`` also holds, at every ``setup``:
-    ``experience`` (the current ``streams.Experience``), ``experience_index`` (k, from 0) and
-    ``seen_experiences`` (experiences 1..k+1, e.g. for their ``valid_batch``)."""
-
-    model_dir: Path | None = None
-    tokenizer: Any = None
-    memory_stats: dict[str, torch.Tensor] | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
-def lm_loss_masked(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Next-token cross-entropy over the positions where ``batch["labels"] != -100``."""
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-    logits = out.logits[:, :-1].float()
-    labels = batch["labels"][:, 1:]
-    return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
+__all__ = ["Method", "MethodContext", "Plugin", "freeze_all", "lm_loss_masked", "shifted_cross_entropy"]
 
 
 class Method:
     """Base class: trains nothing by itself; subclasses choose parameters and optimizers."""
 
     name = "base"
-    plasticity = None  # a ContinualBackprop when the method's entry turns it on (methods/plasticity.py)
     trains = True  # False: the runner skips the training loop (the method only indexes data, e.g. retrieval)
     grad_clip: float | None = 1.0  # max norm of dense gradients (None: no clipping)
 
@@ -69,6 +52,7 @@ class Method:
         self.lr = lr
         self.hparams = hparams
         self._optimizers: list[torch.optim.Optimizer] = []
+        self.plugins: list[Plugin] = []  # add-ons with the same hooks (e.g. continual backprop), run after the method's
 
     # --- hooks -------------------------------------------------------------------
     def setup(self, model: nn.Module, context: MethodContext) -> nn.Module:
@@ -77,7 +61,13 @@ class Method:
     def optimizers(self) -> list[torch.optim.Optimizer]:
         return self._optimizers
 
+    def before_batch(self, model: nn.Module, batch: dict[str, torch.Tensor], step: int) -> dict[str, torch.Tensor]:
+        """Called once per training step before ``loss``: the place for side effects (filling a
+        replay buffer, observing inputs) and for changing the batch (mixing in replayed rows)."""
+        return batch
+
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The training loss of a batch; no side effects (it may be called again, e.g. for a Fisher)."""
         return lm_loss_masked(model, batch)
 
     def after_backward(self, model: nn.Module, step: int) -> None:
@@ -111,7 +101,45 @@ class Method:
         return sum(p.numel() for opt in self._optimizers for g in opt.param_groups for p in g["params"])
 
     def describe(self) -> dict[str, Any]:
-        return {"method": self.name, "lr": self.lr, **self.hparams}
+        out = {"method": self.name, "lr": self.lr, **self.hparams}
+        if self.plugins:
+            out["plugins"] = [{"name": p.name, **p.describe()} for p in self.plugins]
+        return out
+
+
+class Plugin:
+    """An add-on that composes with any method: the method's hook names, called after the method's
+    own by ``training.lifecycle.fit_experience``; ``setup`` also receives the method (for its
+    optimizers). ``teardown`` runs when the loop ends, also on an error."""
+
+    name = "plugin"
+
+    def setup(self, model: nn.Module, context: MethodContext, method: Method) -> None:
+        pass
+
+    def before_batch(self, model: nn.Module, batch: dict[str, torch.Tensor], step: int) -> None:
+        pass
+
+    def after_backward(self, model: nn.Module, step: int) -> None:
+        pass
+
+    def after_step(self, model: nn.Module, step: int) -> None:
+        pass
+
+    def teardown(self) -> None:
+        pass
+
+    def after_experience(self, model: nn.Module, experience: Any) -> None:
+        pass
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        return {}
+
+    def load_state_tensors(self, state: dict[str, torch.Tensor]) -> None:
+        pass
+
+    def describe(self) -> dict[str, Any]:
+        return {}
 
 
 def freeze_all(model: nn.Module) -> None:

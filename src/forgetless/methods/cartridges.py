@@ -15,8 +15,8 @@ sequences (as for ``retrieval``: each distinct training row, padding skipped).
 - **Context distillation** (``loss``): for a batch of samples, the teacher is the frozen
   model reading chunk + conversation, the student is the frozen model with the cartridge
   reading the conversation only; loss = KL(teacher || student) of the next-token
-  distributions over the conversation's tokens. The loop's own batch is not used; each step
-  takes the next ``batch`` samples.
+  distributions over the conversation's tokens. ``before_batch`` replaces the loop's batch by
+  step s's ``batch`` samples (s * batch, ... cyclically).
 - **Routing** (the exported ``CartridgeLM``): told the experience (task-incremental),
   cartridge j; else the nearest experience by ``methods.adapters.Router`` (``hidden``:
   centroids of the base's mean last hidden state; ``tfidf``: bag of tokens), fitted on the
@@ -207,7 +207,6 @@ class Cartridges(Method):
         self.wrapper: CartridgeLM | None = None
         self.tok = None
         self.data: list[tuple[list[int], list[int]]] = []  # (context ids, conversation ids)
-        self._step = 0
 
     # --- self-study ----------------------------------------------------------------------
     @torch.no_grad()
@@ -245,7 +244,7 @@ class Cartridges(Method):
 
     def setup(self, model: nn.Module, context: MethodContext) -> nn.Module:
         self.tok = context.tokenizer
-        exp = context.extra.get("experience")
+        exp = context.experience
         if self.tok is None or exp is None:
             raise ConfigError("cartridges needs the tokenizer and the experience (run it through `forgetless run`).")
         w = self._wrap(model)
@@ -261,7 +260,6 @@ class Cartridges(Method):
         w.cartridges.append(Cartridge(keys, values))
         with torch.random.fork_rng(devices=[]):
             self.data = self.self_study(base, rows, k)
-        self._step = 0
         if len(self.router) == k:
             pend = []
             for i in spread_steps(exp.steps, self.router_batches):
@@ -279,10 +277,12 @@ class Cartridges(Method):
     def distill_batch(self, i: int) -> list[tuple[list[int], list[int]]]:
         return [self.data[(i * self.batch + j) % len(self.data)] for j in range(self.batch)]
 
-    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        chosen = self.distill_batch(self._step)
-        self._step += 1
-        return distillation_loss(model.base, model.cartridges[-1], chosen, self.tok.pad_token_id or 0)
+    def before_batch(self, model: nn.Module, batch: dict, step: int) -> dict:
+        """The stream's batch is replaced by the step's self-study samples."""
+        return {"self_study": self.distill_batch(step)}
+
+    def loss(self, model: nn.Module, batch: dict) -> torch.Tensor:
+        return distillation_loss(model.base, model.cartridges[-1], batch["self_study"], self.tok.pad_token_id or 0)
 
     def export(self, model: nn.Module) -> nn.Module:
         for p in model.parameters():

@@ -51,68 +51,14 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from ..models.cms import ContinuumMLP, cms_named_levels
-from ..models.memory import ParallelMemory, ProductKeyMemory, _decoder_layers, memory_layers
+from ..models.cms import ContinuumMLP, LevelSchedule, NamedParams, cms_named_levels
+from ..models.memory import (
+    ParallelMemory,
+    ProductKeyMemory,
+    decoder_layers,
+    memory_layers,
+)
 from .base import Method, MethodContext
-
-NamedParams = list[tuple[str, nn.Parameter]]
-
-
-class LevelSchedule:
-    """The CMS update rule on (period, [(name, parameter)]) groups; see the module doc.
-
-    Call ``after_backward()`` once per step after ``loss.backward()`` and before the optimizer
-    step. ``step`` (the counter t) and ``buffers`` (pending sums A_l, by parameter name) persist
-    when ``set_levels`` rebinds the groups to new parameter objects (e.g. after a resume).
-    """
-
-    def __init__(self, levels: list[tuple[int, NamedParams]] | None = None, step: int = 0):
-        self.step = step
-        self.buffers: dict[str, torch.Tensor] = {}
-        self.levels: list[tuple[int, NamedParams]] = []
-        self.set_levels(levels or [])
-
-    def set_levels(self, levels: list[tuple[int, NamedParams]]) -> None:
-        for period, _ in levels:
-            if period < 1:
-                raise ConfigError(f"a level period must be a positive number of steps, got {period}.")
-        self.levels = [(int(c), list(named)) for c, named in levels]
-        names = {n for c, named in self.levels if c > 1 for n, _ in named}
-        stale = sorted(set(self.buffers) - names)
-        if stale:
-            raise ConfigError(f"the saved CMS state holds pending gradients of {stale[:3]}, which are not in this "
-                              f"model's levels; resume with the same model and periods.")
-
-    @torch.no_grad()
-    def after_backward(self) -> None:
-        t = self.step
-        for period, named in self.levels:
-            if period == 1:
-                continue  # its own gradient, every step
-            due = (t + 1) % period == 0
-            for name, p in named:
-                buf = self.buffers.pop(name, None)
-                g = p.grad
-                if g is not None:
-                    g = (g.to_dense() if g.is_sparse else g).detach()
-                    acc = torch.promote_types(g.dtype, torch.float32)
-                    buf = g.to(acc).clone() if buf is None else buf.add_(g.to(acc))
-                if due:
-                    p.grad = None if buf is None else (buf / period).to(p.dtype)
-                else:
-                    p.grad = None
-                    if buf is not None:
-                        self.buffers[name] = buf
-        self.step = t + 1
-
-    def state_tensors(self) -> dict[str, torch.Tensor]:
-        out = {"step": torch.tensor([self.step], dtype=torch.long)}
-        out.update({f"buf.{n}": b for n, b in self.buffers.items()})
-        return out
-
-    def load_state_tensors(self, state: dict[str, torch.Tensor]) -> None:
-        self.step = int(state["step"].reshape(-1)[0]) if "step" in state else 0
-        self.buffers = {k[len("buf."):]: v.clone() for k, v in state.items() if k.startswith("buf.")}
 
 
 def _check_period(c: Any, where: str) -> int:
@@ -199,7 +145,7 @@ class ContinuumUpdates(Method):
     def levels(self, model: nn.Module) -> list[tuple[int, NamedParams]]:
         """(period, [(name, parameter)]) of every level; period 0 = frozen. Others are not included."""
         names = {id(p): n for n, p in model.named_parameters()}
-        blocks = _decoder_layers(model)
+        blocks = decoder_layers(model)
         has_cms = any(isinstance(m, ContinuumMLP) for m in model.modules())
         out = [(c, [(names[id(p)], p) for p in m.parameters()]) for _, (c, m) in
                sorted(self._mlp_periods(blocks, has_cms).items())]

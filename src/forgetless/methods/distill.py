@@ -31,10 +31,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..data.batches import batch_rows, pad_rows
 from ..errors import ConfigError
-from .base import MethodContext
+from .base import MethodContext, shifted_cross_entropy
 from .full import FullFinetune
-from .replay import ReservoirBuffer, batch_rows, pad_rows
+from .replay import ReservoirBuffer
 
 
 def kl_per_position(student_logits: torch.Tensor, teacher_logits: torch.Tensor, direction: str = "forward",
@@ -84,25 +85,28 @@ class Distillation(FullFinetune):
             p.requires_grad_(False)
         return super().setup(model, context)
 
-    def _distill_batch(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+    def before_batch(self, model: nn.Module, batch: dict[str, torch.Tensor], step: int) -> dict[str, torch.Tensor]:
+        """With ``inputs: replay``: the replayed rows to distil on go into the batch under
+        ``"distill_inputs"`` (None while the buffer is empty); the batch's rows enter the buffer."""
         if self.inputs == "current":
             return batch
         rows = batch_rows(batch)
         replayed = self.buffer.sample(self.replay_size)
         for r in rows:
             self.buffer.add(r)
-        if not replayed:
-            return None
-        pad = int(getattr(model.config, "pad_token_id", None) or 0)
-        return {k: v.to(batch["input_ids"].device) for k, v in pad_rows(replayed, pad).items()}
+        inputs = None
+        if replayed:
+            pad = int(getattr(model.config, "pad_token_id", None) or 0)
+            inputs = {k: v.to(batch["input_ids"].device) for k, v in pad_rows(replayed, pad).items()}
+        return {**batch, "distill_inputs": inputs}
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        inputs = self._distill_batch(model, batch)
         if self.inputs == "current":  # one forward pass serves the task loss and the KL
+            inputs = batch
             student = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            logits, labels = student[:, :-1].float(), batch["labels"][:, 1:]
-            task = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
+            task = shifted_cross_entropy(student, batch["labels"])
         else:
+            inputs = batch.get("distill_inputs")
             task = super().loss(model, batch)
         if inputs is None or self.alpha == 0:
             return task

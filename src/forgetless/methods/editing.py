@@ -27,9 +27,9 @@ the key covariance ``C = E[k k^T]`` estimated on background text (the model fold
   and ``memit_delta``: Delta = R_l K^T (lam C + K K^T)^-1, the minimiser of
   |Delta K - R_l|^2 + lam tr(Delta C Delta^T).
 
-Both are methods with ``trains = False``: the edit happens in ``setup`` (the runner skips the
-SGD loop), on the facts of the experience (``experience.facts`` on a fact stream; in
-``forgetless learn`` / ``bench facts``, ``context.extra["facts"]``). ``lr`` is the step size
+Both are methods with ``trains = False``: the edit happens in ``setup`` (``fit_experience`` skips the
+SGD loop), on the facts of the experience (``context.experience.facts``: set by the fact stream
+and by ``forgetless learn`` / ``bench facts``). ``lr`` is the step size
 of the delta optimisation. The edited model is a plain HF model; resuming needs no state.
 
 Left out: ROME's random context prefixes for the key ("{random text}. <prompt>"), causal
@@ -74,9 +74,9 @@ def memit_delta(K: torch.Tensor, R: torch.Tensor, C: torch.Tensor, lam: float) -
 
 # --------------------------------------------------------------------------- the model's MLPs
 def down_proj(model: nn.Module, layer: int) -> nn.Linear:
-    from ..models.memory import _decoder_layers
+    from ..models.memory import decoder_layers
 
-    layers = _decoder_layers(model)
+    layers = decoder_layers(model)
     if not 0 <= layer < len(layers):
         raise ConfigError(f"editing layer {layer} does not exist; the model has {len(layers)} layers.")
     lin = getattr(getattr(layers[layer], "mlp", None), "down_proj", None)
@@ -144,7 +144,7 @@ def load_or_compute_covariance(model: nn.Module, tok, model_dir: Path | None, la
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    from .replay import load_background_ids
+    from ..models.folder import load_background_ids
 
     if model_dir is None:
         raise ConfigError("knowledge editing needs the model folder (its background_text.jsonl).")
@@ -348,10 +348,9 @@ class EditOptions:
 
 
 def _experience_facts(context: MethodContext) -> list:
-    facts = context.extra.get("facts")
+    facts = getattr(context.experience, "facts", None)
     if facts is None:
-        exp = context.extra.get("experience")
-        facts = getattr(exp, "facts", None)
+        facts = context.extra.get("facts")
     if facts is None:
         raise ConfigError("knowledge editing edits facts: use it on a fact stream, `forgetless learn` or "
                           "`bench facts` (a domain or topic experience has no facts).")
@@ -359,6 +358,7 @@ def _experience_facts(context: MethodContext) -> list:
 
 
 class _Editor(Method):
+    options_cls = EditOptions
     trains = False
     grad_clip = None
     default_layers = [1]

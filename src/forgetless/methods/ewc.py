@@ -26,7 +26,11 @@ from torch import nn
 
 from ..errors import ConfigError
 from .base import lm_loss_masked
-from .regularization import QuadraticRegularizer, mean_gradient_statistic, quadratic_penalty
+from .regularization import (
+    QuadraticRegularizer,
+    mean_gradient_statistic,
+    quadratic_penalty,
+)
 
 __all__ = ["EWC", "OnlineEWC", "empirical_fisher", "sampled_fisher", "quadratic_penalty"]
 

@@ -20,9 +20,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..data.batches import batch_rows
 from ..errors import ConfigError
 from .base import MethodContext
-from .replay import Replay, batch_rows
+from .replay import Replay
 
 
 class GenerativeReplay(Replay):

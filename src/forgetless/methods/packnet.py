@@ -38,7 +38,7 @@ Parameter growth: ``growth()`` lists, per finished experience, the entries it ow
 
 Left out: PackNet's batch-norm handling (no batch norm here), pruning biases (the Llama linears
 have none), and a per-experience learned head (the LM head is shared and frozen). If the step
-count of the experience is unknown at ``setup`` (no ``context.extra["experience"]``), pruning
+count of the experience is unknown at ``setup`` (no ``context.experience``), pruning
 happens at ``export`` without a retraining phase. The ``continual_backprop`` option re-initialises
 units after each step and would break the isolation; do not combine it with ``packnet``.
 """
@@ -182,7 +182,7 @@ class PackNet(Method):
         self._ref = {n: b.clone() for n, b in self._before.items()}
         self._trainable = {n: o == 0 for n, o in self.owners.items()}
         self._free_at_start = sum(int(m.sum()) for m in self._trainable.values())
-        exp = context.extra.get("experience") if context is not None else None
+        exp = context.experience if context is not None else None
         steps = getattr(exp, "steps", None)
         self._prune_at = max(1, min(steps, math.ceil((1.0 - self.retrain_fraction) * steps))) if steps else None
         self._pruned = False

@@ -16,9 +16,10 @@ column of ``down_proj`` is set to zero (so the network's function does not jump)
 and age are reset, and the optimizer's moment estimates for those entries are cleared.
 
 Left out of the paper's algorithm: the bias-correction of the utility by the unit's mean
-activation (Llama MLPs have no biases to absorb it). Turn it on for any method with
-``continual_backprop: {rate: 1e-4, maturity: 100, decay: 0.99}`` (or ``true`` for these
-defaults) in the method's entry of a run config.
+activation (Llama MLPs have no biases to absorb it). It is a plugin (``methods.base.Plugin``):
+turn it on for any method with ``plugins: [{name: continual_backprop, rate: 1e-4, maturity: 100,
+decay: 0.99}]`` in the method's entry of a run config (``continual_backprop: {...}`` or ``true``
+is the same, written shorter).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
+from .base import Plugin
 
 
 def gated_mlps(model: nn.Module) -> dict[str, nn.Module]:
@@ -35,7 +37,9 @@ def gated_mlps(model: nn.Module) -> dict[str, nn.Module]:
             if all(isinstance(getattr(m, a, None), nn.Linear) for a in ("gate_proj", "up_proj", "down_proj"))}
 
 
-class ContinualBackprop:
+class ContinualBackprop(Plugin):
+    name = "continual_backprop"
+
     def __init__(self, rate: float = 1e-4, maturity: int = 100, decay: float = 0.99, seed: int = 0):
         if not 0 <= rate <= 1 or maturity < 0 or not 0 <= decay < 1:
             raise ConfigError("continual_backprop needs 0 <= rate <= 1, maturity >= 0 and 0 <= decay < 1.")
@@ -47,6 +51,18 @@ class ContinualBackprop:
         self._act: dict[str, torch.Tensor] = {}
         self._hooks: list = []
         self._mlps: dict[str, nn.Module] = {}
+        self._method = None
+
+    # plugin hooks (training.lifecycle.fit_experience)
+    def setup(self, model: nn.Module, context, method) -> None:
+        self._method = method
+        self.attach(model)
+
+    def after_step(self, model: nn.Module, step: int) -> None:
+        self.replace_units(self._method.optimizers(), step)
+
+    def teardown(self) -> None:
+        self.detach()
 
     def describe(self) -> dict:
         return {"rate": self.rate, "maturity": self.maturity, "decay": self.decay}
@@ -72,7 +88,7 @@ class ContinualBackprop:
         self._hooks, self._act = [], {}
 
     @torch.no_grad()
-    def after_step(self, optimizers: list[torch.optim.Optimizer], step: int) -> int:
+    def replace_units(self, optimizers: list[torch.optim.Optimizer], step: int) -> int:
         """Update utilities and ages; re-initialise the due units. Returns how many were replaced."""
         done = 0
         for name, mlp in self._mlps.items():
@@ -143,7 +159,7 @@ def _clear_optimizer_rows(optimizers, param: torch.Tensor, units: torch.Tensor, 
 
 
 def make_plasticity(option) -> ContinualBackprop | None:
-    """``continual_backprop`` option of a method entry: false/None, true, or a dict of settings."""
+    """The ``continual_backprop`` shorthand of a method entry: false/None, true, or a dict of settings."""
     if option in (None, False):
         return None
     if option is True:

@@ -21,14 +21,15 @@ draws are saved with a run's state, so a resumed run replays exactly the same se
 
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from ..errors import ConfigError, DataSourceError
+from ..data.batches import batch_rows, pad_rows
+from ..errors import ConfigError
+from ..models.folder import load_background_ids
 from .base import MethodContext
 from .full import FullFinetune
 
@@ -75,42 +76,6 @@ class ReservoirBuffer:
         self.seen = int(state["seen"][0])
         r = state["rng"].tolist()
         self.rng.setstate((r[0], tuple(r[1:]), None))
-
-
-def pad_rows(rows: list[tuple[torch.Tensor, torch.Tensor]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad (ids, labels) rows of different lengths into one batch."""
-    width = max(ids.numel() for ids, _ in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(rows), width), -100, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, (x, y) in enumerate(rows):
-        ids[i, : x.numel()], labels[i, : y.numel()], mask[i, : x.numel()] = x, y, 1
-    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
-
-
-def batch_rows(batch: dict[str, torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """The (ids, labels) of each sequence of a batch, without padding."""
-    return [(x[m.bool()].cpu(), y[m.bool()].cpu())
-            for x, y, m in zip(batch["input_ids"], batch["labels"], batch["attention_mask"])]
-
-
-def load_background_ids(path: Path, tokenizer) -> torch.Tensor:
-    """One token stream of the background documents, separated by end-of-sequence tokens."""
-    if not path.is_file():
-        raise DataSourceError(f"background replay needs {path} (a JSONL of {{\"text\": ...}} pretraining text); "
-                              f"write one with scripts/sample_background.py or pass background_file.")
-    ids: list[int] = []
-    for i, line in enumerate(path.read_text().splitlines()):
-        if not line.strip():
-            continue
-        try:
-            text = json.loads(line)["text"]
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise DataSourceError(f"{path}, line {i + 1}: expected a JSON object with a 'text' field.") from None
-        ids += tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    if len(ids) < 64:
-        raise DataSourceError(f"{path} holds too little text for background replay ({len(ids)} tokens).")
-    return torch.tensor(ids)
 
 
 class Replay(FullFinetune):
@@ -168,15 +133,16 @@ class Replay(FullFinetune):
                 self.buffer.add(r)
         return replayed
 
-    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def before_batch(self, model: nn.Module, batch: dict[str, torch.Tensor], step: int) -> dict[str, torch.Tensor]:
+        """The batch with replayed rows mixed in; the batch's own rows enter the buffer."""
         rows = batch_rows(batch)
         replayed = self.replay_rows(rows)
         if not replayed:
-            return super().loss(model, batch)
+            return batch
         pad = int(getattr(model.config, "pad_token_id", None) or 0)
         mixed = pad_rows(rows + replayed, pad)
         device = batch["input_ids"].device
-        return super().loss(model, {k: v.to(device) for k, v in mixed.items()})
+        return {k: v.to(device) for k, v in mixed.items()}
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         out = self.buffer.state_tensors()

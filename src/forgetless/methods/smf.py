@@ -21,12 +21,11 @@ Ablations: ``ranking="tf"`` (no IDF) and ``ranking="all"`` (every slot the batch
 
 from __future__ import annotations
 
-
 import torch
 from torch import nn
 
 from ..errors import CheckpointError, ConfigError
-from ..evaluate.slots import MIX_PREFIX
+from ..models.checkpoint import MIX_PREFIX
 from ..models.memory import AccessLog, named_memory_layers
 from .base import Method, MethodContext, freeze_all
 

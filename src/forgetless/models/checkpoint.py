@@ -14,9 +14,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
-from typing import Callable
 
 import torch
 from safetensors import SafetensorError
@@ -24,40 +22,17 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..errors import CheckpointError
+from ..files import atomic_folder, recover, verify_checksums, write_checksums, write_json
+
+__all__ = ["CONFIG", "MEMORY_STATS", "MIX_PREFIX", "WEIGHTS", "atomic_folder", "build_from_config", "load_memory_stats",
+           "load_model", "save_model", "write_json"]
 from .cms import CMS_CONFIG_KEY, CMSConfig, add_cms
 from .memory import CONFIG_KEY, MemoryPlacement, add_memory_layers, named_memory_layers
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 MEMORY_STATS = "memory_stats.safetensors"
-
-
-def atomic_folder(dest: str | os.PathLike, write: Callable[[Path], None]) -> Path:
-    """Run ``write(tmpdir)`` and move the result to ``dest`` in one rename (replacing it)."""
-    dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
-    try:
-        write(tmp)
-        old = None
-        if dest.exists():
-            old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
-            os.replace(dest, old)
-        os.replace(tmp, dest)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return dest
-
-
-def write_json(path: str | os.PathLike, obj) -> None:
-    """Write JSON atomically (temp file + rename)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
-    os.replace(tmp, path)
+MIX_PREFIX = "pretrain_mix."  # key prefix in MEMORY_STATS: statistics over the whole pretraining mixture (general text + fact lines)
 
 
 def _state_dict_for_save(model: nn.Module, values_dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
@@ -104,8 +79,9 @@ def save_model(
             (tmp / name).write_text(json.dumps(obj, indent=2) + "\n")
         for name, src in (extra_files or {}).items():
             shutil.copyfile(src, tmp / name)
+        write_checksums(tmp, [WEIGHTS, MEMORY_STATS])
 
-    return atomic_folder(out_dir, write)
+    return atomic_folder(out_dir, write, kind="model")
 
 
 TITANS_CONFIG_KEY = "forgetless_titans"  # models/titans.py
@@ -115,6 +91,8 @@ def build_from_config(config_dict: dict) -> nn.Module:
     """Build an untrained HF causal LM (with its memory layers, then its CMS blocks) from a config.json dict."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    if not isinstance(config_dict, dict):
+        raise CheckpointError(f"config.json must hold a JSON object, not a {type(config_dict).__name__}.")
     d = dict(config_dict)
     placement = d.pop(CONFIG_KEY, None)
     cms = d.pop(CMS_CONFIG_KEY, None)
@@ -122,16 +100,29 @@ def build_from_config(config_dict: dict) -> nn.Module:
     model_type = d.pop("model_type", None)
     if model_type is None:
         raise CheckpointError("config.json has no model_type; this is not a Hugging Face model folder.")
-    config = AutoConfig.for_model(model_type, **d)
-    model = AutoModelForCausalLM.from_config(config)
-    if placement is not None:
-        add_memory_layers(model, placement=MemoryPlacement.from_dict(placement))
-    if cms is not None:
-        add_cms(model, config=CMSConfig.from_dict(cms))
-    if titans is not None:
-        from .titans import TitansConfig, add_titans
+    try:
+        config = AutoConfig.for_model(model_type, **d)
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"config.json names model_type {model_type!r}, which transformers cannot build "
+                              f"({str(e).splitlines()[0][:120]}).") from None
+    try:
+        model = AutoModelForCausalLM.from_config(config)
+    except (ValueError, KeyError) as e:
+        raise CheckpointError(f"config.json (model_type {model_type!r}) is not a causal language model "
+                              f"({str(e).splitlines()[0][:120]}).") from None
+    except (TypeError, RuntimeError, ZeroDivisionError) as e:
+        raise CheckpointError(f"config.json has values transformers cannot build a model from ({e}).") from None
+    try:
+        if placement is not None:
+            add_memory_layers(model, placement=MemoryPlacement.from_dict(placement))
+        if cms is not None:
+            add_cms(model, config=CMSConfig.from_dict(cms))
+        if titans is not None:
+            from .titans import TitansConfig, add_titans
 
-        add_titans(model, config=TitansConfig.from_dict(titans))
+            add_titans(model, config=TitansConfig.from_dict(titans))
+    except (TypeError, ValueError, KeyError, AttributeError, RuntimeError) as e:
+        raise CheckpointError(f"config.json: its memory, CMS or Titans section is invalid ({e}).") from None
     return model
 
 
@@ -139,14 +130,18 @@ def load_model(model_dir: str | os.PathLike, dtype: torch.dtype = torch.float32)
     """Load a folder written by ``save_model``; strict about every weight."""
     model_dir = Path(model_dir)
     cfg_path, w_path = model_dir / CONFIG, model_dir / WEIGHTS
-    if not model_dir.is_dir():
+    recover(model_dir)  # a save that a crash interrupted: completed or rolled back first
+    if not model_dir.exists():
         raise CheckpointError(f"model folder {model_dir} does not exist.")
+    if not model_dir.is_dir():
+        raise CheckpointError(f"{model_dir} is a file, not a model folder.")
     if not cfg_path.is_file() or not w_path.is_file():
         raise CheckpointError(f"{model_dir} is not a model folder: it needs {CONFIG} and {WEIGHTS}.")
     try:
         config_dict = json.loads(cfg_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{cfg_path} is not valid JSON ({e}); the checkpoint is corrupt.") from None
+    verify_checksums(model_dir, [WEIGHTS])
     try:
         state = load_file(str(w_path))
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
@@ -181,6 +176,7 @@ def load_memory_stats(model_dir: str | os.PathLike) -> dict[str, torch.Tensor] |
     path = Path(model_dir) / MEMORY_STATS
     if not path.is_file():
         return None
+    verify_checksums(model_dir, [MEMORY_STATS])
     try:
         return load_file(str(path))
     except (SafetensorError, OSError) as e:

@@ -22,7 +22,7 @@ level is not controlled).
 
 The *periods* are only recorded here (``ContinuumMLP.periods``, ``cms_levels``); the update
 rule itself (accumulate level l's gradient, step it every C_l steps with the mean) lives in
-``forgetless.methods.cms`` (``LevelSchedule``); ``forgetless pretrain`` applies it to a
+``LevelSchedule`` (below; the ``cms`` method in ``forgetless.methods.cms``); ``forgetless pretrain`` applies it to a
 base built with a ``model.cms`` section (``configs/smoke-cms.yaml``), and the method ``cms``
 applies it while learning a stream. Without the schedule all levels would train every step,
 i.e. the block would be a deeper residual MLP.
@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
-from .memory import ParallelMemory, ProductKeyMemory, _decoder_layers
+from .memory import ParallelMemory, ProductKeyMemory, decoder_layers
 
 CMS_CONFIG_KEY = "forgetless_cms"
 
@@ -154,7 +154,7 @@ def add_cms(model: nn.Module, layers: list[int] | None = None, periods: list[int
     cfg = config or CMSConfig(layers=layers, periods=periods, hidden=hidden)
     if getattr(model.config, CMS_CONFIG_KEY, None):
         raise ConfigError("this model already has CMS blocks; add all of them in one add_cms call.")
-    blocks = _decoder_layers(model)
+    blocks = decoder_layers(model)
     n = len(blocks)
     chosen = _plain_mlp_layers(blocks) if cfg.layers is None else [i % n if -n <= i < n else i for i in cfg.layers]
     if not chosen:
@@ -193,3 +193,63 @@ def cms_named_levels(model: nn.Module) -> list[tuple[int, list[tuple[str, nn.Par
 def cms_levels(model: nn.Module) -> list[tuple[int, list[nn.Parameter]]]:
     """(period, parameters) of every level of every CMS block, in model order."""
     return [(c, [p for _, p in named]) for c, named in cms_named_levels(model)]
+
+
+NamedParams = list[tuple[str, nn.Parameter]]
+
+
+class LevelSchedule:
+    """The CMS update rule on (period, [(name, parameter)]) groups; see the module doc.
+
+    Call ``after_backward()`` once per step after ``loss.backward()`` and before the optimizer
+    step. ``step`` (the counter t) and ``buffers`` (pending sums A_l, by parameter name) persist
+    when ``set_levels`` rebinds the groups to new parameter objects (e.g. after a resume).
+    """
+
+    def __init__(self, levels: list[tuple[int, NamedParams]] | None = None, step: int = 0):
+        self.step = step
+        self.buffers: dict[str, torch.Tensor] = {}
+        self.levels: list[tuple[int, NamedParams]] = []
+        self.set_levels(levels or [])
+
+    def set_levels(self, levels: list[tuple[int, NamedParams]]) -> None:
+        for period, _ in levels:
+            if period < 1:
+                raise ConfigError(f"a level period must be a positive number of steps, got {period}.")
+        self.levels = [(int(c), list(named)) for c, named in levels]
+        names = {n for c, named in self.levels if c > 1 for n, _ in named}
+        stale = sorted(set(self.buffers) - names)
+        if stale:
+            raise ConfigError(f"the saved CMS state holds pending gradients of {stale[:3]}, which are not in this "
+                              f"model's levels; resume with the same model and periods.")
+
+    @torch.no_grad()
+    def after_backward(self) -> None:
+        t = self.step
+        for period, named in self.levels:
+            if period == 1:
+                continue  # its own gradient, every step
+            due = (t + 1) % period == 0
+            for name, p in named:
+                buf = self.buffers.pop(name, None)
+                g = p.grad
+                if g is not None:
+                    g = (g.to_dense() if g.is_sparse else g).detach()
+                    acc = torch.promote_types(g.dtype, torch.float32)
+                    buf = g.to(acc).clone() if buf is None else buf.add_(g.to(acc))
+                if due:
+                    p.grad = None if buf is None else (buf / period).to(p.dtype)
+                else:
+                    p.grad = None
+                    if buf is not None:
+                        self.buffers[name] = buf
+        self.step = t + 1
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        out = {"step": torch.tensor([self.step], dtype=torch.long)}
+        out.update({f"buf.{n}": b for n, b in self.buffers.items()})
+        return out
+
+    def load_state_tensors(self, state: dict[str, torch.Tensor]) -> None:
+        self.step = int(state["step"].reshape(-1)[0]) if "step" in state else 0
+        self.buffers = {k[len("buf."):]: v.clone() for k, v in state.items() if k.startswith("buf.")}

@@ -350,7 +350,7 @@ class MemoryPlacement:
 CONFIG_KEY = "forgetless_memory"
 
 
-def _decoder_layers(model: nn.Module) -> nn.ModuleList:
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
     """The list of decoder blocks of an HF causal LM (Llama family: model.model.layers)."""
     for path in ("model.layers", "model.model.layers", "transformer.h", "gpt_neox.layers"):
         obj = model
@@ -409,7 +409,7 @@ def add_memory_layers(
     placement = placement or MemoryPlacement(layers=list(layers or [2]), mode=mode, memory=config or MemoryConfig())
     if placement.mode not in ("replace", "parallel"):
         raise ConfigError(f"memory mode must be 'replace' or 'parallel', got {placement.mode!r}.")
-    blocks = _decoder_layers(model)
+    blocks = decoder_layers(model)
     hidden = model.config.hidden_size
     for i in placement.layers:
         if not -len(blocks) <= i < len(blocks):

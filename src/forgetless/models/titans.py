@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
-from .memory import _decoder_layers
+from .memory import decoder_layers
 
 TITANS_CONFIG_KEY = "forgetless_titans"
 
@@ -151,7 +151,7 @@ def add_titans(model: nn.Module, config: TitansConfig | None = None, **opts) -> 
     cfg = config or TitansConfig(**opts)
     if getattr(model.config, TITANS_CONFIG_KEY, None):
         raise ConfigError("this model already has Titans memories; add all of them in one add_titans call.")
-    blocks = _decoder_layers(model)
+    blocks = decoder_layers(model)
     for i in cfg.layers:
         if not 0 <= i < len(blocks):
             raise ConfigError(f"titans layer {i} does not exist: the model has {len(blocks)} decoder layers.")

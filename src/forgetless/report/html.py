@@ -1,13 +1,6 @@
-"""Self-contained HTML reports: inline CSS, plots embedded as base64 PNGs, no JavaScript.
-
-Generic helpers (reused by every report):
-
-* :func:`fig_to_data_uri` -- a matplotlib figure as a ``data:image/png;base64,...`` URI;
-* :func:`html_table` -- rows of dicts as an HTML table whose numeric cells carry the
-  full-precision value in ``data-value`` (so tests and scripts can parse the page back);
-* :func:`page` / :func:`section` -- the page skeleton;
-* :func:`method_color` -- a fixed, colour-blind-friendly colour per method name;
-* :func:`pareto_front` -- indices of the non-dominated points of a 2-D "higher is better" set.
+"""Self-contained HTML report of the fact-injection benchmark: inline CSS, plots embedded as
+base64 PNGs, no JavaScript. The generic helpers (tables, page skeleton, colours, Pareto front,
+label placement) live in :mod:`forgetless.report.common` and are re-exported here.
 
 Fact-injection benchmark (the ``results.json`` of ``forgetless bench facts``):
 :func:`frontier_plot`, :func:`curves_plot`, :func:`write_facts_report`, :func:`write_csv`.
@@ -18,183 +11,45 @@ Agg), never through ``pyplot``: no global backend switch, no figure registry to 
 
 from __future__ import annotations
 
-import base64
 import csv
 import html
 import io
 import json
 import math
 import os
-import tempfile
-from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
-# --------------------------------------------------------------------------- generic helpers
+from .common import (  # noqa: F401  (the generic helpers stay importable from here)
+    BASE_COLOR,
+    CSS,
+    METHOD_COLORS,
+    Column,
+    atomic_write_text,
+    fig_to_data_uri,
+    html_table,
+    human_count,
+    img,
+    is_number,
+    kv_list,
+    label_points,
+    method_color,
+    num,
+    page,
+    pareto_front,
+    section,
+)
 
-# Okabe-Ito palette (colour-blind safe) for the methods we know, then a fallback cycle.
-METHOD_COLORS: dict[str, str] = {
-    "full": "#D55E00",  # vermillion
-    "lora": "#0072B2",  # blue
-    "smf": "#009E73",  # bluish green
-    "smf-tf": "#CC79A7",  # reddish purple
-    "smf-all": "#E69F00",  # orange
-}
-_FALLBACK_COLORS = ["#56B4E9", "#000000", "#8C564B", "#7F7F7F", "#BCBD22", "#9467BD", "#17BECF"]
 _LINESTYLES = ["-", "--", ":", "-."]
-BASE_COLOR = "#444444"
-
-CSS = """
-body { font-family: -apple-system, "Segoe UI", Helvetica, Arial, sans-serif; color: #222;
-       max-width: 1150px; margin: 2em auto; padding: 0 1em; line-height: 1.45; }
-h1 { font-size: 1.6em; margin-bottom: .2em; }
-h2 { font-size: 1.25em; margin-top: 1.8em; border-bottom: 1px solid #ddd; padding-bottom: .2em; }
-code, .mono { font-family: "SFMono-Regular", Consolas, Menlo, monospace; font-size: .92em; }
-pre { background: #f6f8fa; padding: .6em .8em; border-radius: 4px; overflow-x: auto; }
-table { border-collapse: collapse; font-size: .9em; margin: .6em 0; }
-th, td { padding: .3em .65em; border-bottom: 1px solid #e3e3e3; text-align: left; }
-th { background: #f3f3f3; position: sticky; top: 0; }
-td.num { text-align: right; font-variant-numeric: tabular-nums; }
-tr:hover td { background: #fafafa; }
-dl.kv { display: grid; grid-template-columns: max-content auto; gap: .15em 1em; margin: .5em 0; }
-dl.kv dt { color: #666; } dl.kv dd { margin: 0; }
-.swatch { display: inline-block; width: .8em; height: .8em; border-radius: 2px;
-          margin-right: .35em; vertical-align: -.05em; }
-img.plot { max-width: 100%; height: auto; display: block; margin: .6em 0; }
-p.note { color: #444; max-width: 60em; }
-"""
-
-
-def method_color(method: str) -> str:
-    """A fixed colour for ``method``; unknown names get a stable colour from a fallback list."""
-    if method in METHOD_COLORS:
-        return METHOD_COLORS[method]
-    # stable across runs and processes (no hash randomisation): sum of code points
-    return _FALLBACK_COLORS[sum(map(ord, method)) % len(_FALLBACK_COLORS)]
-
-
-def fig_to_data_uri(fig: Figure, dpi: int = 110) -> str:
-    """Render ``fig`` to PNG and return it as a ``data:image/png;base64,...`` URI."""
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=dpi, facecolor="white")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
-
-
-def img(fig: Figure, alt: str) -> str:
-    """An ``<img>`` tag embedding ``fig``."""
-    return f'<img class="plot" alt="{html.escape(alt)}" src="{fig_to_data_uri(fig)}">'
-
-
-def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
-def _format(v: Any, fmt: str | Callable[[Any], str] | None) -> str:
-    if v is None:
-        return "–"
-    if _is_number(v) and isinstance(v, float) and math.isnan(v):
-        return "nan"
-    if callable(fmt):
-        return fmt(v)
-    if fmt and _is_number(v):
-        return format(v, fmt)
-    return str(v)
-
-
-Column = tuple[str, str, "str | Callable[[Any], str] | None"]
-
-
-def html_table(rows: list[dict], columns: list[Column], row_attrs: Iterable[dict] | None = None) -> str:
-    """Rows of dicts as an HTML table.
-
-    ``columns`` is a list of ``(key, header, fmt)``: ``key`` looks up ``row.get(key)``; ``fmt`` is
-    a format spec (``".3f"``), a callable ``value -> str``, or ``None`` for ``str``. Every cell
-    carries ``data-col="key"``; a numeric cell also carries ``data-value`` with the
-    full-precision ``repr`` of the value, whatever its display format. Missing values show "–"
-    and carry no ``data-value``. ``row_attrs`` optionally gives extra attributes per ``<tr>``.
-    Display strings are HTML-escaped (a callable ``fmt`` returns plain text, not markup).
-    """
-    attrs_list = list(row_attrs) if row_attrs is not None else [{} for _ in rows]
-    head = "".join(f'<th data-col="{html.escape(k)}">{html.escape(h)}</th>' for k, h, _ in columns)
-    body = []
-    for row, attrs in zip(rows, attrs_list, strict=True):
-        tr_attrs = "".join(f' {html.escape(a)}="{html.escape(str(v))}"' for a, v in attrs.items())
-        cells = []
-        for key, _, fmt in columns:
-            v = row.get(key)
-            text = html.escape(_format(v, fmt))
-            if _is_number(v):
-                cells.append(f'<td class="num" data-col="{html.escape(key)}" data-value="{v!r}">{text}</td>')
-            else:
-                cells.append(f'<td data-col="{html.escape(key)}">{text}</td>')
-        body.append(f"<tr{tr_attrs}>{''.join(cells)}</tr>")
-    return f"<table>\n<thead><tr>{head}</tr></thead>\n<tbody>\n" + "\n".join(body) + "\n</tbody>\n</table>"
-
-
-def kv_list(items: dict) -> str:
-    """A small definition list ``key: value`` (values HTML-escaped)."""
-    inner = "".join(f"<dt>{html.escape(str(k))}</dt><dd>{html.escape(str(v))}</dd>" for k, v in items.items())
-    return f'<dl class="kv">{inner}</dl>'
-
-
-def section(heading: str, body: str) -> str:
-    """A ``<section>`` with an ``<h2>``; ``body`` is raw HTML."""
-    return f"<section>\n<h2>{html.escape(heading)}</h2>\n{body}\n</section>"
-
-
-def page(title: str, sections: list[str]) -> str:
-    """A complete HTML document: ``<h1>title</h1>`` followed by ``sections`` (raw HTML)."""
-    t = html.escape(title)
-    return (
-        '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
-        f'<meta name="viewport" content="width=device-width, initial-scale=1">\n<title>{t}</title>\n'
-        f"<style>{CSS}</style>\n</head>\n<body>\n<h1>{t}</h1>\n" + "\n".join(sections) + "\n</body>\n</html>\n"
-    )
-
-
-def atomic_write_text(path: str | os.PathLike, text: str, newline: str | None = None) -> Path:
-    """Write ``text`` to ``path`` via a temp file in the same folder and :func:`os.replace`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline=newline) as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; a report is meant to be read
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
-
-
-def pareto_front(points: list[tuple[float, float]]) -> list[int]:
-    """Indices (ascending) of the points that no other point beats on *both* coordinates.
-
-    Both coordinates are "higher is better". A point is dropped only if some other point is
-    strictly higher in x *and* strictly higher in y, so ties are kept: of (0.5, 0.8) and
-    (0.5, 0.9) both stay, and duplicate points both stay.
-    """
-    return [
-        i
-        for i, (x, y) in enumerate(points)
-        if not any(ox > x and oy > y for j, (ox, oy) in enumerate(points) if j != i)
-    ]
-
 
 # --------------------------------------------------------------------------- fact benchmark
 
 
-def _num(v: Any) -> float | None:
-    return float(v) if _is_number(v) and not math.isnan(float(v)) else None
-
-
 def _fmt_lr(lr: Any) -> str:
-    return format(lr, "g") if _is_number(lr) else str(lr)
+    return format(lr, "g") if is_number(lr) else str(lr)
 
 
 def short_label(run: dict) -> str:
@@ -208,15 +63,6 @@ def short_label(run: dict) -> str:
     return " ".join(parts)
 
 
-def _human_count(n: Any) -> str:
-    if not _is_number(n):
-        return str(n)
-    for div, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
-        if abs(n) >= div:
-            return f"{n / div:.3g}{suffix}"
-    return f"{n:g}"
-
-
 def _methods_in_order(runs: list[dict]) -> list[str]:
     """Known methods in palette order first, then the others in order of appearance."""
     seen = list(dict.fromkeys(r.get("method", "?") for r in runs))
@@ -225,7 +71,7 @@ def _methods_in_order(runs: list[dict]) -> list[str]:
 
 def marker_area(params: Any) -> float:
     """Scatter marker area (pt^2) growing with log10 of trainable params/step (1e3 -> 45, 1e7 -> 245)."""
-    if not _is_number(params) or params <= 0:
+    if not is_number(params) or params <= 0:
         return 80.0
     return max(25.0, 45.0 + 50.0 * (math.log10(params) - 3.0))
 
@@ -239,17 +85,18 @@ def frontier_plot(results: dict) -> Figure:
     fig = Figure(figsize=(9.5, 6.0), layout="constrained")
     ax = fig.add_subplot()
 
-    base_ret, base_learned = _num(base.get("retained")), _num(base.get("learned"))
+    base_ret, base_learned = num(base.get("retained")), num(base.get("learned"))
     if base_ret is not None:
         ax.axhline(base_ret, color=BASE_COLOR, ls="--", lw=1, alpha=0.8, zorder=1)
 
     handles = []
+    labelled: list[tuple[tuple[float, float], str, str]] = []
     for method in _methods_in_order(runs):
         color = method_color(method)
         mruns = [
             r for r in runs
-            if r.get("method", "?") == method and _num(r.get("learned")) is not None
-            and _num(r.get("retained")) is not None
+            if r.get("method", "?") == method and num(r.get("learned")) is not None
+            and num(r.get("retained")) is not None
         ]
         if not mruns:
             continue
@@ -261,8 +108,7 @@ def frontier_plot(results: dict) -> Figure:
         if len(front) > 1:
             ax.plot([xs[i] for i in front], [ys[i] for i in front], color=color, lw=1.4, alpha=0.6, zorder=2)
         for r, x, y in zip(mruns, xs, ys):
-            ax.annotate(short_label(r), (x, y), xytext=(5, 4), textcoords="offset points",
-                        fontsize=7, color=color, zorder=4)
+            labelled.append(((x, y), short_label(r), color))
         handles.append(Line2D([], [], marker="o", ls="-", color=color, markersize=7, label=method))
 
     if base_ret is not None and base_learned is not None:
@@ -283,17 +129,20 @@ def frontier_plot(results: dict) -> Figure:
 
     leg = fig.legend(handles=handles, title="method", loc="outside right upper", fontsize=9)
     fig.add_artist(leg)
-    params = [p for p in (r.get("trainable_params_per_step") for r in runs) if _is_number(p) and p > 0]
+    params = [p for p in (r.get("trainable_params_per_step") for r in runs) if is_number(p) and p > 0]
     if params:
         lo, hi = round(math.log10(min(params))), round(math.log10(max(params)))
         refs = sorted({lo, (lo + hi) // 2, hi}) if hi - lo >= 2 else sorted({lo, hi})
         size_handles = [
             Line2D([], [], marker="o", ls="", color="#999999", markeredgecolor="white",
-                   markersize=math.sqrt(marker_area(10**k)), label=_human_count(10**k))
+                   markersize=math.sqrt(marker_area(10**k)), label=human_count(10**k))
             for k in refs
         ]
         fig.legend(handles=size_handles, title="trainable\nparams/step", loc="outside right lower",
                    fontsize=9, labelspacing=1.3, borderpad=0.9)
+    # last, once the layout is known: labels that overlap neither each other nor the markers
+    label_points(fig, ax, [p for p, _, _ in labelled], [t for _, t, _ in labelled],
+                 [c for _, _, c in labelled], fontsize=7, marker_radius=7.0, fontweight="normal")
     return fig
 
 
@@ -310,15 +159,15 @@ def curves_plot(results: dict) -> Figure:
         k = per_method.get(method, 0)
         per_method[method] = k + 1
         curve = sorted(run.get("curve") or [], key=lambda p: p.get("facts_seen", 0))
-        style = dict(color=method_color(method), ls=_LINESTYLES[k % len(_LINESTYLES)], lw=1.6,
-                     marker="o", markersize=3, label=run.get("label") or f"{method} {short_label(run)}")
+        style = {"color": method_color(method), "ls": _LINESTYLES[k % len(_LINESTYLES)], "lw": 1.6,
+                 "marker": "o", "markersize": 3, "label": run.get("label") or f"{method} {short_label(run)}"}
         for ax, key in ((ax_l, "learned"), (ax_r, "retained")):
-            pts = [(p["facts_seen"], p[key]) for p in curve if _num(p.get(key)) is not None]
+            pts = [(p["facts_seen"], p[key]) for p in curve if num(p.get(key)) is not None]
             if pts:
                 ax.plot([x for x, _ in pts], [y for _, y in pts], **style)
     for ax, key, title in ((ax_l, "learned", "learned (taught facts answered)"),
                            (ax_r, "retained", "retained (known facts still answered)")):
-        b = _num(base.get(key))
+        b = num(base.get(key))
         if b is not None:
             ax.axhline(b, color=BASE_COLOR, ls="--", lw=1.2, label="base model")
         ax.set_title(title, fontsize=10)
@@ -350,7 +199,7 @@ FACT_COLUMNS: list[Column] = [
     ("retained", "retained", ".3f"),
     ("retained_drop", "retained drop %", lambda v: f"{100 * v:.1f}%"),
     ("heldout_nll_delta", "held-out NLL Δ (nats/tok)", "+.3f"),
-    ("trainable_params_per_step", "trainable params/step", _human_count),
+    ("trainable_params_per_step", "trainable params/step", human_count),
     ("seconds_per_step", "s/step", ".3f"),
 ]
 

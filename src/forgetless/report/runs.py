@@ -48,15 +48,17 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Rectangle
 from matplotlib.transforms import blended_transform_factory
 
-from .html import (
+from .common import (
     Column,
-    _human_count,
-    _is_number,
+    as_matrix,
     atomic_write_text,
     html_table,
+    human_count,
     img,
     kv_list,
+    label_points,
     method_color,
+    num,
     page,
     pareto_front,
     section,
@@ -64,13 +66,17 @@ from .html import (
 
 __all__ = [
     "METRIC_KEYS",
+    "ROW_KEYS",
     "RUN_COLUMNS",
     "compare_runs",
     "curves_figure",
+    "extra_name",
     "frontier_figure",
     "heatmap",
     "heatmaps_figure",
+    "metric_rows",
     "metrics_table",
+    "row_keys",
     "write_metrics_csv",
     "write_run_report",
 ]
@@ -80,14 +86,6 @@ ROW_KEYS = ["method", *METRIC_KEYS, "trainable_params", "seconds"]
 LOWER_IS_BETTER_METRICS = {"nll", "loss", "ppl", "perplexity", "bpb", "bpc"}
 
 # --------------------------------------------------------------------------- small helpers
-
-
-def _num(v: Any) -> float | None:
-    """``v`` as a finite float, else None."""
-    if not _is_number(v):
-        return None
-    f = float(v)
-    return f if math.isfinite(f) else None
 
 
 def _stream(results: dict) -> dict:
@@ -123,13 +121,6 @@ def _methods(results: dict) -> dict[str, dict]:
     return results.get("methods") or {}
 
 
-def _matrix(R: Any) -> np.ndarray:
-    """``R`` (lists with None/NaN allowed) as a float array with NaN for missing entries."""
-    rows = [[np.nan if v is None else v for v in row] for row in (R or [])]
-    arr = np.array(rows, dtype=float) if rows else np.zeros((0, 0))
-    return arr.reshape(len(rows), -1) if rows else arr
-
-
 def _wrap(name: str, width: int = 14) -> str:
     return "\n".join(textwrap.wrap(str(name), width)) or str(name)
 
@@ -149,7 +140,7 @@ def _text_color(rgba) -> str:
 
 def _draw_heatmap(ax, R, experiences: list[str], title: str, higher_is_better: bool,
                   norm: Normalize, cmap, show_ylabels: bool = True):
-    A = _matrix(R)
+    A = as_matrix(R)
     T = A.shape[0]
     names = list(experiences) + [f"exp {i + 1}" for i in range(len(experiences), max(T, A.shape[1] if A.size else 0))]
     ax.set_facecolor("white")
@@ -184,7 +175,7 @@ def _cmap(higher_is_better: bool):
 
 
 def _norm_for(matrices: list[Any]) -> Normalize:
-    vals = np.concatenate([_matrix(R).ravel() for R in matrices]) if matrices else np.zeros(0)
+    vals = np.concatenate([as_matrix(R).ravel() for R in matrices]) if matrices else np.zeros(0)
     vals = vals[np.isfinite(vals)]
     if vals.size == 0:
         return Normalize(0.0, 1.0)
@@ -260,7 +251,7 @@ def curves_figure(results: dict, methods: list[str] | None = None) -> Figure:
     for ax, m in zip(axes, names):
         run = all_methods[m]
         curve = sorted(run.get("curve") or [], key=lambda p: p.get("step", 0))
-        bounds = [b for b in (run.get("boundaries") or []) if _num(b) is not None]
+        bounds = [b for b in (run.get("boundaries") or []) if num(b) is not None]
         trans = blended_transform_factory(ax.transData, ax.transAxes)
         start = 0.0
         for k, end in enumerate(bounds[:T]):
@@ -271,9 +262,9 @@ def curves_figure(results: dict, methods: list[str] | None = None) -> Figure:
             ax.axvline(end, color="#555555", ls="--", lw=0.9, zorder=1)
             start = end
         for j in range(T):
-            pts = [(p["step"], _num((p.get("scores") or [None] * T)[j]))
+            pts = [(p["step"], num((p.get("scores") or [None] * T)[j]))
                    for p in curve if j < len(p.get("scores") or [])]
-            pts = [(x, y) for x, y in pts if y is not None and _num(x) is not None]
+            pts = [(x, y) for x, y in pts if y is not None and num(x) is not None]
             if pts:
                 ax.plot([x for x, _ in pts], [y for _, y in pts], color=colors[j], lw=1.6, marker="o",
                         markersize=2.5, zorder=3)
@@ -294,7 +285,7 @@ def curves_figure(results: dict, methods: list[str] | None = None) -> Figure:
 
 def _frontier_point(run: dict, higher_is_better: bool) -> tuple[float, float] | None:
     mets = run.get("metrics") or {}
-    la, f = _num(mets.get("learning_accuracy")), _num(mets.get("forgetting"))
+    la, f = num(mets.get("learning_accuracy")), num(mets.get("forgetting"))
     if la is None or f is None:
         return None
     return (la if higher_is_better else -la), -f
@@ -310,9 +301,22 @@ def _frontier_labels(metric: str, higher_is_better: bool | None) -> tuple[str, s
     return x, "stability: −forgetting →"
 
 
+def _frontier_size(n_points: int, width: float, height: float) -> tuple[float, float]:
+    """A figure that grows with the number of labelled points, so that their labels find room."""
+    extra = max(0, n_points - 8)
+    return min(width + 0.16 * extra, width + 5.0), min(height + 0.11 * extra, height + 3.5)
+
+
+def _label_frontier(fig: Figure, ax, points: list[tuple[str, str, float, float, str]]) -> None:
+    """Name every point; labels never overlap (:func:`forgetless.report.common.label_points`)."""
+    label_points(fig, ax, [(p[2], p[3]) for p in points], [p[0] for p in points],
+                 [method_color(p[1]) for p in points], fontsize=8.0, marker_radius=6.0)
+
+
 def _draw_frontier(ax, points: list[tuple[str, str, float, float, str]], groups: list[int] | None = None):
     """points: (label, method, x, y, marker); ``groups`` (one id per point) draws one Pareto front
-    per group (points of different runs/metrics are not comparable)."""
+    per group (points of different runs/metrics are not comparable). The labels are added by
+    :func:`_label_frontier` once the rest of the figure is laid out."""
     ax.axhline(0.0, color="#888888", ls="--", lw=1, zorder=1)
     groups = groups if groups is not None else [0] * len(points)
     drew_front = False
@@ -324,11 +328,9 @@ def _draw_frontier(ax, points: list[tuple[str, str, float, float, str]], groups:
             ax.plot([xy[i][0] for i in front], [xy[i][1] for i in front], color="#999999", lw=1.2, ls=":",
                     zorder=2)
             drew_front = True
-    for label, method, x, y, marker in points:
+    for _label, method, x, y, marker in points:
         c = method_color(method)
         ax.scatter([x], [y], s=110, marker=marker, color=c, edgecolors="white", linewidths=0.8, zorder=3)
-        ax.annotate(label, (x, y), xytext=(6, 5), textcoords="offset points", fontsize=8.5, color=c,
-                    fontweight="bold", zorder=4)
     ax.grid(True, alpha=0.3)
     ax.margins(0.2)
     handles = [Line2D([], [], color="#888888", ls="--", lw=1, label="no forgetting")]
@@ -347,37 +349,75 @@ def frontier_figure(results: dict) -> Figure:
         p = _frontier_point(run, hib)
         if p is not None:
             points.append((m, m, p[0], p[1], "o"))
-    fig = Figure(figsize=(7.0, 5.0), layout="constrained")
+    fig = Figure(figsize=_frontier_size(len(points), 7.0, 5.0), layout="constrained")
     ax = fig.add_subplot()
     _draw_frontier(ax, points)
     xl, yl = _frontier_labels(metric, hib)
     ax.set_xlabel(xl)
     ax.set_ylabel(yl)
     ax.set_title("Stability–plasticity (up and right is better; dotted = Pareto front)", fontsize=10)
+    _label_frontier(fig, ax, points)
     return fig
 
 
 # --------------------------------------------------------------------------- tables / csv
 
 
-def _row(method: str, run: dict) -> dict:
+def extra_name(results: dict) -> str | None:
+    """The stream's extra measure, scored beside the experiences after each one: ``retained``
+    (the base's known facts) on a fact stream, ``general_nll`` (held-out general text) on the
+    domain and topic streams; None when the results name none."""
+    name = _stream(results).get("extra")
+    return str(name) if name else None
+
+
+def _extra_values(run: dict, name: str) -> tuple[Any, Any]:
+    """(final value, value of the base) of the extra measure ``name`` for one method's run."""
+    mets = run.get("metrics") or {}
+    final = mets.get(name)
+    if final is None and run.get("extra"):
+        final = run["extra"][-1]
+    base = mets.get(f"{name}_base", run.get("b_extra"))
+    return final, base
+
+
+def _extra_higher_is_better(name: str) -> bool:
+    low = name.lower()
+    return not (low in LOWER_IS_BETTER_METRICS or low.endswith(("_nll", "_loss", "_ppl")))
+
+
+def _row(method: str, run: dict, extra: str | None = None) -> dict:
     mets = run.get("metrics") or {}
     row: dict[str, Any] = {"method": method}
     for k in METRIC_KEYS:
         row[k] = mets.get(k)
+    if extra:
+        row[extra], row[f"{extra}_base"] = _extra_values(run, extra)
     row["trainable_params"] = run.get("trainable_params")
     row["seconds"] = run.get("seconds")
     return row
 
 
+def row_keys(results: dict) -> list[str]:
+    """The keys of a metrics row: :data:`ROW_KEYS`, with the stream's extra measure and its base
+    value (``retained``, ``retained_base``) after intransigence when the stream has one."""
+    extra = extra_name(results)
+    if not extra:
+        return list(ROW_KEYS)
+    i = ROW_KEYS.index("intransigence") + 1
+    return [*ROW_KEYS[:i], extra, f"{extra}_base", *ROW_KEYS[i:]]
+
+
 def metric_rows(results: dict) -> list[dict]:
-    """One flat row per method with the :data:`ROW_KEYS` keys (raw values)."""
-    return [_row(m, run) for m, run in _methods(results).items()]
+    """One flat row per method with the :func:`row_keys` keys (raw values)."""
+    extra = extra_name(results)
+    return [_row(m, run, extra) for m, run in _methods(results).items()]
 
 
-def run_columns(higher_is_better: bool = True, metric: str = "score") -> list[Column]:
+def run_columns(higher_is_better: bool = True, metric: str = "score", extra: str | None = None) -> list[Column]:
+    """The metrics table's columns; ``extra`` adds the stream's extra measure and its base value."""
     arrow = "↑" if higher_is_better else "↓"
-    return [
+    cols: list[Column] = [
         ("method", "method", None),
         ("acc", f"ACC (final {metric}, {arrow})", ".4g"),
         ("bwt", "BWT (+ = good)", "+.4f"),
@@ -385,9 +425,12 @@ def run_columns(higher_is_better: bool = True, metric: str = "score") -> list[Co
         ("forgetting", "forgetting (+ = forgot)", "+.4f"),
         ("learning_accuracy", f"learning acc (diag {metric}, {arrow})", ".4g"),
         ("intransigence", "intransigence (+ = worse than joint)", "+.4f"),
-        ("trainable_params", "trainable params", _human_count),
-        ("seconds", "seconds", ".1f"),
     ]
+    if extra:
+        x_arrow = "↑" if _extra_higher_is_better(extra) else "↓"
+        cols += [(extra, f"{extra} (final, {x_arrow})", ".4g"), (f"{extra}_base", f"{extra} of the base", ".4g")]
+    cols += [("trainable_params", "trainable params", human_count), ("seconds", "seconds", ".1f")]
+    return cols
 
 
 RUN_COLUMNS: list[Column] = run_columns()
@@ -395,9 +438,10 @@ RUN_COLUMNS: list[Column] = run_columns()
 
 def metrics_table(results: dict) -> str:
     """The per-method metrics as an HTML table (one ``<tr data-method=...>`` per method, every
-    numeric cell with its full-precision ``data-value``)."""
+    numeric cell with its full-precision ``data-value``), with the stream's extra measure
+    (``retained`` on a fact stream, ``general_nll`` on the domain stream) and its base value."""
     rows = metric_rows(results)
-    cols = run_columns(_higher_is_better(results), _metric(results))
+    cols = run_columns(_higher_is_better(results), _metric(results), extra_name(results))
     return html_table(rows, cols, row_attrs=[{"data-method": r["method"]} for r in rows])
 
 
@@ -409,16 +453,26 @@ def _csv_value(v: Any) -> Any:
 
 def write_metrics_csv(results: dict, path: str | os.PathLike) -> Path:
     """One row per method: ``method, acc, bwt, fwt, forgetting, learning_accuracy, intransigence,
-    trainable_params, seconds`` (full-precision values, empty when missing); atomic write."""
+    [<extra>, <extra>_base,] trainable_params, seconds`` (full-precision values, empty when
+    missing; the extra pair when the stream has an extra measure); atomic write."""
+    keys = row_keys(results)
     buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=ROW_KEYS, lineterminator="\n")
+    w = csv.DictWriter(buf, fieldnames=keys, lineterminator="\n")
     w.writeheader()
     for row in metric_rows(results):
-        w.writerow({k: _csv_value(row.get(k)) for k in ROW_KEYS})
+        w.writerow({k: _csv_value(row.get(k)) for k in keys})
     return atomic_write_text(path, buf.getvalue(), newline="")
 
 
 # --------------------------------------------------------------------------- pages
+
+
+_EXTRA_TEXT = {
+    "retained": "exact match of the held-out question probes of facts the base model already knew "
+                "(higher is better): what the run did to old knowledge",
+    "general_nll": "NLL in nats per token of held-out general text (lower is better): what the run did "
+                   "to general language modelling",
+}
 
 
 def _how_to_read(results: dict) -> str:
@@ -431,7 +485,13 @@ def _how_to_read(results: dict) -> str:
         "and intransigence = method diagonal − joint diagonal is the excess NLL. ACC and learning accuracy stay "
         f"in {html.escape(metric)} units: lower is better for them.</p>"
     )
-    return (
+    extra = extra_name(results)
+    extra_note = ""
+    if extra:
+        what = _EXTRA_TEXT.get(extra, "a measure the stream scores beside its experiences after each one")
+        extra_note = (f"<p class=\"note\"><b>{html.escape(extra)}</b>: {what}. The table shows its value after the "
+                      f"last experience and the base model's value before any training.</p>\n")
+    return extra_note + (
         "<p class=\"note\">The model is trained on the experiences one after the other. "
         "<b>R[i, j]</b> is the score on experience j after training through experience i (1-based below); "
         "row i of the heatmap is the state after experience i, the outlined diagonal is each experience right "
@@ -467,6 +527,8 @@ def _stream_info(results: dict) -> dict:
     info["metric"] = f"{metric} ({_direction_text(hib)})"
     exps = _experiences(results)
     info["experiences"] = " → ".join(f"{i + 1}. {e}" for i, e in enumerate(exps)) + f"  (T = {len(exps)})"
+    if extra_name(results):
+        info["extra measure"] = f"{extra_name(results)} (scored after each experience; final and base value in the table)"
     info["methods"] = ", ".join(_methods(results))
     return info
 
@@ -527,7 +589,7 @@ def compare_frontier_figure(results_list: list[dict], names: list[str] | None = 
             if p is not None:
                 points.append((f"{m} ({rn})", m, p[0], p[1], _RUN_MARKERS[k % len(_RUN_MARKERS)]))
                 groups.append(k)
-    fig = Figure(figsize=(8.5, 5.5), layout="constrained")
+    fig = Figure(figsize=_frontier_size(len(points), 8.5, 5.5), layout="constrained")
     ax = fig.add_subplot()
     _draw_frontier(ax, points, groups)
     metric, hib = next(iter(dirs)) if len(dirs) == 1 else ("score", None)
@@ -540,6 +602,7 @@ def compare_frontier_figure(results_list: list[dict], names: list[str] | None = 
         handles = [Line2D([], [], marker=_RUN_MARKERS[k % len(_RUN_MARKERS)], ls="", color="#555555",
                           markersize=8, label=rn) for k, rn in enumerate(run_names)]
         fig.legend(handles=handles, title="run", loc="outside right upper", fontsize=8)
+    _label_frontier(fig, ax, points)
     return fig
 
 
@@ -552,14 +615,21 @@ def compare_runs(results_list: list[dict], out_dir: str | os.PathLike, names: li
     rows, attrs = [], []
     for res, rn in zip(results_list, run_names):
         s = _stream(res)
+        extra = extra_name(res)
         for row in metric_rows(res):
             row = {"run": rn, "stream": f"{s.get('name', '?')} ({_metric(res)}, "
                                       f"{'↑' if _higher_is_better(res) else '↓'})", **row}
+            if extra:
+                row.update(extra_measure=extra, extra_value=row.pop(extra), extra_base=row.pop(f"{extra}_base"))
             rows.append(row)
             attrs.append({"data-run": rn, "data-method": row["method"]})
     cols: list[Column] = [("run", "run", None), ("stream", "stream (metric)", None)]
     relabel = {"acc": "ACC (final score)", "learning_accuracy": "learning acc (diag score)"}
     cols += [(k, relabel.get(k, h), f) for k, h, f in run_columns()]
+    if any(extra_name(res) for res in results_list):
+        i = next(k for k, c in enumerate(cols) if c[0] == "intransigence") + 1
+        cols[i:i] = [("extra_measure", "extra measure", None), ("extra_value", "extra (final)", ".4g"),
+                     ("extra_base", "extra of the base", ".4g")]
     table = html_table(rows, cols, row_attrs=attrs)
     runs_info = kv_list({rn: res.get("command") or res.get("title") or "" for res, rn in zip(results_list, run_names)})
     sections = [

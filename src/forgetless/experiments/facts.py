@@ -31,14 +31,15 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .data.facts import Fact, portability_probe, reliability_prompt, teaching_sentences
-from .engine import train_with_method
-from .errors import ConfigError, DataSourceError
-from .evaluate.answers import greedy_answers, heldout_nll, score_answers
-from .methods import Method, MethodContext
-from .models.checkpoint import load_memory_stats, load_model
-from .models.memory import freeze_query_stats
-from .models.tokenizer import load_tokenizer
+from ..data.batches import fact_batch
+from ..data.facts import Fact, portability_probe, reliability_prompt
+from ..errors import ConfigError, DataSourceError
+from ..evaluate.answers import greedy_answers, heldout_nll, score_answers
+from ..methods import Method
+from ..models.checkpoint import load_memory_stats, save_model
+from ..models.folder import CARRY_FILES
+from ..models.memory import freeze_query_stats
+from ..training.lifecycle import Experience, MethodContext, fit_experience
 
 
 @dataclass
@@ -82,6 +83,7 @@ class StreamResult:
     seconds_per_step: float = 0.0
     trainable_params_per_step: int = 0
     steps: int = 0
+    setup_seconds: float = 0.0  # the method's setup (for rome/memit: the edits themselves)
 
     def summary(self) -> dict:
         b, f = self.base, self.final
@@ -95,51 +97,12 @@ class StreamResult:
                          "base": {"reliability": b.reliability, "generalization": b.learned,
                                   "locality": b.retained, "portability": b.portability}},
             "trainable_params_per_step": self.trainable_params_per_step,
-            "seconds_per_step": self.seconds_per_step, "steps": self.steps,
+            "seconds_per_step": self.seconds_per_step, "steps": self.steps, "setup_seconds": self.setup_seconds,
             "curve": [asdict(e) for e in self.curve],
         }
 
 
-# --------------------------------------------------------------------------- data of a model folder
-def load_known_facts(model_dir: Path) -> list[Fact]:
-    from .data.facts import read_builtin_facts
-
-    return read_builtin_facts(Path(model_dir) / "facts_known.jsonl")
-
-
-def load_heldout_ids(model_dir: Path, tok, max_tokens: int) -> torch.Tensor:
-    path = Path(model_dir) / "heldout_text.jsonl"
-    if not path.is_file():
-        raise DataSourceError(f"{model_dir} has no heldout_text.jsonl: held-out NLL needs it.")
-    ids: list[int] = []
-    for line in path.read_text().splitlines():
-        ids += tok(json.loads(line)["text"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-        if len(ids) > max_tokens + 1:
-            break
-    return torch.tensor(ids[: max_tokens + 1])
-
-
-# --------------------------------------------------------------------------- batches
-def fact_batch(tok, fact: Fact, n: int, loss_on: str, device: torch.device,
-               questions: bool = False) -> dict[str, torch.Tensor]:
-    """A right-padded batch of n statements of ``fact`` (each ending in a newline, like pretraining)."""
-    sents = [s + "\n" for s in teaching_sentences(fact, n, questions)]
-    tok.padding_side = "right"
-    enc = tok(sents, return_tensors="pt", padding=True, return_offsets_mapping=loss_on == "answer")
-    tok.padding_side = "left"
-    labels = enc["input_ids"].clone()
-    labels[enc["attention_mask"] == 0] = -100
-    if loss_on == "answer":
-        offsets = enc.pop("offset_mapping")
-        for b, s in enumerate(sents):
-            start = s.rfind(fact.answer)
-            end = start + len(fact.answer)
-            in_answer = (offsets[b, :, 0] < end) & (offsets[b, :, 1] > start)
-            labels[b, ~in_answer] = -100
-    return {"input_ids": enc["input_ids"].to(device), "attention_mask": enc["attention_mask"].to(device),
-            "labels": labels.to(device)}
-
-
+# --------------------------------------------------------------------------- evaluation
 def statement_prompt(fact: Fact) -> str | None:
     """A trained statement cut just before its answer (the answer must end the sentence)."""
     for s in [fact.statement, *fact.paraphrases]:
@@ -149,7 +112,6 @@ def statement_prompt(fact: Fact) -> str | None:
     return None
 
 
-# --------------------------------------------------------------------------- evaluation
 class FactEvaluator:
     """Evaluates a model on taught facts, known facts and held-out text (fixed samples)."""
 
@@ -202,67 +164,42 @@ def learn_facts(model: nn.Module, tok, facts: list[Fact], method: Method, evalua
     base = base or evaluate_before(model, facts, evaluator)  # also freezes the memory's query statistics
     log(f"before: learned {base.learned:.1%} (of {len(facts)} facts), retained {base.retained:.1%}, "
         f"held-out NLL {base.heldout_nll:.3f}")
-    context.extra["facts"] = list(facts)  # for methods that edit facts directly (rome, memit)
-    t_setup = time.time()
-    model = method.setup(model, context)
-    setup_seconds = time.time() - t_setup
     steps = len(facts) * cfg.steps_per_fact
     batches = [fact_batch(tok, f, cfg.batch_size, cfg.loss_on, device, cfg.questions) for f in facts]
+    experience = Experience("facts", lambda s: batches[s // cfg.steps_per_fact], steps, test=facts,
+                            info={"fact_ids": [f.id for f in facts]}, valid_batch=lambda i: batches[i % len(batches)],
+                            facts=list(facts))  # for methods that edit facts directly (rome, memit)
     curve: list[Evaluation] = []
-    final_ev: list[Evaluation] = []
-    if cfg.eval_every and getattr(method, "trains", True):  # the curve starts at the base, on the same known-fact sample as its other points
+    if cfg.eval_every:  # the curve starts at the base, on the same known-fact sample as its other points
         curve.append(evaluator(model, [], 0))
 
-    def eval_at(step: int) -> None:
+    def on_eval(m: nn.Module, step: int) -> None:  # curve points within the stream (the final one: below)
         seen = step // cfg.steps_per_fact
-        final = step == steps
-        if final or (cfg.eval_every and seen % cfg.eval_every == 0 and step % cfg.steps_per_fact == 0):
-            ev = evaluator(model, facts[:seen], seen)
+        if step < steps and cfg.eval_every and seen % cfg.eval_every == 0 and step % cfg.steps_per_fact == 0:
+            ev = evaluator(m, facts[:seen], seen)
             curve.append(ev)
-            if final:  # the final figures use every known fact, like the base evaluation
-                final_ev.append(evaluator(model, facts, seen, final=True) if cfg.final_all_known else ev)
             log(f"after {seen} facts: learned {ev.learned:.1%}, retained {ev.retained:.1%}, "
                 f"held-out NLL {ev.heldout_nll:.3f}")
 
-    t_start = time.time()
-    eval_seconds = [0.0]
-
-    def on_eval(step: int) -> None:
-        t = time.time()
-        eval_at(step)
-        eval_seconds[0] += time.time() - t
-
-    if getattr(method, "trains", True):
-        train_with_method(method, model, lambda s: batches[s // cfg.steps_per_fact], steps, on_eval=on_eval,
-                          eval_every=cfg.steps_per_fact, progress=progress, desc=f"teaching ({method.name})")
-    else:  # the method changed the model in setup (an edit, an index): only the final evaluation
-        on_eval(steps)
-    train_time = time.time() - t_start - eval_seconds[0] + setup_seconds
-    params = method.trainable_params_per_step()
-    model = method.export(model)
-    model.eval()
-    result = StreamResult(base=base, final=final_ev[-1], curve=curve, seconds_per_step=train_time / steps,
-                          trainable_params_per_step=params, steps=steps)
+    fit = fit_experience(method, model, context, experience, on_eval=on_eval, eval_every=cfg.steps_per_fact,
+                         progress=progress, desc=f"teaching ({method.name})")
+    model = fit.model  # exported (e.g. LoRA merged, a retrieval front end): the model that is evaluated
+    ev = evaluator(model, facts, len(facts))
+    curve.append(ev)
+    # the final figures use every known fact, like the base evaluation
+    final = evaluator(model, facts, len(facts), final=True) if cfg.final_all_known else ev
+    log(f"after {len(facts)} facts: learned {ev.learned:.1%}, retained {ev.retained:.1%}, "
+        f"held-out NLL {ev.heldout_nll:.3f}")
+    result = StreamResult(base=base, final=final, curve=curve,
+                          seconds_per_step=fit.train_seconds / max(fit.steps, 1),
+                          trainable_params_per_step=fit.trainable_params, steps=fit.steps,
+                          setup_seconds=fit.setup_seconds)
     return model, result
-
-
-def open_model(model_dir: Path, device: str = "cpu"):
-    """Model, tokenizer and method context of a model folder."""
-    model = load_model(model_dir).to(device)
-    tok = load_tokenizer(model_dir)
-    ctx = MethodContext(model_dir=Path(model_dir), tokenizer=tok, memory_stats=load_memory_stats(model_dir))
-    return model, tok, ctx
-
-
-CARRY_FILES = ("memory_stats.safetensors", "facts_known.jsonl", "facts_new.jsonl", "probe_templates.json",
-               "data_split.json", "heldout_text.jsonl", "heldout_domains.jsonl", "background_text.jsonl")
 
 
 def save_learned(model: nn.Module, tok, source_dir: Path, out_dir: Path, facts: list[Fact], record: dict) -> Path:
     """Save an updated model as a complete model folder (atomic): weights, tokenizer, the source's
     data files and background statistics, plus the taught facts and the learning record."""
-    from .models.checkpoint import save_model
-
     extra = {n: Path(source_dir) / n for n in CARRY_FILES if (Path(source_dir) / n).is_file() and n != "memory_stats.safetensors"}
     stats = load_memory_stats(source_dir)
     (out_tmp := Path(out_dir).parent).mkdir(parents=True, exist_ok=True)

@@ -48,7 +48,7 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from ..errors import ConfigError
+from ...errors import ConfigError
 
 State = dict[str, torch.Tensor]
 SIGN_METHODS = ("total", "frequency")

@@ -47,10 +47,10 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from ..errors import ConfigError
-from . import merging as M
-from .base import MethodContext, lm_loss_masked
-from .full import FullFinetune
+from ...errors import ConfigError
+from ..base import MethodContext, lm_loss_masked
+from ..full import FullFinetune
+from . import rules as M
 
 HOWS = ("task_arithmetic", "ties", "dare", "dare_ties", "stitch", "stitch_learned")
 DEFAULT_DENSITY = {"task_arithmetic": 1.0, "ties": 0.2, "dare": 0.1, "dare_ties": 0.1, "stitch": 0.01,
@@ -123,11 +123,11 @@ class Merge(FullFinetune):
                 b.copy_(self.base_buffers[n].to(b.device))
 
     def _validation(self) -> list[list[dict]]:
-        seen = (self._context.extra.get("seen_experiences") if self._context else None) or []
+        seen = (self._context.seen_experiences if self._context else None) or []
         seen = [e for e in seen if getattr(e, "valid_batch", None) is not None]
         if not seen:
             raise ConfigError("method merge needs the validation batches of the experiences seen so far "
-                              "(context.extra['seen_experiences'], set by `forgetless run`).")
+                              "(context.seen_experiences, set by the lifecycle).")
         return [[e.valid_batch(i) for i in range(self.valid_batches)] for e in seen]
 
     def export(self, model: nn.Module) -> nn.Module:

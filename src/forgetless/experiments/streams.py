@@ -22,19 +22,21 @@ Order and splits are fixed by the seed and recorded in the results.
 
 from __future__ import annotations
 
-import json
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
 from torch import nn
 
-from .data.facts import Fact, read_builtin_facts
-from .errors import ConfigError, DataSourceError
-from .evaluate.answers import greedy_answers, heldout_nll, score_answers
-
+from ..data.batches import fact_batch, label_batch, lm_batch
+from ..data.factfile import load_fact_file
+from ..data.facts import Fact, read_builtin_facts
+from ..errors import ConfigError
+from ..evaluate.answers import greedy_answers, heldout_nll, score_answers
+from ..models.folder import encode_texts, load_heldout_ids, load_topics
+from ..training.lifecycle import Experience
 
 KINDS = ("domain", "facts", "task_il", "class_il")
 
@@ -62,19 +64,6 @@ class StreamConfig:
 
 
 @dataclass
-class Experience:
-    name: str
-    train_batch: Callable[[int], dict]  # step within the experience -> batch
-    steps: int
-    test: object  # what the scorer needs
-    info: dict = field(default_factory=dict)
-    # validation batches drawn from the experience's *training* data (never its test set), for
-    # methods that choose a setting per experience (e.g. merge weights): i -> batch
-    valid_batch: Callable[[int], dict] | None = None
-    facts: list | None = None  # fact streams: the experience's facts (for methods that edit facts directly)
-
-
-@dataclass
 class Stream:
     name: str
     kind: str
@@ -93,22 +82,8 @@ class Stream:
         return self.kind == "task_il"
 
 
-def _encode(tok, texts: list[str]) -> torch.Tensor:
-    ids: list[int] = []
-    for t in texts:
-        ids += tok(t, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-    return torch.tensor(ids)
-
-
-def _lm_batch(stream_ids: torch.Tensor, seq_len: int, batch: int, seed: int) -> dict:
-    g = torch.Generator().manual_seed(seed)
-    starts = torch.randint(0, stream_ids.numel() - seq_len - 1, (batch,), generator=g)
-    x = stream_ids[starts[:, None] + torch.arange(seq_len)[None, :]]
-    return {"input_ids": x, "attention_mask": torch.ones_like(x), "labels": x.clone()}
-
-
 def domain_stream(model_dir: Path, tok, cfg: StreamConfig, seed: int) -> Stream:
-    by_topic = _load_topics(model_dir)
+    by_topic = load_topics(model_dir)
     topics = _choose_topics(by_topic, cfg, seed)
     topics = topics[: cfg.experiences or len(topics)]
     experiences, splits = [], {}
@@ -116,18 +91,18 @@ def domain_stream(model_dir: Path, tok, cfg: StreamConfig, seed: int) -> Stream:
         docs = sorted(by_topic[topic], key=lambda d: d["title"])
         random.Random(seed * 7919 + k).shuffle(docs)
         test, train = docs[: cfg.test_docs], docs[cfg.test_docs:]
-        train_ids, test_ids = _encode(tok, [d["text"] for d in train]), _encode(tok, [d["text"] for d in test])
+        train_ids, test_ids = encode_texts(tok, [d["text"] for d in train]), encode_texts(tok, [d["text"] for d in test])
         splits[topic] = {"train_docs": len(train), "test_docs": len(test), "train_tokens": int(train_ids.numel()),
                          "test_tokens": int(test_ids.numel()), "test_titles": [d["title"] for d in test]}
 
         def batch_fn(step: int, ids=train_ids, k=k) -> dict:
-            return _lm_batch(ids, cfg.seq_len, cfg.batch_size, seed * 1_000_003 + k * 10_007 + step)
+            return lm_batch(ids, cfg.seq_len, cfg.batch_size, seed * 1_000_003 + k * 10_007 + step)
 
         def valid_fn(i: int, ids=train_ids, k=k) -> dict:
-            return _lm_batch(ids, cfg.seq_len, cfg.batch_size, seed * 1_000_003 + k * 10_007 + 5_000_000 + i)
+            return lm_batch(ids, cfg.seq_len, cfg.batch_size, seed * 1_000_003 + k * 10_007 + 5_000_000 + i)
 
         experiences.append(Experience(topic, batch_fn, cfg.steps_per_experience, test_ids, splits[topic], valid_fn))
-    general = _general_ids(model_dir, tok, cfg.general_tokens)
+    general = load_heldout_ids(model_dir, tok, cfg.general_tokens)
 
     def score(model: nn.Module, exp: Experience, stage: int) -> float:
         return heldout_nll(model, exp.test, seq_len=cfg.seq_len, batch_size=32)["nll"]
@@ -138,16 +113,7 @@ def domain_stream(model_dir: Path, tok, cfg: StreamConfig, seed: int) -> Stream:
                   info={"topics": topics, "splits": splits, "seed": seed}, eval_every=cfg.eval_every)
 
 
-def _general_ids(model_dir: Path, tok, n_tokens: int) -> torch.Tensor:
-    from .learn import load_heldout_ids
-
-    return load_heldout_ids(model_dir, tok, n_tokens)
-
-
 def fact_stream(model_dir: Path, tok, cfg: StreamConfig, seed: int, facts_file: Path | None = None) -> Stream:
-    from .data.factfile import load_fact_file
-    from .learn import fact_batch
-
     facts = load_fact_file(facts_file or Path(model_dir) / "facts_new.jsonl")
     random.Random(seed).shuffle(facts)
     n_exp = cfg.experiences or 4
@@ -176,18 +142,6 @@ def fact_stream(model_dir: Path, tok, cfg: StreamConfig, seed: int, facts_file: 
                         "retained_facts": [f.id for f in known]}, eval_every=cfg.eval_every)
 
 
-def _load_topics(model_dir: Path) -> dict[str, list[dict]]:
-    path = Path(model_dir) / "heldout_domains.jsonl"
-    if not path.is_file():
-        raise DataSourceError(f"{model_dir} has no heldout_domains.jsonl: the domain and topic streams need "
-                              f"held-out topics.")
-    by_topic: dict[str, list[dict]] = {}
-    for line in path.read_text().splitlines():
-        d = json.loads(line)
-        by_topic.setdefault(d["topic"], []).append(d)
-    return by_topic
-
-
 def _choose_topics(by_topic: dict[str, list[dict]], cfg: StreamConfig, seed: int) -> list[str]:
     """``stream.topics`` in the given order (checked), or every held-out topic shuffled by the seed."""
     topics = list(cfg.topics) if cfg.topics else sorted(by_topic)
@@ -206,10 +160,9 @@ def label_logprobs(model: nn.Module, tok, prompts: list[str], labels: list[str],
     device = next(model.parameters()).device
     pairs = [(p, l) for p in prompts for l in labels]
     out = []
-    tok.padding_side = "right"
     for i in range(0, len(pairs), batch_size):
         chunk = pairs[i:i + batch_size]
-        enc = tok([p + " " + l for p, l in chunk], return_tensors="pt", padding=True).to(device)
+        enc = tok([p + " " + l for p, l in chunk], return_tensors="pt", padding=True, padding_side="right").to(device)
         n_prompt = [len(tok(p, add_special_tokens=False)["input_ids"]) for p, _ in chunk]
         logp = model(**enc).logits.float().log_softmax(-1)
         ids = enc["input_ids"]
@@ -218,12 +171,11 @@ def label_logprobs(model: nn.Module, tok, prompts: list[str], labels: list[str],
         for b, n in enumerate(n_prompt):
             mask[b, : n - 1] = False
         out.append((tok_lp * mask).sum(-1))
-    tok.padding_side = "left"
     return torch.cat(out).view(len(prompts), len(labels)).cpu()
 
 
 def topic_stream(model_dir: Path, tok, cfg: StreamConfig, seed: int) -> Stream:
-    by_topic = _load_topics(model_dir)
+    by_topic = load_topics(model_dir)
     topics = _choose_topics(by_topic, cfg, seed)
     per = cfg.topics_per_experience
     groups = [topics[i:i + per] for i in range(0, len(topics) - per + 1, per)][: cfg.experiences or None]
@@ -243,22 +195,10 @@ def topic_stream(model_dir: Path, tok, cfg: StreamConfig, seed: int) -> Stream:
             train += [(prompt(d), t) for d in docs[cfg.test_docs:]]
 
         def batch_fn(step: int, train=train, k=k) -> dict:
-            return label_batch(train, random.Random(seed * 1_000_003 + k * 10_007 + step))
-
-        def label_batch(train: list, rng: random.Random) -> dict:
-            chosen = [train[rng.randrange(len(train))] for _ in range(cfg.batch_size)]
-            texts = [p + " " + label + "\n" for p, label in chosen]
-            tok.padding_side = "right"
-            enc = tok(texts, return_tensors="pt", padding=True)
-            tok.padding_side = "left"
-            labels = enc["input_ids"].clone()
-            labels[enc["attention_mask"] == 0] = -100
-            for b, (p, _) in enumerate(chosen):  # loss on the label (and its newline) only
-                labels[b, : len(tok(p, add_special_tokens=False)["input_ids"])] = -100
-            return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "labels": labels}
+            return label_batch(tok, train, cfg.batch_size, random.Random(seed * 1_000_003 + k * 10_007 + step))
 
         def valid_fn(i: int, train=train, k=k) -> dict:
-            return label_batch(train, random.Random(seed * 1_000_003 + k * 10_007 + 5_000_000 + i))
+            return label_batch(tok, train, cfg.batch_size, random.Random(seed * 1_000_003 + k * 10_007 + 5_000_000 + i))
 
         experiences.append(Experience(" + ".join(group), batch_fn, cfg.steps_per_experience, test,
                                       {"topics": group, "train_docs": len(train), "test_docs": len(test)}, valid_fn))
@@ -274,7 +214,7 @@ def topic_stream(model_dir: Path, tok, cfg: StreamConfig, seed: int) -> Stream:
         pred = [cands[i] for i in lp.argmax(-1).tolist()]
         return sum(p == t for p, (_, t) in zip(pred, exp.test)) / len(exp.test)
 
-    general = _general_ids(model_dir, tok, cfg.general_tokens)
+    general = load_heldout_ids(model_dir, tok, cfg.general_tokens)
     return Stream(name=cfg.kind, kind=cfg.kind, metric="accuracy", higher_is_better=True, experiences=experiences,
                   score=score, extra_name="general_nll",
                   extra_score=lambda m: heldout_nll(m, general, seq_len=cfg.seq_len, batch_size=32)["nll"],

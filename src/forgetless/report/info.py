@@ -6,7 +6,7 @@ import json
 import os
 from pathlib import Path
 
-from .errors import CheckpointError
+from ..errors import CheckpointError
 
 
 def _read_json(path: Path) -> dict | None:
@@ -19,9 +19,9 @@ def _read_json(path: Path) -> dict | None:
 
 
 def model_info(model_dir: str | os.PathLike) -> dict:
-    from .models.checkpoint import load_model
-    from .models.memory import named_memory_layers
-    from .models.tokenizer import load_tokenizer
+    from ..models.checkpoint import load_model
+    from ..models.memory import named_memory_layers
+    from ..models.tokenizer import load_tokenizer
 
     model_dir = Path(model_dir)
     model = load_model(model_dir)

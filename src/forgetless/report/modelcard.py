@@ -4,9 +4,14 @@ from __future__ import annotations
 
 from torch import nn
 
-from .data.facts import Fact
-from .evaluate.slots import fact_token_lookups, layer_names, specific_weight_share, usage_summary
-from .models.memory import named_memory_layers
+from ..data.facts import Fact
+from ..evaluate.slots import (
+    fact_token_lookups,
+    layer_names,
+    specific_weight_share,
+    usage_summary,
+)
+from ..models.memory import named_memory_layers
 
 
 def memory_health(model: nn.Module, tok, stats: dict, facts: list[Fact]) -> dict:

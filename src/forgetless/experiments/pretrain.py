@@ -25,17 +25,27 @@ import numpy as np
 import torch
 from torch import nn
 
-from .config import load_config, to_dict
-from .data.corpus import Corpus, DataConfig, build_corpus
-from .data.facts import PROBES, QUESTIONS, STATEMENTS, Fact, probe_prompts, read_builtin_facts, write_facts
-from .engine import load_training_state, save_training_state, train_loop
-from .errors import ConfigError, DataSourceError
-from .evaluate.slots import MIX_PREFIX
-from .evaluate.answers import exact_match, greedy_answers, heldout_nll, score_answers
-from .models.base import MemorySection, ModelConfig, build_base
-from .models.checkpoint import save_model, write_json
-from .models.memory import memory_layers, memory_parameter_groups
-from .models.tokenizer import EOS, load_tokenizer, train_tokenizer
+from ..config import load_config, to_dict
+from ..data.corpus import Corpus, DataConfig, build_corpus
+from ..data.facts import (
+    PROBES,
+    QUESTIONS,
+    STATEMENTS,
+    Fact,
+    probe_prompts,
+    read_builtin_facts,
+    write_facts,
+)
+from ..errors import ConfigError, DataSourceError
+from ..evaluate.answers import exact_match, greedy_answers, heldout_nll, score_answers
+from ..evaluate.slots import collect_background
+from ..models.base import MemorySection, ModelConfig, build_base
+from ..models.checkpoint import MIX_PREFIX, atomic_folder, save_model, write_json
+from ..models.cms import LevelSchedule, cms_named_levels
+from ..models.memory import memory_layers, memory_parameter_groups
+from ..models.tokenizer import EOS, load_tokenizer, train_tokenizer
+from ..report.modelcard import memory_health, write_model_card
+from ..training.loop import load_training_state, save_training_state, train_loop
 
 
 @dataclass
@@ -169,7 +179,6 @@ def prepare_data(cfg: PretrainConfig, data_dir: Path, log=print) -> Path:
         (tmp / "DATA_KEY").write_text(key)
         log(f"tokens: general {general.size:,}, held-out {held.size:,}, fact lines {facts_ids.size:,}")
 
-    from .models.checkpoint import atomic_folder
     return atomic_folder(data_dir, write)
 
 
@@ -221,7 +230,6 @@ def pretrain_mix_batches(data_dir: Path, bg: BackgroundConfig, fact_share: float
 def collect_all_background(model: nn.Module, data_dir: Path, cfg: "PretrainConfig", progress: bool = True) -> dict:
     """Slot statistics over general pretraining text (memory health) and, under ``pretrain_mix.``,
     over the full pretraining mixture with its fact lines (the IDF background of sparse memory finetuning)."""
-    from .evaluate.slots import collect_background
 
     stats = collect_background(model, background_batches(data_dir, cfg.background, cfg.seed), progress=progress)
     mix = collect_background(model, pretrain_mix_batches(data_dir, cfg.background, cfg.data.fact_share, cfg.seed),
@@ -375,8 +383,6 @@ def _cms_schedule(model: nn.Module, start: int, log=print):
     pretraining (level l steps every C_l steps with its mean accumulated gradient; see
     ``methods/cms.py``). On resume the step counter continues; gradients pending in an
     interrupted chunk are not saved, so that chunk restarts."""
-    from .methods.cms import LevelSchedule
-    from .models.cms import cms_named_levels
 
     levels = cms_named_levels(model)
     if not levels:
@@ -388,7 +394,6 @@ def _cms_schedule(model: nn.Module, start: int, log=print):
 
 def evaluate_base(model: nn.Module, tok, data_dir: Path, stats: dict, seq_len: int) -> dict:
     """Held-out perplexity, probe accuracy on known and new facts, and memory health."""
-    from .modelcard import memory_health
 
     known = read_builtin_facts(data_dir / "facts_known.jsonl")
     new = read_builtin_facts(data_dir / "facts_new.jsonl")
@@ -415,7 +420,6 @@ def finalize(cfg: PretrainConfig, model: nn.Module, tok, data_dir: Path, out: Pa
 
     With ``values_dtype: bfloat16`` the memory values are rounded to bf16 *before* the
     evaluation, so the figures describe exactly the weights that are saved."""
-    from .modelcard import write_model_card
 
     model.eval()
     dtype = torch.bfloat16 if cfg.values_dtype == "bfloat16" else None

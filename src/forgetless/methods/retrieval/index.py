@@ -35,7 +35,7 @@ from typing import Iterable
 
 import torch
 
-from .errors import CheckpointError, ConfigError
+from ...errors import CheckpointError, ConfigError
 
 INDEX_KINDS = ("bm25", "dense")
 _WORD = re.compile(r"\w+")

@@ -1,4 +1,5 @@
-"""The one training loop: used for pretraining and (through method hooks) for learning streams.
+"""The one training loop: used for pretraining and, through ``lifecycle.fit_experience``, for every
+experience a method learns.
 
 The loop knows nothing about what it trains. It asks for
 
@@ -29,8 +30,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .errors import CheckpointError, TrainingError
-from .models.checkpoint import atomic_folder, load_model, save_model
+from ..errors import CheckpointError, TrainingError
+from ..files import recover, verify_checksums, write_checksums
+from ..models.checkpoint import atomic_folder, load_model, save_model
 
 
 @dataclass
@@ -116,29 +118,6 @@ def train_loop(
     return LoopResult(step=steps, last_loss=loss_val, seconds=time.time() - t0, tokens=tokens)
 
 
-def train_with_method(method, model: nn.Module, batch_fn: Callable[[int], Any], steps: int,
-                      on_eval: Callable[[int], None] | None = None, eval_every: int = 0, progress: bool = True,
-                      desc: str = "training") -> LoopResult:
-    """The loop driven by a continual-learning method (``forgetless.methods.Method``, already set
-    up): its optimizers, loss, gradient clipping and hooks."""
-    plasticity = getattr(method, "plasticity", None)
-
-    def after_step(step: int, loss: float) -> None:
-        method.after_step(model, step)
-        if plasticity is not None:
-            plasticity.after_step(method.optimizers(), step)
-
-    if plasticity is not None:
-        plasticity.attach(model)
-    try:
-        return train_loop(model, method.optimizers(), batch_fn, method.loss, steps, grad_clip=method.grad_clip,
-                          after_backward=lambda s: method.after_backward(model, s), after_step=after_step,
-                          on_eval=on_eval, eval_every=eval_every, progress=progress, desc=desc)
-    finally:
-        if plasticity is not None:
-            plasticity.detach()
-
-
 # --------------------------------------------------------------------------- training state
 OPT_FILE = "optimizer.safetensors"
 STATE_FILE = "trainer_state.json"
@@ -183,14 +162,17 @@ def save_training_state(out_dir: str | Path, model: nn.Module, optimizers: list[
         save_model(model, tmp / "model", **save_kwargs)
         save_file(tensors, str(tmp / OPT_FILE))
         (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
+        write_checksums(tmp, [OPT_FILE])
 
-    return atomic_folder(out_dir, write)
+    return atomic_folder(out_dir, write, kind="training-state")
 
 
 def load_training_state(ckpt_dir: str | Path, model: nn.Module, optimizers: list[torch.optim.Optimizer],
                         schedulers: list | None = None) -> dict:
     """Load a state written by ``save_training_state`` into ``model`` and ``optimizers``."""
     ckpt_dir = Path(ckpt_dir)
+    recover(ckpt_dir)
+    verify_checksums(ckpt_dir, [OPT_FILE])
     try:
         state = json.loads((ckpt_dir / STATE_FILE).read_text())
         tensors = load_file(str(ckpt_dir / OPT_FILE))

@@ -19,9 +19,9 @@ At every experience, ``setup`` decodes each distinct training sequence of the ex
 No weight changes, so ``trains = False`` (the runner skips the training loop).
 
 The shipped base read "Context: ... Question: ... Answer: ..." lines of *known* facts in
-pretraining, but it answers them from memory: with a new fact's statement in its context it
-still answers new-fact probes no better than without (about 8% exact match either way, see
-``benchmarks/retrieval.py``). ``reader_steps`` > 0 therefore first fine-tunes the base's
+pretraining, but it answers them from memory, not from its context (measured by
+``benchmarks/retrieval.py``; the figures are in ``docs/results/retrieval.md``).
+``reader_steps`` > 0 therefore first fine-tunes the base's
 attention weights once (before the first experience, seeded) to read its context, on
 batches built only from *known* facts and invented names, never from new facts or probe
 wordings; question = a *training* question template, loss on the answer tokens only. Per
@@ -33,9 +33,9 @@ the reader learns to answer from memory when the context is not about the questi
 (with ``top_k`` 1 every question gets some passage: in a fact stream the known-fact questions
 get a new fact's statement); the rest (default 1/2) with the answer in the context: a known
 fact's statement, or an invented subject with a known or invented answer, plus a distractor
-statement half of the time. ``reader_irrelevant: 0`` is the first recipe (3/4 relevant), which
-made the reader copy from any context. The tuned base is what ``checkpoint_model`` saves, so a
-resumed run does not tune it again.
+statement half of the time. ``reader_irrelevant: 0`` is the first recipe (3/4 relevant); how
+each recipe reads relevant and irrelevant contexts is measured in ``docs/results/retrieval.md``.
+The tuned base is what ``checkpoint_model`` saves, so a resumed run does not tune it again.
 
 ``min_score`` (default none): hits scoring below it are not put before the input (BM25 score,
 or cosine for ``index: dense``); a question with no hit left gets no context.
@@ -53,9 +53,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import ConfigError
-from ..retrieval import INDEX_KINDS, PassageIndex
-from .base import Method, MethodContext
+from ...errors import ConfigError
+from ..base import Method, MethodContext
+from .index import INDEX_KINDS, PassageIndex
 
 CONTEXT_PREFIX = "Context: "
 
@@ -191,7 +191,7 @@ def irrelevant_passage(rng: random.Random, f, known: list) -> str:
     question whose answer is not in the index: half of the time another known fact's statement
     (a different subject and a different answer), else an invented subject with an invented answer
     or another known answer of the relation."""
-    from ..data.facts import STATEMENTS
+    from ...data.facts import STATEMENTS
 
     others = [g for g in known if g.relation == f.relation and g.subject != f.subject and g.answer != f.answer]
     if others and rng.random() < 0.5:
@@ -220,7 +220,7 @@ def reader_example(rng: random.Random, known: list, tok, irrelevant: float = 0.2
     training template ("Question: Name the capital of X. Answer: Y") instead of a statement,
     as the indexed training text of a fact stream often is (0: statements only, the measured
     recipes)."""
-    from ..data.facts import QUESTIONS, STATEMENTS, question_lines, statement_lines
+    from ...data.facts import QUESTIONS, STATEMENTS, question_lines, statement_lines
 
     f = rng.choice(known)
     u = rng.random()
@@ -337,7 +337,7 @@ class Retrieval(Method):
         if self.tok is None:
             raise ConfigError("the retrieval method needs the model's tokenizer in its context.")
         if self.reader_steps and not self.reader_done:
-            from ..data.facts import read_builtin_facts
+            from ...data.facts import read_builtin_facts
 
             known_file = Path(context.model_dir or "") / "facts_known.jsonl"
             known = read_builtin_facts(known_file) if known_file.is_file() else []
@@ -345,7 +345,7 @@ class Retrieval(Method):
             train_reader(base, self.tok, known, self.reader_steps, self.reader_lr, self.reader_batch, self.seed,
                          self.reader_irrelevant, self.reader_qa_contexts)
             self.reader_done = True
-        experience = context.extra.get("experience")
+        experience = context.experience
         if experience is not None:
             self.index.add(experience_passages(experience, self.tok))
         for p in base.parameters():

@@ -19,7 +19,10 @@ experience (``<run>/<experiment>/<method>/state``) and ends with exactly the sam
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,13 +30,22 @@ from typing import Callable
 
 import torch
 
-from .config import load_config, to_dict
-from .engine import train_with_method
-from .errors import ConfigError
-from .evaluate.metrics import summarize
-from .methods import make_method
-from .models.checkpoint import atomic_folder, load_model, save_model, write_json
-from .models.memory import freeze_query_stats
+from ..config import load_config, to_dict
+from ..errors import ConfigError
+from ..files import MARKER, FolderLock, check_output
+from ..evaluate.metrics import summarize
+from ..methods import make_method
+from ..models.checkpoint import atomic_folder, load_model, save_model, write_json
+from ..models.folder import default_model_dir, open_model
+from ..models.tokenizer import load_tokenizer
+from ..report.runs import compare_runs, write_metrics_csv, write_run_report
+from ..training.lifecycle import (
+    Experience,
+    MethodContext,
+    fit_experience,
+    load_method_state,
+    method_state,
+)
 from .streams import Stream, StreamConfig, build_stream
 
 BASELINES = {"naive": "full", "joint": "full"}
@@ -66,16 +78,34 @@ def _method_args(spec: dict) -> tuple[str, str, dict]:
     return label, base, spec
 
 
+PLAIN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+=,-]{0,99}$")
+
+
+def _plain_name(value: str, where: str) -> None:
+    """Names become folder names under --out: no separators, no '..', nothing hidden."""
+    if not isinstance(value, str) or not PLAIN_NAME.match(value) or ".." in value:
+        raise ConfigError(f"{where} {value!r} must be a plain name (letters, digits and . _ + = , -; no '/' or '..'), "
+                          f"since it names a folder of the run.")
+
+
 def load_run_config(path: str | Path) -> RunConfig:
     cfg = load_config(RunConfig, path)
     if not cfg.experiments:
         raise ConfigError(f"{path}: 'experiments' is empty; give at least one stream with its methods.")
+    _plain_name(cfg.name, f"{path}: name")
+    names = [e.name for e in cfg.experiments]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"{path}: experiment names {names} repeat; each experiment needs its own name.")
     for i, exp in enumerate(cfg.experiments):
+        _plain_name(exp.name, f"{path}: experiments[{i}].name")
+        if not exp.methods:
+            raise ConfigError(f"{path}: experiments[{i}].methods is empty; give at least one method.")
         labels = []
         for j, spec in enumerate(exp.methods):
             if not isinstance(spec, dict) or "name" not in spec:
                 raise ConfigError(f"{path}: experiments[{i}].methods[{j}] needs a 'name'.")
             label, base, opts = _method_args(spec)
+            _plain_name(label, f"{path}: experiments[{i}].methods[{j}] label")
             try:
                 make_method(base, **opts)
             except ConfigError as e:
@@ -101,20 +131,6 @@ def _scores(model, stream: Stream, stage: int) -> list[float]:
     return out
 
 
-def _train_experience(model, method, ctx, batch_fn: Callable[[int], dict], steps: int,
-                      on_eval: Callable[[int], None] | None, eval_every: int, progress: bool, desc: str, experience=None):
-    """One experience: fresh optimizers (setup), the loop, export, then the method's after_experience.
-    A method that trains no weights (``method.trains`` False, e.g. retrieval) skips the loop."""
-    model = method.setup(model, ctx)
-    if getattr(method, "trains", True):
-        train_with_method(method, model, batch_fn, steps, on_eval=on_eval, eval_every=eval_every,
-                          progress=progress, desc=desc)
-    model = method.export(model)
-    model.eval()
-    method.after_experience(model, experience)
-    return model, method.trainable_params_per_step()
-
-
 METHOD_STATE = "method_state.safetensors"
 
 
@@ -125,9 +141,7 @@ def _save_state(state_dir: Path, model, progress_rec: dict, method=None) -> None
         save_model(model, tmp / "model")
         (tmp / "progress.json").write_text(json.dumps(progress_rec))
         if method is not None:
-            state = dict(method.state_tensors())
-            if method.plasticity is not None:
-                state.update({"plasticity." + k: v for k, v in method.plasticity.state_tensors().items()})
+            state = method_state(method)
             save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(tmp / METHOD_STATE))
 
     atomic_folder(state_dir, write)
@@ -139,28 +153,21 @@ def _load_state(state_dir: Path, method=None) -> tuple[object, dict] | None:
     if method is not None and (state_dir / METHOD_STATE).is_file():
         from safetensors.torch import load_file
 
-        state = load_file(str(state_dir / METHOD_STATE))
-        if method.plasticity is not None:
-            method.plasticity.load_state_tensors({k[len("plasticity."):]: v for k, v in state.items()
-                                                  if k.startswith("plasticity.")})
-        method.load_state_tensors({k: v for k, v in state.items() if not k.startswith("plasticity.")})
+        load_method_state(method, load_file(str(state_dir / METHOD_STATE)))
     return load_model(state_dir / "model"), json.loads((state_dir / "progress.json").read_text())
 
 
 def run_sequential(stream: Stream, model_dir: Path, label: str, spec: dict, out: Path, progress: bool,
                    log: Callable[[str], None]) -> dict:
-    from .learn import open_model
-
     _, base, opts = _method_args(spec)
-    model, tok, ctx = open_model(model_dir)
-    freeze_query_stats(model)
+    model, tok = open_model(model_dir)
+    ctx = MethodContext.for_folder(model_dir, tok)
     state_dir = out / label / "state"
     method = make_method(base, **opts)  # one method object for the whole stream
     loaded = _load_state(state_dir, method)
     T = len(stream.experiences)
     if loaded:
         model, rec = loaded
-        freeze_query_stats(model)
         log(f"{label}: resuming after experience {len(rec['R'])} of {T}")
     else:
         rec = {"b": _scores(model, stream, -1), "b_extra": stream.extra_score(model), "R": [], "extra": [],
@@ -171,15 +178,13 @@ def run_sequential(stream: Stream, model_dir: Path, label: str, spec: dict, out:
         exp = stream.experiences[k]
         offset = rec["boundaries"][-1] if rec["boundaries"] else 0
 
-        def on_eval(step: int, k=k, offset=offset) -> None:
+        def on_eval(m, step: int, k=k, offset=offset) -> None:
             if step < exp.steps:
-                rec["curve"].append({"step": offset + step, "experience": k, "scores": _scores(model_ref[0], stream, k)})
+                rec["curve"].append({"step": offset + step, "experience": k, "scores": _scores(m, stream, k)})
 
-        model_ref = [model]
-        every = stream.eval_every or exp.steps
-        ctx.extra.update(experience=exp, experience_index=k, seen_experiences=stream.experiences[: k + 1])
-        model, params = _train_experience(model, method, ctx, exp.train_batch, exp.steps, on_eval, every,
-                                          progress, f"{label}: {exp.name}", experience=exp)
+        fit = fit_experience(method, model, ctx, exp, k, stream.experiences[: k + 1], on_eval=on_eval,
+                             eval_every=stream.eval_every or exp.steps, progress=progress, desc=f"{label}: {exp.name}")
+        model, params = fit.model, fit.trainable_params
         row = _scores(model, stream, k)
         rec["R"].append(row)
         rec["extra"].append(stream.extra_score(model))
@@ -196,22 +201,20 @@ def run_sequential(stream: Stream, model_dir: Path, label: str, spec: dict, out:
 
 def run_joint(stream: Stream, model_dir: Path, label: str, spec: dict, out: Path, progress: bool,
               log: Callable[[str], None]) -> dict:
-    from .learn import open_model
-
     _, base, opts = _method_args(spec)
     state_file = out / label / "joint_progress.json"
     rec = json.loads(state_file.read_text()) if state_file.is_file() else None
     T = len(stream.experiences)
     if rec is None:
-        model, tok, ctx = open_model(model_dir)
+        model, tok = open_model(model_dir)
         rec = {"b": _scores(model, stream, -1), "b_extra": stream.extra_score(model), "R": [], "extra": [],
                "curve": [{"step": 0, "experience": 0, "scores": None}], "boundaries": [], "seconds": 0.0,
                "trainable_params": 0}
         rec["curve"][0]["scores"] = rec["b"]
     for k in range(len(rec["R"]), T):
         t0 = time.time()
-        model, tok, ctx = open_model(model_dir)
-        freeze_query_stats(model)
+        model, tok = open_model(model_dir)
+        ctx = MethodContext.for_folder(model_dir, tok)
         seen = stream.experiences[: k + 1]
         steps = sum(e.steps for e in seen)
 
@@ -219,8 +222,10 @@ def run_joint(stream: Stream, model_dir: Path, label: str, spec: dict, out: Path
             e = seen[step % len(seen)]
             return e.train_batch((step // len(seen)) % e.steps)
 
-        model, params = _train_experience(model, make_method(base, **opts), ctx, batch_fn, steps, None, 0, progress,
-                                          f"{label}: experiences 1..{k + 1}")
+        union = Experience(f"experiences 1..{k + 1}", batch_fn, steps, info={"interleaved": [e.name for e in seen]})
+        fit = fit_experience(make_method(base, **opts), model, ctx, union, k, seen, progress=progress,
+                             desc=f"{label}: experiences 1..{k + 1}")
+        model, params = fit.model, fit.trainable_params
         row = _scores(model, stream, k)
         rec["R"].append(row)
         rec["extra"].append(stream.extra_score(model))
@@ -238,8 +243,6 @@ def run_joint(stream: Stream, model_dir: Path, label: str, spec: dict, out: Path
 # --------------------------------------------------------------------------- a whole run
 def run_experiment(exp_cfg: ExperimentConfig, model_dir: Path, seed: int, out: Path, progress: bool = True,
                    log: Callable[[str], None] = print, command: str = "") -> dict:
-    from .models.tokenizer import load_tokenizer
-
     tok = load_tokenizer(model_dir)
     torch.manual_seed(seed)
     stream = build_stream(model_dir, tok, exp_cfg.stream, seed)
@@ -265,26 +268,66 @@ def run_experiment(exp_cfg: ExperimentConfig, model_dir: Path, seed: int, out: P
         "methods": methods,
     }
     write_json(out / "results.json", results)
-    from .report.runs import write_metrics_csv, write_run_report
-
     write_metrics_csv(results, out / "metrics.csv")
     write_run_report(results, out)
     return results
 
 
+def config_hash(cfg: RunConfig) -> str:
+    """A hash of everything that makes a run's results (the config, its seed and model)."""
+    return hashlib.sha256(json.dumps(to_dict(cfg), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _changes(old, new, where: str = "") -> list[str]:
+    """Where two config dicts differ, as 'key: old -> new'."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for k in list(old) + [k for k in new if k not in old]:
+            out += _changes(old.get(k), new.get(k), f"{where}.{k}" if where else str(k))
+        return out
+    if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
+        return [c for i, (a, b) in enumerate(zip(old, new)) for c in _changes(a, b, f"{where}[{i}]")]
+    return [] if old == new else [f"{where}: {old!r} -> {new!r}"]
+
+
+def _check_resumable(cfg: RunConfig, out_dir: Path, restart: bool) -> None:
+    """A run folder holds one config: a rerun with another config is refused (or, with ``restart``,
+    the old results are removed and the run starts fresh)."""
+    marker = out_dir / MARKER
+    if not marker.is_file():
+        return
+    try:
+        saved = json.loads(marker.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        saved = {}
+    if saved.get("config_hash") == config_hash(cfg):
+        return
+    if not restart:
+        old_cfg = saved.get("config") or {}
+        changed = _changes(old_cfg, to_dict(cfg))
+        shown = "; ".join(changed[:3]) + (f" (and {len(changed) - 3} more)" if len(changed) > 3 else "")
+        raise ConfigError(f"{out_dir} holds a run of a different config ({shown or 'changed'}); rerun with --restart "
+                          f"to start it afresh there, or choose another --out.")
+    for child in out_dir.iterdir():  # start fresh: everything but the lock
+        if child.name != ".lock":
+            shutil.rmtree(child) if child.is_dir() else child.unlink()
+
+
 def run(cfg: RunConfig, out_dir: Path, progress: bool = True, log: Callable[[str], None] = print,
-        command: str = "") -> dict[str, dict]:
-    from .cli import default_model_dir
-
+        command: str = "", restart: bool = False) -> dict[str, dict]:
+    """Run every experiment of ``cfg`` into ``out_dir``, resuming what a previous run of the same
+    config finished. One run at a time per folder (a lock); a different config is refused."""
     model_dir = Path(cfg.model) if cfg.model else default_model_dir()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_json(out_dir / "config.json", to_dict(cfg))
-    all_results = {}
-    for exp in cfg.experiments:
-        log(f"== experiment {exp.name} ({exp.stream.kind} stream)")
-        all_results[exp.name] = run_experiment(exp, model_dir, cfg.seed, out_dir / exp.name, progress, log, command)
-    if len(all_results) > 1:
-        from .report.runs import compare_runs
-
-        compare_runs(list(all_results.values()), out_dir)
+    check_output(out_dir, "run")
+    with FolderLock(out_dir, "forgetless run"):
+        _check_resumable(cfg, out_dir, restart)
+        write_json(out_dir / MARKER, {"kind": "run", "config_hash": config_hash(cfg), "config": to_dict(cfg)})
+        write_json(out_dir / "config.json", to_dict(cfg))
+        all_results = {}
+        for exp in cfg.experiments:
+            log(f"== experiment {exp.name} ({exp.stream.kind} stream)")
+            all_results[exp.name] = run_experiment(exp, model_dir, cfg.seed, out_dir / exp.name, progress, log,
+                                                   command)
+        if len(all_results) > 1:
+            compare_runs(list(all_results.values()), out_dir)
     return all_results

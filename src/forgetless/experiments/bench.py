@@ -16,12 +16,16 @@ from typing import Callable
 
 import torch
 
-from .config import to_dict
-from .data.factfile import load_fact_file
-from .errors import ConfigError
-from .learn import FactEvaluator, evaluate_before, StreamConfig, learn_facts, load_heldout_ids, load_known_facts, open_model
-from .methods import make_method
-from .models.checkpoint import write_json
+from ..config import to_dict
+from ..data.factfile import load_fact_file
+from ..data.facts import load_known_facts
+from ..errors import ConfigError
+from ..methods import make_method
+from ..models.checkpoint import write_json
+from ..models.folder import load_heldout_ids, open_model
+from ..report.html import write_csv, write_facts_report
+from ..training.lifecycle import MethodContext
+from .facts import FactEvaluator, StreamConfig, evaluate_before, learn_facts
 
 # Calibrated on forgetless-tiny (see README): each sweep reaches well above the base's learned score.
 DEFAULT_LRS: dict[str, list[float]] = {
@@ -79,7 +83,7 @@ def bench_facts(model_dir: Path, out_dir: Path, methods: list[str], n_facts: int
     facts = load_fact_file(facts_file or model_dir / "facts_new.jsonl")
     random.Random(stream.seed).shuffle(facts)
     facts = facts[:n_facts]
-    model, tok, ctx = open_model(model_dir)
+    model, tok = open_model(model_dir)
     known = load_known_facts(model_dir)
     heldout = load_heldout_ids(model_dir, tok, 4 * stream.heldout_tokens)
     evaluator = FactEvaluator(tok, known, heldout, stream)
@@ -109,7 +113,8 @@ def bench_facts(model_dir: Path, out_dir: Path, methods: list[str], n_facts: int
     log(f"base: learned {base.learned:.1%} of {len(facts)} facts, retained {base.retained:.1%}, "
         f"held-out NLL {base.heldout_nll:.3f}")
     for i, (label_method, name, lr, hp) in enumerate(grid):
-        model, tok, ctx = open_model(model_dir)
+        model, tok = open_model(model_dir)
+        ctx = MethodContext.for_folder(model_dir, tok)
         method = make_method(name, lr=lr, **hp)
         _, res = learn_facts(model, tok, facts, method, evaluator, stream, ctx, progress=progress,
                              log=lambda s: None, base=base)
@@ -123,8 +128,6 @@ def bench_facts(model_dir: Path, out_dir: Path, methods: list[str], n_facts: int
         write_json(out_dir / "results.json", results)
     results["seconds"] = time.time() - t0
     write_json(out_dir / "results.json", results)
-    from .report.html import write_csv, write_facts_report
-
     write_csv(results, out_dir / "runs.csv")
     write_facts_report(results, out_dir)
     return results

@@ -8,7 +8,13 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from forgetless.methods import Plugin, make_method
 from forgetless.methods.full import FullFinetune
-from forgetless.training import Experience, MethodContext, fit_experience, load_method_state, method_state
+from forgetless.training import (
+    Experience,
+    MethodContext,
+    fit_experience,
+    load_method_state,
+    method_state,
+)
 
 
 def tiny():

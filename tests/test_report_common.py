@@ -12,7 +12,13 @@ import pytest
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.text import Text
 
-from forgetless.report.common import as_matrix, boxes_overlap, human_count, num, place_labels
+from forgetless.report.common import (
+    as_matrix,
+    boxes_overlap,
+    human_count,
+    num,
+    place_labels,
+)
 from forgetless.report.html import frontier_plot
 from forgetless.report.runs import frontier_figure
 

@@ -122,3 +122,20 @@ experiments:
         R = r["methods"]["naive"]["R"]
         assert len(R) == 2 and all(x in {k / 8 for k in range(9)} for row in R for x in row)  # 8 test docs each
     assert (tmp_path / "cls" / "compare.html").is_file()
+
+
+@pytest.mark.e2e
+def test_a_rerun_with_another_config_is_refused(tmp_path):
+    text = ("name: tiny\nseed: 0\nexperiments:\n  - name: d\n    stream: {kind: domain, experiences: 1, "
+            "steps_per_experience: 1, batch_size: 2, seq_len: 32, test_docs: 2, eval_every: 0, general_tokens: 64}\n"
+            "    methods: [{name: naive, lr: LR}]\n")
+    (tmp_path / "a.yaml").write_text(text.replace("LR", "0.00001"))
+    (tmp_path / "b.yaml").write_text(text.replace("LR", "0.00003"))
+    out = tmp_path / "out"
+    first = run(load_run_config(tmp_path / "a.yaml"), out, progress=False, log=lambda s: None)
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    with pytest.raises(ConfigError, match=r"different config \(experiments\[0\]\.methods\[0\]\.lr: 1e-05 -> 3e-05\)"):
+        run(load_run_config(tmp_path / "b.yaml"), out, progress=False, log=lambda s: None)
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before  # nothing touched
+    again = run(load_run_config(tmp_path / "a.yaml"), out, progress=False, log=lambda s: None)  # same config: resumes
+    assert again["d"]["methods"]["naive"]["R"] == first["d"]["methods"]["naive"]["R"]

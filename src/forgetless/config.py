@@ -96,10 +96,18 @@ def to_dict(obj: Any) -> Any:
 
 def load_yaml(path: str | os.PathLike) -> dict:
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise ConfigError(f"config file {path} does not exist.")
+    if path.is_dir():
+        raise ConfigError(f"config file {path} is a folder; give a YAML file.")
     try:
-        data = yaml.safe_load(path.read_text())
+        text = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {path} is not a text (UTF-8) file; give a YAML config.") from None
+    except OSError as e:
+        raise ConfigError(f"config file {path} cannot be read ({e.strerror}).") from None
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""

@@ -261,7 +261,7 @@ def check_output(path: str | os.PathLike, kind: str, overwrite: bool = False, ne
             raise OutputError(f"--out {shown} is an existing file, not a folder; give a new folder for the result.")
         recover(path)
         have = folder_kind(path)
-        empty = not any(path.iterdir())
+        empty = not any(p.name != ".lock" for p in path.iterdir())
         if not empty and have != kind and not overwrite:
             what = f"a forgetless {have} folder" if have else "a folder with other files"
             raise OutputError(f"--out {shown} is {what}, not a {kind} folder; choose another path "

@@ -32,8 +32,8 @@ import torch
 
 from ..config import load_config, to_dict
 from ..errors import ConfigError
-from ..files import MARKER, FolderLock, check_output
 from ..evaluate.metrics import summarize
+from ..files import MARKER, FolderLock, check_output
 from ..methods import make_method
 from ..models.checkpoint import atomic_folder, load_model, save_model, write_json
 from ..models.folder import default_model_dir, open_model

@@ -61,6 +61,14 @@ class StreamConfig:
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ConfigError(f"stream.kind must be one of {KINDS}, got {self.kind!r}.")
+        for key in ("facts_per_experience", "steps_per_experience", "steps_per_fact", "batch_size", "seq_len",
+                    "test_docs", "general_tokens", "topics_per_experience", "text_chars"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"stream.{key} must be at least 1, got {getattr(self, key)}.")
+        if self.experiences is not None and self.experiences < 1:
+            raise ConfigError(f"stream.experiences must be at least 1, got {self.experiences}.")
+        if self.eval_every < 0:
+            raise ConfigError(f"stream.eval_every must be >= 0 (0: only at experience ends), got {self.eval_every}.")
 
 
 @dataclass
@@ -85,6 +93,8 @@ class Stream:
 def domain_stream(model_dir: Path, tok, cfg: StreamConfig, seed: int) -> Stream:
     by_topic = load_topics(model_dir)
     topics = _choose_topics(by_topic, cfg, seed)
+    if cfg.experiences and cfg.experiences > len(topics):
+        raise ConfigError(f"stream.experiences is {cfg.experiences}, but this model has {len(topics)} held-out topics.")
     topics = topics[: cfg.experiences or len(topics)]
     experiences, splits = [], {}
     for k, topic in enumerate(topics):
@@ -178,7 +188,11 @@ def topic_stream(model_dir: Path, tok, cfg: StreamConfig, seed: int) -> Stream:
     by_topic = load_topics(model_dir)
     topics = _choose_topics(by_topic, cfg, seed)
     per = cfg.topics_per_experience
-    groups = [topics[i:i + per] for i in range(0, len(topics) - per + 1, per)][: cfg.experiences or None]
+    groups = [topics[i:i + per] for i in range(0, len(topics) - per + 1, per)]
+    if cfg.experiences and cfg.experiences > len(groups):
+        raise ConfigError(f"stream.experiences is {cfg.experiences}, but {len(topics)} topics make only {len(groups)} "
+                          f"experiences of {per}.")
+    groups = groups[: cfg.experiences or None]
     if not groups:
         raise ConfigError(f"stream needs at least {per} topics for one experience.")
 

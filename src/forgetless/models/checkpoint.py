@@ -22,7 +22,13 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..errors import CheckpointError
-from ..files import atomic_folder, recover, verify_checksums, write_checksums, write_json
+from ..files import (
+    atomic_folder,
+    recover,
+    verify_checksums,
+    write_checksums,
+    write_json,
+)
 
 __all__ = ["CONFIG", "MEMORY_STATS", "MIX_PREFIX", "WEIGHTS", "atomic_folder", "build_from_config", "load_memory_stats",
            "load_model", "save_model", "write_json"]
@@ -79,7 +85,7 @@ def save_model(
             (tmp / name).write_text(json.dumps(obj, indent=2) + "\n")
         for name, src in (extra_files or {}).items():
             shutil.copyfile(src, tmp / name)
-        write_checksums(tmp, [WEIGHTS, MEMORY_STATS])
+        write_checksums(tmp, [WEIGHTS, MEMORY_STATS, "tokenizer.json"])
 
     return atomic_folder(out_dir, write, kind="model")
 

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Iterable
 
 from ..errors import CheckpointError
+from ..files import verify_checksums
 
 EOS = "<|endoftext|>"
 PAD = "<|pad|>"
@@ -42,6 +43,7 @@ def load_tokenizer(model_dir: str | os.PathLike):
     path = Path(model_dir) / "tokenizer.json"
     if not path.is_file():
         raise CheckpointError(f"{model_dir} has no tokenizer.json.")
+    verify_checksums(model_dir, ["tokenizer.json"])  # a tokenizer.json swapped in from another model is refused
     try:
         return wrap(Tokenizer.from_file(str(path)))
     except Exception as e:  # tokenizers raises plain Exception subclasses

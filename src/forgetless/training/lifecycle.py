@@ -31,6 +31,7 @@ from typing import Any, Callable, Protocol
 import torch
 from torch import nn
 
+from ..errors import TrainingError
 from ..models.checkpoint import load_memory_stats
 from ..models.memory import freeze_query_stats
 from .loop import LoopResult, train_loop
@@ -148,6 +149,11 @@ def fit_experience(method: Hooks, model: nn.Module, context: MethodContext, expe
     finally:
         for p in plugins:
             p.teardown()
+    if loop is not None:
+        bad = [n for n, p in model.named_parameters() if p.requires_grad and not torch.isfinite(p).all()]
+        if bad:
+            raise TrainingError(f"training made {len(bad)} weight tensors NaN or infinite (e.g. {bad[0]}); nothing was "
+                                f"saved from this experience (lower the learning rate).")
     train_seconds = time.time() - t0 - eval_time[0]
     params = method.trainable_params_per_step()
     model = method.export(model)

@@ -223,6 +223,7 @@ def test_rome_and_memit_through_learn_report_easyedit_measures_and_touch_only_th
     from forgetless.data.facts import load_known_facts
     from forgetless.experiments.facts import FactEvaluator, StreamConfig, learn_facts
     from forgetless.models.folder import default_model_dir, load_heldout_ids, open_model
+    from forgetless.training.lifecycle import MethodContext
 
     md = default_model_dir()
     facts = load_fact_file(md / "facts_new.jsonl")
@@ -230,7 +231,8 @@ def test_rome_and_memit_through_learn_report_easyedit_measures_and_touch_only_th
     facts = [f for f in facts if f.relation == "city_country"][:2]
     cfg = StreamConfig(eval_every=0, retained_sample=4, heldout_tokens=256, final_all_known=False)
     for name, layers in (("rome", [1]), ("memit", [0, 1])):
-        model, tok, ctx = open_model(md)
+        model, tok = open_model(md)
+        ctx = MethodContext.for_folder(md, tok)
         before = {n: p.clone() for n, p in model.state_dict().items()}
         ev = FactEvaluator(tok, load_known_facts(md)[:4], load_heldout_ids(md, tok, 256), cfg)
         method = make_method(name, steps=3, prompts=2, cov_tokens=512)

@@ -56,6 +56,8 @@ def options(cls) -> dict[str, Any]:
     if opts_cls is not None and dataclasses.is_dataclass(opts_cls):
         out = {}
         for f in dataclasses.fields(opts_cls):
+            if not f.init:  # fixed by the method (e.g. lwf's kl), not an option
+                continue
             if f.default is not dataclasses.MISSING:
                 out[f.name] = f.default
             elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]

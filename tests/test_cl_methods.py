@@ -6,6 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from helpers import tiny_llama
 
 from forgetless.errors import ConfigError, DataSourceError
 from forgetless.methods import make_method
@@ -21,11 +22,7 @@ from forgetless.training import Experience, fit_experience
 
 
 def tiny(seed=0):
-    from transformers import LlamaConfig, LlamaForCausalLM
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32,
-                                        pad_token_id=0, bos_token_id=1, eos_token_id=2))
+    return tiny_llama(seed=seed, pad_token_id=0, bos_token_id=1, eos_token_id=2)
 
 
 def batch(seed, n=2, t=8):
@@ -338,4 +335,5 @@ def test_every_new_method_runs_on_the_domain_and_fact_streams_and_resumes(tmp_pa
     resumed = run(load_run_config(p), tmp_path / "resumed", progress=False, log=lambda s: None)
     for label in ("agem", "full_cbp"):
         assert resumed["domain"]["methods"][label]["R"] == full["domain"]["methods"][label]["R"], label
-    assert resumed["domain"]["methods"]["full_cbp"]["method"]["continual_backprop"]["rate"] == 0.01
+    plugins = resumed["domain"]["methods"]["full_cbp"]["method"]["plugins"]  # describe(): plugins with their options
+    assert [p["name"] for p in plugins] == ["continual_backprop"] and plugins[0]["rate"] == 0.01

@@ -10,6 +10,7 @@ import copy
 
 import pytest
 import torch
+from helpers import tiny_llama
 from torch import nn
 
 import forgetless.experiments.runner as run_mod
@@ -33,10 +34,7 @@ from forgetless.training import Experience, fit_experience
 
 
 def tiny(layers=3, seed=0):
-    from transformers import LlamaConfig, LlamaForCausalLM
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=layers,
-                                        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32))
+    return tiny_llama(layers=layers, seed=seed)
 
 
 def batch(seed):
@@ -195,6 +193,7 @@ def test_bad_options_raise_config_errors():
 
 
 # --------------------------------------------------------------------------- architecture
+@pytest.mark.e2e
 def test_add_cms_keeps_the_shipped_base_function():
     from forgetless.models.folder import default_model_dir, open_model
 
@@ -288,6 +287,7 @@ FACTS = """
 HEAD = "name: tiny-cms\nseed: 3\nexperiments:\n"
 
 
+@pytest.mark.e2e
 def test_forgetless_run_with_cms_end_to_end_and_resumed(tmp_path, interrupt_run):
     p = tmp_path / "run.yaml"
     p.write_text(HEAD + DOMAIN + FACTS)

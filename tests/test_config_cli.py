@@ -59,7 +59,7 @@ def test_cli_corrupt_model_one_line_nonzero(tmp_path):
 
 def test_every_command_has_help():
     for cmd in (["pretrain"], ["info"], ["generate"], ["learn"], ["eval"], ["bench"], ["bench", "facts"], ["run"],
-                ["report"]):
+                ["report"], ["methods"]):
         r = subprocess.run([sys.executable, "-m", "forgetless.cli", *cmd, "--help"], capture_output=True, text=True)
         assert r.returncode == 0 and "usage: forgetless " + " ".join(cmd) in r.stdout, cmd
 

@@ -5,6 +5,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from helpers import tiny_llama
 
 from forgetless.methods import make_method
 from forgetless.methods.base import MethodContext, lm_loss_masked
@@ -12,10 +13,7 @@ from forgetless.methods.ewc import empirical_fisher, quadratic_penalty
 
 
 def tiny():
-    from transformers import LlamaConfig, LlamaForCausalLM
-    torch.manual_seed(0)
-    return LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=16))
+    return tiny_llama(positions=16)
 
 
 def batch(seed):

@@ -145,12 +145,12 @@ def test_packnet_prunes_after_the_training_fraction_and_falls_back_at_export():
 
 
 @pytest.mark.parametrize("name,opts,needle", [
-    ("packnet", {"keep": 1.5}, "keep must be a fraction"),
+    ("packnet", {"keep": 1.5}, "packnet option 'keep' must be a fraction"),
     ("packnet", {"retrain_fraction": 1.0}, "retrain_fraction"),
-    ("packnet", {"reset": "random"}, "reset must be one of"),
-    ("adapters", {"router": "oracle"}, "router must be one of"),
-    ("adapters", {"rank": 0}, "rank must be a positive integer"),
-    ("adapters", {"ranks": 4}, "bad option for method 'adapters'"),
+    ("packnet", {"reset": "random"}, "packnet option 'reset' must be one of"),
+    ("adapters", {"router": "oracle"}, "adapters option 'router' must be one of"),
+    ("adapters", {"rank": 0}, "adapters option 'rank' must be a positive integer"),
+    ("adapters", {"ranks": 4}, "unknown config key 'adapters.ranks'"),
 ])
 def test_bad_options_raise_config_errors(name, opts, needle):
     from forgetless.errors import ConfigError
@@ -216,6 +216,7 @@ def test_adapters_grow_by_one_lora_each_and_keep_earlier_experiences_exact():
     assert torch.equal(logits(rebuilt), logits(m2))
 
 
+@pytest.mark.e2e
 def test_router_accuracy_on_the_shipped_domain_stream():
     """Measured (seed 0, 2 router batches per topic, 110 test windows of 128 tokens): 0.88."""
     from forgetless.experiments.streams import StreamConfig, build_stream

@@ -4,7 +4,7 @@ A recording method and a recording plugin log every hook; every caller (run, lea
 goes through fit_experience, so the order asserted here is what every method sees."""
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from helpers import tiny_llama
 
 from forgetless.methods import Plugin, make_method
 from forgetless.methods.full import FullFinetune
@@ -18,10 +18,7 @@ from forgetless.training import (
 
 
 def tiny():
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=16)
-    return LlamaForCausalLM(cfg)
+    return tiny_llama(positions=16)
 
 
 def batch(step):

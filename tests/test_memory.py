@@ -3,6 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import tiny_llama
 
 from forgetless.errors import CheckpointError, ConfigError
 from forgetless.models.checkpoint import load_model, save_model
@@ -152,12 +153,7 @@ def test_whitening_uses_only_earlier_batches_and_real_tokens():
 
 
 def _tiny_llama():
-    from transformers import LlamaConfig, LlamaForCausalLM
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
-                      tie_word_embeddings=True)
-    return LlamaForCausalLM(cfg)
+    return tiny_llama(vocab=64, hidden=32, layers=3, positions=64, tie_word_embeddings=True)
 
 
 @pytest.mark.parametrize("mode", ["replace", "parallel"])

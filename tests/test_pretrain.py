@@ -26,6 +26,7 @@ def smoke(tmp_path_factory):
     return cfg, data
 
 
+@pytest.mark.e2e
 def test_data_split_is_recorded_and_clean(smoke):
     cfg, data = smoke
     split = json.loads((data / "data_split.json").read_text())
@@ -44,6 +45,7 @@ def _final_weights(model_dir: Path) -> dict:
     return load_file(str(model_dir / "model.safetensors"))
 
 
+@pytest.mark.e2e
 def test_interrupted_pretraining_resumes_to_identical_weights(smoke, tmp_path, monkeypatch):
     cfg, data = smoke
     full = pretrain(cfg, tmp_path / "full", progress=False, log=lambda *a: None, data_dir=data)
@@ -121,6 +123,7 @@ def test_atomic_folder_leaves_old_version_on_failure(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no temporary folder left
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("steps,slow_level_moved", [(3, False), (4, True)])
 def test_pretraining_a_base_with_a_continuum_memory_block_steps_its_slow_level_on_its_period(
         smoke, tmp_path, steps, slow_level_moved):

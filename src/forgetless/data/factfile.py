@@ -114,18 +114,34 @@ def load_fact_file(path: str | os.PathLike) -> list[Fact]:
         raise DataSourceError(f"fact file {path} is a folder; give a JSONL file.")
     if not path.is_file():
         raise DataSourceError(f"fact file {path} is not a regular file; give a JSONL file.")
+    objs: list[tuple[int, object]] = []
     errors: list[str] = []
-    facts: list[Fact] = []
-    answers: dict[str, tuple[str, int]] = {}  # question -> (answer, line)
-    statements: dict[str, int] = {}
     for n, line in enumerate(_read_text(path).splitlines(), 1):
         if not line.strip():
             continue
         try:
-            obj = json.loads(line)
+            objs.append((n, json.loads(line)))
         except json.JSONDecodeError as e:
             errors.append(f"line {n}: not valid JSON ({e.msg})")
-            continue
+    facts, bad = facts_from_objects(objs, path.stem)
+    errors = sorted(errors + bad, key=lambda e: int(e.split(":", 1)[0].split()[1]))
+    if errors:
+        more = f" (and {len(errors) - 5} more)" if len(errors) > 5 else ""
+        raise DataSourceError(f"{path} is malformed, nothing was trained: {'; '.join(errors[:5])}{more}.")
+    if not facts:
+        raise DataSourceError(f"fact file {path} holds no facts.")
+    return facts
+
+
+def facts_from_objects(objs: list[tuple[int, object]], source: str) -> tuple[list[Fact], list[str]]:
+    """Facts from parsed JSON objects numbered ``n`` (a file's line numbers, or positions in a
+    request, e.g. ``forgetless serve``'s POST /learn); returns the facts and one message per bad
+    object ("line n: ...")."""
+    errors: list[str] = []
+    facts: list[Fact] = []
+    answers: dict[str, tuple[str, int]] = {}  # question -> (answer, line)
+    statements: dict[str, int] = {}
+    for n, obj in objs:
         obj, err = _check(obj, n)
         if err:
             errors.append(err)
@@ -148,12 +164,7 @@ def load_fact_file(path: str | os.PathLike) -> list[Fact]:
         if not para and relation in STATEMENTS and subject:
             para = [t.format(s=subject, a=obj["answer"]) for t in STATEMENTS[relation]]
             para = [p for p in para if p != obj["statement"]]
-        facts.append(Fact(id=str(obj.get("id", f"{path.stem}:{n}")), relation=relation, subject=subject,
+        facts.append(Fact(id=str(obj.get("id", f"{source}:{n}")), relation=relation, subject=subject,
                           answer=obj["answer"], statement=obj["statement"], question=as_probe(obj["question"]),
                           paraphrases=para, country=obj.get("country", "")))
-    if errors:
-        more = f" (and {len(errors) - 5} more)" if len(errors) > 5 else ""
-        raise DataSourceError(f"{path} is malformed, nothing was trained: {'; '.join(errors[:5])}{more}.")
-    if not facts:
-        raise DataSourceError(f"fact file {path} holds no facts.")
-    return facts
+    return facts, errors

@@ -20,32 +20,44 @@ from ..config import to_dict
 from ..data.factfile import load_fact_file
 from ..data.facts import load_known_facts
 from ..errors import ConfigError
-from ..methods import make_method
+from ..methods import METHODS, default_options, make_method
 from ..models.checkpoint import write_json
 from ..models.folder import load_heldout_ids, open_model
 from ..report.html import write_csv, write_facts_report
 from ..training.lifecycle import MethodContext
 from .facts import FactEvaluator, StreamConfig, evaluate_before, learn_facts
 
-# Calibrated on forgetless-tiny (see README): each sweep reaches well above the base's learned score.
-DEFAULT_LRS: dict[str, list[float]] = {
+# Learning-rate sweeps (not defaults: a single run takes the method's Options default), calibrated on
+# forgetless-tiny (see README): each sweep reaches well above the base's learned score.
+LR_SWEEPS: dict[str, list[float]] = {
     "full": [5e-6, 1e-5, 3e-5],
     "lora": [3e-5, 1e-4, 3e-4],
     "smf": [1.0, 3.0, 10.0],
     "smf-tf": [3.0],
     "smf-all": [3.0],
     "eaft": [5e-6, 1e-5, 3e-5],
-    "rome": [1.0],  # knowledge editing: the step size of the target optimisation, not an SGD rate
-    "memit": [1.0],
 }
 DEFAULT_LORA_RANKS = [8, 32]
-QUICK_LRS = {"full": [1e-5], "lora": [1e-4], "smf": [3.0], "smf-tf": [3.0], "smf-all": [3.0], "rome": [1.0], "memit": [1.0]}
 ALIASES = {"smf-tf": ("smf", {"ranking": "tf"}), "smf-all": ("smf", {"ranking": "all"})}
 
 
+def default_lr(method: str) -> float:
+    """The learning rate of one run of a bench method (an alias: its method's): the Options default."""
+    return default_options(ALIASES.get(method, (method,))[0]).lr
+
+
+def quick_lrs(methods: list[str]) -> dict[str, list[float]]:
+    """``--quick``: one run per method, at its default learning rate."""
+    return {m: [default_lr(m)] for m in methods}
+
+
 def parse_lrs(spec: list[str] | None, methods: list[str]) -> dict[str, list[float]]:
-    """``["1e-5,3e-5"]`` (every method) or ``["full=1e-5,3e-5", "smf=10,30"]`` (per method)."""
-    lrs = {m: list(DEFAULT_LRS.get(m, DEFAULT_LRS.get(ALIASES.get(m, (m,))[0], [1e-4]))) for m in methods}
+    """``["1e-5,3e-5"]`` (every method) or ``["full=1e-5,3e-5", "smf=10,30"]`` (per method); a
+    method without a sweep runs once at its default learning rate."""
+    for m in methods:
+        if ALIASES.get(m, (m,))[0] not in METHODS:
+            raise ConfigError(f"unknown method {m!r} in --methods; choose from {', '.join([*METHODS, *ALIASES])}.")
+    lrs = {m: list(LR_SWEEPS.get(m, [default_lr(m)])) for m in methods}
     for item in spec or []:
         name, _, values = item.rpartition("=")
         try:

@@ -49,8 +49,6 @@ from ..training.lifecycle import (
 from .streams import Stream, StreamConfig, build_stream
 
 BASELINES = {"naive": "full", "joint": "full"}
-DEFAULT_LRS = {"lora": 1e-4, "adapters": 1e-4, "smf": 3.0, "retrieval": 0.0, "rome": 1.0, "memit": 1.0,
-               "titans": 1e-3, "cartridges": 2e-2}  # every other method: 1e-5 (full fine-tuning's)
 
 
 @dataclass
@@ -69,13 +67,12 @@ class RunConfig:
 
 
 def _method_args(spec: dict) -> tuple[str, str, dict]:
-    """(label, method name, options) of a method entry such as {name: smf, lr: 3, top_t: 500}."""
+    """(label, method name, options) of a method entry such as {name: smf, lr: 3, top_t: 500}; a
+    missing option (lr included) takes the default of the method's ``Options``."""
     spec = dict(spec)
     label = spec.pop("label", None) or spec["name"]
     name = spec.pop("name")
-    base = BASELINES.get(name, name)
-    spec.setdefault("lr", DEFAULT_LRS.get(base, 1e-5))
-    return label, base, spec
+    return label, BASELINES.get(name, name), spec
 
 
 PLAIN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+=,-]{0,99}$")

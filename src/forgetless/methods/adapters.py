@@ -42,13 +42,14 @@ from __future__ import annotations
 import copy
 import math
 from contextlib import nullcontext
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
 from torch import nn
 
 from ..errors import ConfigError
-from .base import Method, MethodContext, freeze_all, shifted_cross_entropy
+from .base import Method, MethodContext, MethodOptions, freeze_all, nest, shifted_cross_entropy, unnest, unnest_list
 from .lora import LLAMA_LINEAR, lora_config
 
 ROUTERS = ("hidden", "tfidf")
@@ -266,23 +267,35 @@ def spread_steps(steps: int, n: int) -> list[int]:
 
 class TaskAdapters(Method):
     name = "adapters"
+    needs_stream = True
 
-    def __init__(self, lr: float = 1e-4, rank: int = 8, alpha: float | None = None,
-                 target_modules: list[str] | str | None = None, dropout: float = 0.0, router: str = "hidden",
-                 router_batches: int = 16, seed: int = 0):
-        if rank < 1:
-            raise ConfigError(f"adapters rank must be a positive integer, got {rank}.")
-        if router not in ROUTERS:
-            raise ConfigError(f"adapters router must be one of {ROUTERS}, got {router!r}.")
-        if router_batches < 1:
-            raise ConfigError(f"adapters router_batches must be at least 1, got {router_batches}.")
-        alpha = float(alpha if alpha is not None else 2 * rank)
-        targets = [target_modules] if isinstance(target_modules, str) else list(target_modules or LLAMA_LINEAR)
-        super().__init__(lr, rank=rank, alpha=alpha, target_modules=targets, dropout=dropout, router=router,
-                         router_batches=router_batches, seed=seed)
-        self.rank, self.alpha, self.targets, self.dropout = rank, alpha, targets, dropout
-        self.router_kind, self.router_batches, self.seed = router, router_batches, seed
-        self.router = Router(router)
+    @dataclass
+    class Options(MethodOptions):
+        lr: float = 1e-4
+        rank: int = 8
+        alpha: float | None = None  # None: 2 * rank
+        target_modules: list[str] | str | None = field(default_factory=lambda: list(LLAMA_LINEAR))  # null: the same
+        dropout: float = 0.0
+        router: str = "hidden"  # hidden | tfidf
+        router_batches: int = 16  # training batches per experience the router is fitted on
+        seed: int = 0
+
+        def validate(self) -> None:
+            super().validate()
+            self.positive("rank", integer=True)
+            self.one_of("router", ROUTERS)
+            self.positive("router_batches", integer=True)
+            self.between("dropout", 0, 1, high_open=True)
+            self.alpha = float(self.alpha if self.alpha is not None else 2 * self.rank)
+            t = self.target_modules
+            self.target_modules = [t] if isinstance(t, str) else list(t or LLAMA_LINEAR)
+
+    def __init__(self, *args, **options):
+        super().__init__(*args, **options)
+        o = self.options
+        self.rank, self.alpha, self.targets, self.dropout = o.rank, o.alpha, o.target_modules, o.dropout
+        self.router_kind, self.router_batches, self.seed = o.router, o.router_batches, o.seed
+        self.router = Router(o.router)
         self.adapter_states: list[dict[str, torch.Tensor]] = []  # saved adapters, filled on resume
         self.valid_accuracy: list[float | None] = []
         self._wrapper: AdapterRouterModel | None = None
@@ -395,21 +408,19 @@ class TaskAdapters(Method):
     def state_tensors(self) -> dict[str, torch.Tensor]:
         from peft import get_peft_model_state_dict
 
-        out = {f"router.{k}": v for k, v in self.router.state().items()}
+        out = nest("router", self.router.state())
         if self._wrapper is not None and self._wrapper.peft is not None:
             states = [get_peft_model_state_dict(self._wrapper.peft, adapter_name=n) for n in self._wrapper.names]
         else:
             states = self.adapter_states
         for k, sd in enumerate(states):
-            out.update({f"adapter.{k}.{key}": v for key, v in sd.items()})
+            out.update(nest(f"adapter.{k}", sd))
         return out
 
     def load_state_tensors(self, state: dict[str, torch.Tensor]) -> None:
         self.router = Router(self.router_kind)
-        self.router.load({k[len("router."):]: v for k, v in state.items() if k.startswith("router.")})
-        n = len({int(k.split(".", 2)[1]) for k in state if k.startswith("adapter.")})
-        self.adapter_states = [{k.split(".", 2)[2]: v for k, v in state.items() if k.startswith(f"adapter.{i}.")}
-                               for i in range(n)]
+        self.router.load(unnest("router", state))
+        self.adapter_states = unnest_list("adapter", state)
         self._wrapper = None
 
     # --- reporting -------------------------------------------------------------------

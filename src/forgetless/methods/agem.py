@@ -16,6 +16,8 @@ The memory and its random state are saved with a run's state.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
@@ -35,19 +37,30 @@ def agem_project(g: torch.Tensor, g_ref: torch.Tensor) -> torch.Tensor:
 
 class AGEM(FullFinetune):
     name = "agem"
+    needs_stream = True
 
-    def __init__(self, lr: float = 1e-5, buffer_size: int = 512, ref_size: int = 16, seed: int = 0,
-                 weight_decay: float = 0.1, betas: tuple[float, float] = (0.9, 0.95)):
-        super().__init__(lr=lr, weight_decay=weight_decay, betas=betas)
-        self.hparams.update(buffer_size=buffer_size, ref_size=ref_size, seed=seed)
-        self.memory = ReservoirBuffer(buffer_size, seed)
-        self._current = ReservoirBuffer(buffer_size, seed + 1)
-        self.ref_size = ref_size
+    @dataclass
+    class Options(FullFinetune.Options):
+        buffer_size: int = 512  # sequences of finished experiences kept
+        ref_size: int = 16  # sequences of the reference gradient
+        seed: int = 0
+
+        def validate(self) -> None:
+            super().validate()
+            self.positive("buffer_size", integer=True)
+            self.positive("ref_size", integer=True)
+
+    def __init__(self, *args, **options):
+        super().__init__(*args, **options)
+        o = self.options
+        self.memory = ReservoirBuffer(o.buffer_size, o.seed)
+        self._current = ReservoirBuffer(o.buffer_size, o.seed + 1)
+        self.ref_size = o.ref_size
         self.projected = 0  # steps whose gradient was projected (over the whole stream)
         self.steps = 0
 
     def setup(self, model: nn.Module, context: MethodContext) -> nn.Module:
-        self._current = ReservoirBuffer(self.memory.capacity, self.hparams["seed"] + 1 + self.memory.seen)
+        self._current = ReservoirBuffer(self.memory.capacity, self.options.seed + 1 + self.memory.seen)
         return super().setup(model, context)
 
     def before_batch(self, model: nn.Module, batch: dict[str, torch.Tensor], step: int) -> dict[str, torch.Tensor]:

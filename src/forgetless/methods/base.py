@@ -24,21 +24,131 @@ One method object lives through a whole stream; what it must remember between ex
 goes in ``state_tensors()`` so that an interrupted run resumes with it.
 
 ``MethodContext`` carries what a method may need from the run (the model folder with its
-background statistics, the tokenizer, replay data ...). To add a method, copy the shape of
-``full.py``: one file, one class, registered in ``forgetless.methods.METHODS``.
+background statistics, the tokenizer, replay data ...).
+
+Options (PEFT's ``LoraConfig`` pattern): every method declares *all* its options, with their
+defaults, in one dataclass ``Options`` nested in the class; it subclasses the parent class's
+``Options`` (``Replay.Options`` extends ``FullFinetune.Options``), and ``MethodOptions`` holds
+``lr``. ``Method.__init__(**options)`` parses the keyword options through
+``forgetless.config.from_dict`` (an unknown key or a wrong type: the config loader's messages,
+naming ``<method>.<key>``), then ``Options.validate()`` checks ranges and choices (one sentence
+naming the option) and may normalise (e.g. LoRA's ``alpha: None`` becomes ``2 * rank``). The
+parsed options are ``self.options``; ``describe()`` is ``{"method": name, **asdict(options)}``
+plus what the method learned at run time (parameter growth, chosen merge weights ...). The
+class ``Options`` is the one source of truth for defaults: ``forgetless run``, ``forgetless
+learn`` and ``forgetless methods`` (which prints the table) all read it.
+
+To add a method:
+
+1. one file ``methods/<name>.py`` with one class ``class MyMethod(Method)`` (copy ``full.py``);
+2. in it ``@dataclass class Options(Method.Options)`` (or the parent's ``Options``) with every
+   option and its default, and ``def validate(self)`` that calls ``super().validate()`` and
+   then ``self.require(ok, "key", "what it must be")`` / ``self.one_of("key", CHOICES)``;
+3. ``def __init__(self, *args, **options)``: ``super().__init__(*args, **options)``, then read
+   ``self.options`` (never re-declare defaults in the signature);
+4. add ``describe()`` keys only for run-time facts (``{**super().describe(), "growth": ...}``);
+5. keep state in ``state_tensors()``, using ``nest(prefix, tensors)`` / ``unnest(prefix,
+   state)`` for sub-dictionaries; set ``needs_stream = True`` if the method only acts across
+   several experiences (``forgetless learn`` then does not offer it);
+6. register the class in ``forgetless.methods.METHODS``; ``tests/test_options.py`` then checks
+   that it builds with no options and that ``describe()`` matches its options.
+
+(``options_cls = Options`` on the class is the same as nesting ``Options``: either name works.)
 """
 
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
+from dataclasses import asdict, dataclass
+from typing import Any, ClassVar, TypeVar
 
 import torch
 from torch import nn
 
+from ..config import from_dict
+from ..errors import ConfigError
 from ..training.lifecycle import MethodContext
 from ..training.losses import lm_loss_masked, shifted_cross_entropy
 
-__all__ = ["Method", "MethodContext", "Plugin", "freeze_all", "lm_loss_masked", "shifted_cross_entropy"]
+__all__ = ["Method", "MethodContext", "MethodOptions", "Plugin", "PluginOptions", "freeze_all", "lm_loss_masked",
+           "nest", "parse_options", "shifted_cross_entropy", "unnest", "unnest_list"]
+
+O = TypeVar("O", bound="PluginOptions")
+
+
+# --------------------------------------------------------------------------- typed options
+@dataclass
+class PluginOptions:
+    """Base of every options dataclass: the ``validate`` hook and its one-sentence checks.
+
+    ``owner`` (the method or plugin name, set when the options are parsed) names the options
+    in messages, e.g. "smf option 'top_t' must be a positive integer, got -10."."""
+
+    owner: ClassVar[str] = "method"
+
+    def validate(self) -> None:
+        """Check ranges and choices (``require``/``one_of``) and normalise; subclasses call super()."""
+
+    def require(self, ok: bool, key: str, what: str) -> None:
+        if not ok:
+            raise ConfigError(f"{self.owner} option '{key}' must be {what}, got {getattr(self, key)!r}.")
+
+    def one_of(self, key: str, choices) -> None:
+        self.require(getattr(self, key) in tuple(choices), key, f"one of {', '.join(map(repr, choices))}")
+
+    def positive(self, key: str, integer: bool = False) -> None:
+        self.require(getattr(self, key) > 0, key, "a positive integer" if integer else "> 0")
+
+    def at_least(self, key: str, low: float) -> None:
+        self.require(getattr(self, key) >= low, key, f">= {low:g}")
+
+    def between(self, key: str, low: float, high: float, low_open: bool = False, high_open: bool = False) -> None:
+        v = getattr(self, key)
+        ok = (v > low if low_open else v >= low) and (v < high if high_open else v <= high)
+        self.require(ok, key, f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}")
+
+
+@dataclass
+class MethodOptions(PluginOptions):
+    """The options every method has: the learning rate (> 0 for a method that trains)."""
+
+    lr: float = 1e-5
+
+    def validate(self) -> None:
+        super().validate()
+        self.positive("lr")
+
+
+def parse_options(cls: type[O], options: dict[str, Any], owner: str) -> O:
+    """``cls`` from keyword options through the config loader (unknown key, wrong type: its
+    messages, naming ``<owner>.<key>``), then ``validate()``."""
+    opts = from_dict(cls, dict(options), prefix=f"{owner}.")
+    opts.owner = owner
+    opts.validate()
+    return opts
+
+
+def _init_fields(opts: PluginOptions) -> dict[str, Any]:
+    return {f.name: getattr(opts, f.name) for f in dataclasses.fields(opts) if f.init}
+
+
+# --------------------------------------------------------------------------- state helpers
+def nest(prefix: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``{"<prefix>.<key>": tensor}``: a sub-dictionary of a method's state under one prefix."""
+    return {f"{prefix}.{k}": v for k, v in tensors.items()}
+
+
+def unnest(prefix: str, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The inverse of ``nest``: the entries of ``state`` under ``prefix``, with the prefix removed."""
+    p = prefix + "."
+    return {k[len(p):]: v for k, v in state.items() if k.startswith(p)}
+
+
+def unnest_list(prefix: str, state: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+    """A list saved as ``nest(f"{prefix}.{i}", item_i)``: the items in the order of ``i``."""
+    p = prefix + "."
+    ks = sorted({int(k[len(p):].split(".", 1)[0]) for k in state if k.startswith(p)})
+    return [unnest(f"{prefix}.{k}", state) for k in ks]
 
 
 class Method:
@@ -46,11 +156,28 @@ class Method:
 
     name = "base"
     trains = True  # False: the runner skips the training loop (the method only indexes data, e.g. retrieval)
+    needs_stream = False  # True: acts only across several experiences (not offered by `forgetless learn`)
     grad_clip: float | None = 1.0  # max norm of dense gradients (None: no clipping)
+    Options: ClassVar[type[MethodOptions]] = MethodOptions
+    options_cls: ClassVar[type[MethodOptions]] = MethodOptions  # the same class (either name may be declared)
 
-    def __init__(self, lr: float, **hparams: Any):
-        self.lr = lr
-        self.hparams = hparams
+    def __init_subclass__(cls, **kw: Any) -> None:
+        super().__init_subclass__(**kw)
+        if "Options" in cls.__dict__:
+            cls.options_cls = cls.__dict__["Options"]
+        elif "options_cls" in cls.__dict__:
+            cls.Options = cls.__dict__["options_cls"]
+
+    def __init__(self, options: MethodOptions | float | None = None, /, **kwargs: Any):
+        """``Method(**options)``, ``Method(MyMethod.Options(...))`` or ``Method(lr, **options)``."""
+        if isinstance(options, PluginOptions):
+            if kwargs or not isinstance(options, self.Options):
+                raise ConfigError(f"method {self.name} takes one {self.Options.__qualname__} or keyword options.")
+            kwargs = _init_fields(options)
+        elif options is not None:
+            kwargs = {"lr": options, **kwargs}
+        self.options = parse_options(self.Options, kwargs, self.name)
+        self.lr = self.options.lr
         self._optimizers: list[torch.optim.Optimizer] = []
         self.plugins: list[Plugin] = []  # add-ons with the same hooks (e.g. continual backprop), run after the method's
 
@@ -101,7 +228,7 @@ class Method:
         return sum(p.numel() for opt in self._optimizers for g in opt.param_groups for p in g["params"])
 
     def describe(self) -> dict[str, Any]:
-        out = {"method": self.name, "lr": self.lr, **self.hparams}
+        out = {"method": self.name, **asdict(self.options)}
         if self.plugins:
             out["plugins"] = [{"name": p.name, **p.describe()} for p in self.plugins]
         return out
@@ -113,6 +240,10 @@ class Plugin:
     optimizers). ``teardown`` runs when the loop ends, also on an error."""
 
     name = "plugin"
+    Options: ClassVar[type[PluginOptions]] = PluginOptions
+
+    def __init__(self, **options: Any):
+        self.options = parse_options(self.Options, options, self.name)
 
     def setup(self, model: nn.Module, context: MethodContext, method: Method) -> None:
         pass
@@ -139,7 +270,8 @@ class Plugin:
         pass
 
     def describe(self) -> dict[str, Any]:
-        return {}
+        options = getattr(self, "options", None)  # a plugin that does not call Plugin.__init__ has none
+        return asdict(options) if options is not None else {}
 
 
 def freeze_all(model: nn.Module) -> None:

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import inspect
 import random
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -41,7 +42,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from .adapters import ROUTERS, Router, pooled_representation, spread_steps, token_counts
-from .base import Method, MethodContext, freeze_all
+from .base import Method, MethodContext, MethodOptions, freeze_all
 
 
 def _cache_kwarg(model: nn.Module) -> str:
@@ -189,16 +190,35 @@ def _rows(experience) -> list[list[int]]:
 class Cartridges(Method):
     name = "cartridges"
 
-    def __init__(self, lr: float = 2e-2, prefix_tokens: int = 32, samples: int = 32, chunk_tokens: int = 96,
-                 max_new_tokens: int = 24, temperature: float = 0.8, batch: int = 8, router: str = "hidden",
-                 router_batches: int = 8, seed: int = 0):
-        if router not in ROUTERS:
-            raise ConfigError(f"cartridges router must be one of {ROUTERS}, got {router!r}.")
-        if prefix_tokens < 1 or samples < 1 or chunk_tokens < 8 or max_new_tokens < 2 or batch < 1:
-            raise ConfigError("cartridges needs prefix_tokens, samples, batch >= 1, chunk_tokens >= 8, max_new_tokens >= 2.")
-        super().__init__(lr, prefix_tokens=prefix_tokens, samples=samples, chunk_tokens=chunk_tokens,
-                         max_new_tokens=max_new_tokens, temperature=temperature, batch=batch, router=router,
-                         router_batches=router_batches, seed=seed)
+    needs_stream = True
+
+    @dataclass
+    class Options(MethodOptions):
+        lr: float = 2e-2
+        prefix_tokens: int = 32  # P virtual tokens per layer
+        samples: int = 32  # self-study conversations per experience
+        chunk_tokens: int = 96
+        max_new_tokens: int = 24
+        temperature: float = 0.8
+        batch: int = 8  # conversations per distillation step
+        router: str = "hidden"  # hidden | tfidf
+        router_batches: int = 8
+        seed: int = 0
+
+        def validate(self) -> None:
+            super().validate()
+            for k in ("prefix_tokens", "samples", "batch", "router_batches"):
+                self.positive(k, integer=True)
+            self.at_least("chunk_tokens", 8)
+            self.at_least("max_new_tokens", 2)
+            self.positive("temperature")
+            self.one_of("router", ROUTERS)
+
+    def __init__(self, *args, **options):
+        super().__init__(*args, **options)
+        o = self.options
+        prefix_tokens, samples, chunk_tokens, max_new_tokens = o.prefix_tokens, o.samples, o.chunk_tokens, o.max_new_tokens
+        temperature, batch, router, router_batches, seed = o.temperature, o.batch, o.router, o.router_batches, o.seed
         self.P, self.n_samples, self.chunk_tokens = prefix_tokens, samples, chunk_tokens
         self.max_new, self.temperature, self.batch, self.seed = max_new_tokens, temperature, batch, seed
         self.router_kind, self.router_batches = router, router_batches

@@ -45,6 +45,7 @@ differ only through epsilon, clipping and weight decay).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -58,7 +59,7 @@ from ..models.memory import (
     decoder_layers,
     memory_layers,
 )
-from .base import Method, MethodContext
+from .base import Method, MethodContext, MethodOptions
 
 
 def _check_period(c: Any, where: str) -> int:
@@ -99,16 +100,32 @@ def _normalise_periods(periods: Any) -> list[int | None] | dict[int, list[int]] 
 class ContinuumUpdates(Method):
     name = "cms"
 
-    def __init__(self, lr: float = 2e-5, periods: Any = None, others: str = "train", weight_decay: float = 0.1,
-                 betas: tuple[float, float] = (0.9, 0.95), optimizer: str = "adamw", grad_clip: float | None = 1.0):
-        if others not in ("train", "freeze"):
-            raise ConfigError(f"cms others must be 'train' or 'freeze', got {others!r}.")
-        if optimizer not in ("adamw", "sgd"):
-            raise ConfigError(f"cms optimizer must be 'adamw' or 'sgd', got {optimizer!r}.")
-        self.periods = _normalise_periods(periods)
-        super().__init__(lr, periods=periods, others=others, weight_decay=weight_decay, optimizer=optimizer)
-        self.others, self.weight_decay, self.betas, self.optimizer = others, weight_decay, tuple(betas), optimizer
-        self.grad_clip = grad_clip
+    @dataclass
+    class Options(MethodOptions):
+        lr: float = 1e-5
+        periods: Any = None  # null | a period per decoder layer | {period: [layer indices]}
+        others: str = "train"  # train | freeze: the parameters outside every level
+        weight_decay: float = 0.1
+        betas: tuple[float, float] = (0.9, 0.95)
+        optimizer: str = "adamw"  # adamw | sgd
+        grad_clip: float | None = 1.0  # max gradient norm (null: no clipping)
+
+        def validate(self) -> None:
+            super().validate()
+            self.one_of("others", ("train", "freeze"))
+            self.one_of("optimizer", ("adamw", "sgd"))
+            self.at_least("weight_decay", 0)
+            if self.grad_clip is not None:
+                self.positive("grad_clip")
+            _normalise_periods(self.periods)
+            self.betas = tuple(self.betas)
+
+    def __init__(self, *args, **options):
+        super().__init__(*args, **options)
+        o = self.options
+        self.periods = _normalise_periods(o.periods)
+        self.others, self.weight_decay, self.betas, self.optimizer = o.others, o.weight_decay, tuple(o.betas), o.optimizer
+        self.grad_clip = o.grad_clip
         self.schedule = LevelSchedule()
 
     # ------------------------------------------------------------------ levels

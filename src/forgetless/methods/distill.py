@@ -26,6 +26,7 @@ Registered as ``distill`` (all options) and ``lwf`` (current inputs, forward KL,
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -61,22 +62,31 @@ def masked_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: 
 class Distillation(FullFinetune):
     name = "distill"
 
-    def __init__(self, lr: float = 1e-5, alpha: float = 1.0, temperature: float = 2.0, kl: str = "forward",
-                 inputs: str = "current", buffer_size: int = 512, replay_size: int = 8, seed: int = 0,
-                 weight_decay: float = 0.1, betas: tuple[float, float] = (0.9, 0.95)):
-        super().__init__(lr=lr, weight_decay=weight_decay, betas=betas)
-        if kl not in ("forward", "reverse"):
-            raise ConfigError(f"distill kl must be 'forward' or 'reverse', got {kl!r}.")
-        if inputs not in ("current", "replay"):
-            raise ConfigError(f"distill inputs must be 'current' or 'replay', got {inputs!r}.")
-        if alpha < 0 or temperature <= 0:
-            raise ConfigError("distill needs alpha >= 0 and temperature > 0.")
-        self.hparams.update(alpha=alpha, temperature=temperature, kl=kl, inputs=inputs)
-        if inputs == "replay":
-            self.hparams.update(buffer_size=buffer_size, replay_size=replay_size, seed=seed)
-        self.alpha, self.temperature, self.kl, self.inputs = alpha, temperature, kl, inputs
-        self.buffer = ReservoirBuffer(buffer_size, seed)
-        self.replay_size = replay_size
+    @dataclass
+    class Options(FullFinetune.Options):
+        alpha: float = 1.0  # weight of the KL term
+        temperature: float = 2.0
+        kl: str = "forward"  # forward | reverse
+        inputs: str = "current"  # current | replay
+        buffer_size: int = 512  # inputs: replay
+        replay_size: int = 8  # inputs: replay
+        seed: int = 0  # inputs: replay
+
+        def validate(self) -> None:
+            super().validate()
+            self.at_least("alpha", 0)
+            self.positive("temperature")
+            self.one_of("kl", ("forward", "reverse"))
+            self.one_of("inputs", ("current", "replay"))
+            self.positive("buffer_size", integer=True)
+            self.positive("replay_size", integer=True)
+
+    def __init__(self, *args, **options):
+        super().__init__(*args, **options)
+        o = self.options
+        self.alpha, self.temperature, self.kl, self.inputs = o.alpha, o.temperature, o.kl, o.inputs
+        self.buffer = ReservoirBuffer(o.buffer_size, o.seed)
+        self.replay_size = o.replay_size
         self.teacher: nn.Module | None = None
 
     def setup(self, model: nn.Module, context: MethodContext) -> nn.Module:
@@ -129,5 +139,7 @@ class Distillation(FullFinetune):
 class LwF(Distillation):
     name = "lwf"
 
-    def __init__(self, lr: float = 1e-5, alpha: float = 1.0, temperature: float = 2.0, **kw):
-        super().__init__(lr=lr, alpha=alpha, temperature=temperature, kl="forward", inputs="current", **kw)
+    @dataclass
+    class Options(Distillation.Options):
+        kl: str = field(default="forward", init=False)
+        inputs: str = field(default="current", init=False)

@@ -12,6 +12,7 @@ overwrites less of what the model knew.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -32,11 +33,17 @@ def eaft_weights(logits: torch.Tensor, top_k: int = 20) -> torch.Tensor:
 class EAFT(FullFinetune):
     name = "eaft"
 
-    def __init__(self, lr: float = 1e-5, top_k: int = 20, weight_decay: float = 0.1,
-                 betas: tuple[float, float] = (0.9, 0.95)):
-        super().__init__(lr=lr, weight_decay=weight_decay, betas=betas)
-        self.hparams["top_k"] = top_k
-        self.top_k = top_k
+    @dataclass
+    class Options(FullFinetune.Options):
+        top_k: int = 20  # K of the top-K entropy
+
+        def validate(self) -> None:
+            super().validate()
+            self.require(self.top_k >= 2, "top_k", "an integer >= 2")
+
+    def __init__(self, *args, **options):
+        super().__init__(*args, **options)
+        self.top_k = self.options.top_k
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()

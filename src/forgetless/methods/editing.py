@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +51,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, DataSourceError
-from .base import Method, MethodContext
+from .base import Method, MethodContext, MethodOptions
 
 STATS_FILE = "editing_stats.safetensors"
 
@@ -325,7 +325,7 @@ def optimise_delta(model: nn.Module, tok, fact, lin: nn.Linear, steps: int, lr: 
 
 # --------------------------------------------------------------------------- the methods
 @dataclass
-class EditOptions:
+class EditOptions(MethodOptions):
     lr: float = 1.0  # Adam step size of the target (delta) optimisation
     layers: list[int] | None = None  # the edited layers (None: rome [1], memit [0, 1])
     steps: int = 40  # optimisation steps per fact (ROME) or per edit batch (MEMIT)
@@ -337,14 +337,18 @@ class EditOptions:
     cov_ridge: float = 1e-4  # C + ridge * mean(diag C) * I, so that C is safely invertible
     lam: float = 200.0  # MEMIT: weight of the covariance (keys to preserve) against the new keys (see the docs)
 
-    def __post_init__(self) -> None:
-        if self.layers is None:
-            return
-        self.layers = [int(l) for l in ([self.layers] if isinstance(self.layers, int) else self.layers)]
-        if not self.layers:
-            raise ConfigError("editing needs at least one layer.")
-        if self.steps < 1 or self.prompts < 1 or self.cov_tokens < 256 or self.lam <= 0 or self.lr <= 0:
-            raise ConfigError("editing needs steps >= 1, prompts >= 1, cov_tokens >= 256, lam > 0 and lr > 0.")
+    def validate(self) -> None:
+        super().validate()
+        for k in ("steps", "prompts"):
+            self.positive(k, integer=True)
+        self.at_least("cov_tokens", 256)
+        self.positive("lam")
+        self.at_least("kl_weight", 0)
+        self.at_least("weight_decay", 0)
+        self.positive("clamp_norm")
+        if self.layers is not None:
+            self.layers = [int(l) for l in ([self.layers] if isinstance(self.layers, int) else self.layers)]
+            self.require(bool(self.layers), "layers", "a non-empty list of decoder layers")
 
 
 def _experience_facts(context: MethodContext) -> list:
@@ -358,16 +362,16 @@ def _experience_facts(context: MethodContext) -> list:
 
 
 class _Editor(Method):
-    options_cls = EditOptions
+    Options = EditOptions
     trains = False
     grad_clip = None
     default_layers = [1]
 
-    def __init__(self, lr: float = 1.0, **opts: Any):
-        if opts.get("layers") is None:
-            opts["layers"] = list(self.default_layers)
-        self.opts = EditOptions(lr=lr, **opts)
-        super().__init__(lr, **{k: v for k, v in asdict(self.opts).items() if k != "lr"})
+    def __init__(self, *args, **options: Any):
+        super().__init__(*args, **options)
+        self.opts = self.options
+        if self.opts.layers is None:
+            self.opts.layers = list(self.default_layers)
         self.edits = 0
         self.records: list[dict] = []
 

@@ -21,10 +21,11 @@ averaged over the batches:
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 from torch import nn
 
-from ..errors import ConfigError
 from .base import lm_loss_masked
 from .regularization import (
     QuadraticRegularizer,
@@ -57,15 +58,21 @@ def sampled_fisher(model: nn.Module, batches: list[dict], seed: int = 0) -> dict
 
 class EWC(QuadraticRegularizer):
     name = "ewc"
+    needs_stream = True
 
-    def __init__(self, lr: float = 1e-5, lam: float = 100.0, online: bool = False, gamma: float = 1.0,
-                 fisher_batches: int = 8, fisher: str = "empirical", weight_decay: float = 0.1,
-                 betas: tuple[float, float] = (0.9, 0.95)):
-        super().__init__(lr=lr, lam=lam, online=online, gamma=gamma, weight_decay=weight_decay, betas=betas)
-        if fisher not in ("empirical", "sampled"):
-            raise ConfigError(f"ewc fisher must be 'empirical' or 'sampled', got {fisher!r}.")
-        self.hparams.update(fisher_batches=fisher_batches, fisher=fisher)
-        self.fisher_batches, self.fisher = fisher_batches, fisher
+    @dataclass
+    class Options(QuadraticRegularizer.Options):
+        fisher_batches: int = 8  # training batches of the experience the Fisher is estimated on
+        fisher: str = "empirical"  # empirical | sampled
+
+        def validate(self) -> None:
+            super().validate()
+            self.positive("fisher_batches", integer=True)
+            self.one_of("fisher", ("empirical", "sampled"))
+
+    def __init__(self, *args, **options):
+        super().__init__(*args, **options)
+        self.fisher_batches, self.fisher = self.options.fisher_batches, self.options.fisher
 
     def importance(self, model: nn.Module, experience) -> dict[str, torch.Tensor]:
         batches = [experience.train_batch(i) for i in range(min(self.fisher_batches, experience.steps))]
@@ -77,5 +84,7 @@ class EWC(QuadraticRegularizer):
 class OnlineEWC(EWC):
     name = "online_ewc"
 
-    def __init__(self, lr: float = 1e-5, lam: float = 100.0, gamma: float = 0.9, **kw):
-        super().__init__(lr=lr, lam=lam, online=True, gamma=gamma, **kw)
+    @dataclass
+    class Options(EWC.Options):
+        online: bool = field(default=True, init=False)  # always online
+        gamma: float = 0.9

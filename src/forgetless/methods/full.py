@@ -2,19 +2,33 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
 from ..models.memory import memory_layers
-from .base import Method, MethodContext
+from .base import Method, MethodContext, MethodOptions
 
 
 class FullFinetune(Method):
     name = "full"
 
-    def __init__(self, lr: float = 2e-5, weight_decay: float = 0.1, betas: tuple[float, float] = (0.9, 0.95)):
-        super().__init__(lr, weight_decay=weight_decay)
-        self.weight_decay, self.betas = weight_decay, tuple(betas)
+    @dataclass
+    class Options(MethodOptions):
+        lr: float = 1e-5
+        weight_decay: float = 0.1
+        betas: tuple[float, float] = (0.9, 0.95)
+
+        def validate(self) -> None:
+            super().validate()
+            self.at_least("weight_decay", 0)
+            self.betas = tuple(self.betas)
+            self.require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "betas", "two numbers in [0, 1)")
+
+    def __init__(self, *args, **options):
+        super().__init__(*args, **options)
+        self.weight_decay, self.betas = self.options.weight_decay, tuple(self.options.betas)
 
     def setup(self, model: nn.Module, context: MethodContext) -> nn.Module:
         for p in model.parameters():

@@ -17,30 +17,45 @@ prefixes play that role). Only these prefixes of real data are kept, never whole
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 from torch import nn
 
 from ..data.batches import batch_rows
-from ..errors import ConfigError
 from .base import MethodContext
 from .replay import Replay
 
 
 class GenerativeReplay(Replay):
     name = "generative_replay"
+    needs_stream = True
 
-    def __init__(self, lr: float = 1e-5, samples: int = 64, prompt_tokens: int = 4, ratio: float = 0.5,
-                 buffer_size: int = 1024, temperature: float = 1.0, top_p: float = 0.95, max_tokens: int = 128,
-                 seed: int = 0, weight_decay: float = 0.1, betas: tuple[float, float] = (0.9, 0.95)):
-        super().__init__(lr=lr, buffer_size=buffer_size, ratio=ratio, source="buffer", seed=seed,
-                         weight_decay=weight_decay, betas=betas)
-        if samples < 1 or prompt_tokens < 0 or temperature <= 0 or not 0 < top_p <= 1:
-            raise ConfigError("generative_replay needs samples >= 1, prompt_tokens >= 0, temperature > 0, 0 < top_p <= 1.")
-        del self.hparams["source"]
-        self.hparams.update(samples=samples, prompt_tokens=prompt_tokens, temperature=temperature, top_p=top_p,
-                            max_tokens=max_tokens)
-        self.samples, self.prompt_tokens, self.temperature, self.top_p = samples, prompt_tokens, temperature, top_p
-        self.max_tokens = max_tokens
+    @dataclass
+    class Options(Replay.Options):
+        buffer_size: int = 1024  # pseudo-examples kept
+        source: str = field(default="buffer", init=False)  # pseudo-examples only
+        buffer_tokens: int | None = field(default=None, init=False)
+        background_file: str | None = field(default=None, init=False)
+        samples: int = 64  # pseudo-examples written after each experience
+        prompt_tokens: int = 4  # real tokens each pseudo-example starts from (0: none)
+        temperature: float = 1.0
+        top_p: float = 0.95
+        max_tokens: int = 128  # longest pseudo-example
+
+        def validate(self) -> None:
+            super().validate()
+            self.positive("samples", integer=True)
+            self.at_least("prompt_tokens", 0)
+            self.positive("temperature")
+            self.between("top_p", 0, 1, low_open=True)
+            self.positive("max_tokens", integer=True)
+
+    def __init__(self, *args, **options):
+        super().__init__(*args, **options)
+        o = self.options
+        self.samples, self.prompt_tokens, self.temperature, self.top_p = o.samples, o.prompt_tokens, o.temperature, o.top_p
+        self.max_tokens = o.max_tokens
         self._tok = None
         self.generated: list[str] = []  # the first pseudo-example of each experience, decoded
 

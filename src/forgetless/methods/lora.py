@@ -7,11 +7,13 @@ gate/up/down). The product-key memory's own linear layers are named differently
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 from torch import nn
 
 from ..errors import ConfigError
-from .base import Method, MethodContext
+from .base import Method, MethodContext, MethodOptions
 
 LLAMA_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -33,12 +35,26 @@ def lora_config(model: nn.Module, targets: list[str] | str, rank: int, alpha: fl
 class LoRA(Method):
     name = "lora"
 
-    def __init__(self, lr: float = 2e-4, rank: int = 32, alpha: float | None = None,
-                 target_modules: list[str] | str | None = None, dropout: float = 0.0):
-        alpha = float(alpha if alpha is not None else 2 * rank)
-        targets = target_modules or LLAMA_LINEAR
-        super().__init__(lr, rank=rank, alpha=alpha, target_modules=targets)
-        self.rank, self.alpha, self.targets, self.dropout = rank, alpha, targets, dropout
+    @dataclass
+    class Options(MethodOptions):
+        lr: float = 1e-4
+        rank: int = 32
+        alpha: float | None = None  # None: 2 * rank
+        target_modules: list[str] | str | None = field(default_factory=lambda: list(LLAMA_LINEAR))  # null: the same
+        dropout: float = 0.0
+
+        def validate(self) -> None:
+            super().validate()
+            self.positive("rank", integer=True)
+            self.between("dropout", 0, 1, high_open=True)
+            self.alpha = float(self.alpha if self.alpha is not None else 2 * self.rank)
+            t = self.target_modules
+            self.target_modules = [t] if isinstance(t, str) else list(t or LLAMA_LINEAR)
+
+    def __init__(self, *args, **options):
+        super().__init__(*args, **options)
+        o = self.options
+        self.rank, self.alpha, self.targets, self.dropout = o.rank, o.alpha, o.target_modules, o.dropout
 
     def setup(self, model: nn.Module, context: MethodContext) -> nn.Module:
         from peft import get_peft_model

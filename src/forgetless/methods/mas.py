@@ -17,10 +17,11 @@ of ``regularization.py``.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 from torch import nn
 
-from ..errors import ConfigError
 from .regularization import QuadraticRegularizer, mean_gradient_statistic
 
 
@@ -38,14 +39,23 @@ def mas_importance(model: nn.Module, batches: list[dict], output: str = "logits"
 
 class MAS(QuadraticRegularizer):
     name = "mas"
+    needs_stream = True
 
-    def __init__(self, lr: float = 1e-5, lam: float = 1.0, gamma: float = 1.0, mas_batches: int = 8,
-                 output: str = "logits", weight_decay: float = 0.1, betas: tuple[float, float] = (0.9, 0.95)):
-        super().__init__(lr=lr, lam=lam, online=True, gamma=gamma, weight_decay=weight_decay, betas=betas)
-        if output not in ("logits", "softmax"):
-            raise ConfigError(f"mas output must be 'logits' or 'softmax', got {output!r}.")
-        self.hparams.update(mas_batches=mas_batches, output=output)
-        self.mas_batches, self.output = mas_batches, output
+    @dataclass
+    class Options(QuadraticRegularizer.Options):
+        lam: float = 1.0
+        online: bool = field(default=True, init=False)  # importances add up, always online
+        mas_batches: int = 8  # training batches the importance is estimated on
+        output: str = "logits"  # logits | softmax
+
+        def validate(self) -> None:
+            super().validate()
+            self.positive("mas_batches", integer=True)
+            self.one_of("output", ("logits", "softmax"))
+
+    def __init__(self, *args, **options):
+        super().__init__(*args, **options)
+        self.mas_batches, self.output = self.options.mas_batches, self.options.output
 
     def importance(self, model: nn.Module, experience) -> dict[str, torch.Tensor]:
         batches = [experience.train_batch(i) for i in range(min(self.mas_batches, experience.steps))]

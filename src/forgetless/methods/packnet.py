@@ -46,13 +46,14 @@ units after each step and would break the isolation; do not combine it with ``pa
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
 from ..errors import ConfigError
-from .base import Method, MethodContext, freeze_all
+from .base import Method, MethodContext, MethodOptions, freeze_all, nest, unnest
 from .lora import LLAMA_LINEAR
 
 RESETS = ("base", "zero")
@@ -130,23 +131,35 @@ class PackNetModel(nn.Module):
 
 class PackNet(Method):
     name = "packnet"
+    needs_stream = True
 
-    def __init__(self, lr: float = 1e-5, keep: float = 0.5, retrain_fraction: float = 0.3, reset: str = "base",
-                 criterion: str = "magnitude", target_modules: list[str] | str | None = None,
-                 weight_decay: float = 0.1, betas: tuple[float, float] = (0.9, 0.95)):
-        if not 0.0 <= keep <= 1.0:
-            raise ConfigError(f"packnet keep must be a fraction in [0, 1], got {keep}.")
-        if not 0.0 <= retrain_fraction < 1.0:
-            raise ConfigError(f"packnet retrain_fraction must be in [0, 1), got {retrain_fraction}.")
-        if reset not in RESETS:
-            raise ConfigError(f"packnet reset must be one of {RESETS}, got {reset!r}.")
-        if criterion not in CRITERIA:
-            raise ConfigError(f"packnet criterion must be one of {CRITERIA}, got {criterion!r}.")
-        targets = [target_modules] if isinstance(target_modules, str) else list(target_modules or LLAMA_LINEAR)
-        super().__init__(lr, keep=keep, retrain_fraction=retrain_fraction, reset=reset, criterion=criterion,
-                         target_modules=targets, weight_decay=weight_decay)
-        self.keep, self.retrain_fraction, self.reset, self.criterion = keep, retrain_fraction, reset, criterion
-        self.targets, self.weight_decay, self.betas = targets, weight_decay, tuple(betas)
+    @dataclass
+    class Options(MethodOptions):
+        lr: float = 1e-5
+        keep: float = 0.5  # fraction of the free entries each experience keeps
+        retrain_fraction: float = 0.3  # fraction of the steps that retrain after pruning
+        reset: str = "base"  # the free value: base | zero
+        criterion: str = "magnitude"  # magnitude | change
+        target_modules: list[str] | str | None = field(default_factory=lambda: list(LLAMA_LINEAR))  # null: the same
+        weight_decay: float = 0.1
+        betas: tuple[float, float] = (0.9, 0.95)
+
+        def validate(self) -> None:
+            super().validate()
+            self.require(0.0 <= self.keep <= 1.0, "keep", "a fraction in [0, 1]")
+            self.between("retrain_fraction", 0, 1, high_open=True)
+            self.one_of("reset", RESETS)
+            self.one_of("criterion", CRITERIA)
+            self.at_least("weight_decay", 0)
+            t = self.target_modules
+            self.target_modules = [t] if isinstance(t, str) else list(t or LLAMA_LINEAR)
+            self.betas = tuple(self.betas)
+
+    def __init__(self, *args, **options):
+        super().__init__(*args, **options)
+        o = self.options
+        self.keep, self.retrain_fraction, self.reset, self.criterion = o.keep, o.retrain_fraction, o.reset, o.criterion
+        self.targets, self.weight_decay, self.betas = o.target_modules, o.weight_decay, tuple(o.betas)
         self.owners: dict[str, torch.Tensor] = {}  # module name -> int16 owner map (0 free, k owned by k)
         self.base: dict[str, torch.Tensor] = {}  # reset "base": the free value of every entry
         self.done = 0  # finished experiences
@@ -242,14 +255,14 @@ class PackNet(Method):
 
     # --- state -----------------------------------------------------------------------
     def state_tensors(self) -> dict[str, torch.Tensor]:
-        out = {f"owner.{n}": o for n, o in self.owners.items()}
-        out.update({f"base.{n}": b for n, b in self.base.items()})
+        out = nest("owner", self.owners)
+        out.update(nest("base", self.base))
         out["done"] = torch.tensor([self.done], dtype=torch.int64)
         return out
 
     def load_state_tensors(self, state: dict[str, torch.Tensor]) -> None:
-        self.owners = {k[len("owner."):]: v.to(torch.int16) for k, v in state.items() if k.startswith("owner.")}
-        self.base = {k[len("base."):]: v for k, v in state.items() if k.startswith("base.")}
+        self.owners = {k: v.to(torch.int16) for k, v in unnest("owner", state).items()}
+        self.base = unnest("base", state)
         self.done = int(state["done"][0]) if "done" in state else 0
 
     # --- reporting -------------------------------------------------------------------

@@ -24,11 +24,13 @@ is the same, written shorter).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
 from ..errors import ConfigError
-from .base import Plugin
+from .base import Plugin, PluginOptions, nest, unnest
 
 
 def gated_mlps(model: nn.Module) -> dict[str, nn.Module]:
@@ -40,10 +42,23 @@ def gated_mlps(model: nn.Module) -> dict[str, nn.Module]:
 class ContinualBackprop(Plugin):
     name = "continual_backprop"
 
-    def __init__(self, rate: float = 1e-4, maturity: int = 100, decay: float = 0.99, seed: int = 0):
-        if not 0 <= rate <= 1 or maturity < 0 or not 0 <= decay < 1:
-            raise ConfigError("continual_backprop needs 0 <= rate <= 1, maturity >= 0 and 0 <= decay < 1.")
-        self.rate, self.maturity, self.decay, self.seed = rate, maturity, decay, seed
+    @dataclass
+    class Options(PluginOptions):
+        rate: float = 1e-4  # replacements per mature unit and step
+        maturity: int = 100  # steps before a unit may be replaced
+        decay: float = 0.99  # eta of the utility's running average
+        seed: int = 0
+
+        def validate(self) -> None:
+            super().validate()
+            self.between("rate", 0, 1)
+            self.at_least("maturity", 0)
+            self.between("decay", 0, 1, high_open=True)
+
+    def __init__(self, **options):
+        super().__init__(**options)
+        o = self.options
+        self.rate, self.maturity, self.decay, self.seed = o.rate, o.maturity, o.decay, o.seed
         self.utility: dict[str, torch.Tensor] = {}
         self.age: dict[str, torch.Tensor] = {}
         self.pending: dict[str, float] = {}
@@ -63,9 +78,6 @@ class ContinualBackprop(Plugin):
 
     def teardown(self) -> None:
         self.detach()
-
-    def describe(self) -> dict:
-        return {"rate": self.rate, "maturity": self.maturity, "decay": self.decay}
 
     def attach(self, model: nn.Module) -> None:
         self.detach()
@@ -127,24 +139,16 @@ class ContinualBackprop(Plugin):
 
     # state kept across experiences and saved with a run
     def state_tensors(self) -> dict[str, torch.Tensor]:
-        out = {"replaced": torch.tensor([self.replaced])}
-        for n in self.utility:
-            out[f"utility.{n}"] = self.utility[n]
-            out[f"age.{n}"] = self.age[n]
-            out[f"pending.{n}"] = torch.tensor([self.pending[n]], dtype=torch.float64)
+        out = {"replaced": torch.tensor([self.replaced]), **nest("utility", self.utility), **nest("age", self.age)}
+        out.update(nest("pending", {n: torch.tensor([p], dtype=torch.float64) for n, p in self.pending.items()}))
         return out
 
     def load_state_tensors(self, state: dict[str, torch.Tensor]) -> None:
-        for key, v in state.items():
-            kind, _, name = key.partition(".")
-            if kind == "utility":
-                self.utility[name] = v.clone()
-            elif kind == "age":
-                self.age[name] = v.clone()
-            elif kind == "pending":
-                self.pending[name] = float(v[0])
-            elif kind == "replaced":
-                self.replaced = int(v[0])
+        self.utility.update({n: v.clone() for n, v in unnest("utility", state).items()})
+        self.age.update({n: v.clone() for n, v in unnest("age", state).items()})
+        self.pending.update({n: float(v[0]) for n, v in unnest("pending", state).items()})
+        if "replaced" in state:
+            self.replaced = int(state["replaced"][0])
 
 
 def _clear_optimizer_rows(optimizers, param: torch.Tensor, units: torch.Tensor, dim: int) -> None:
@@ -165,8 +169,5 @@ def make_plasticity(option) -> ContinualBackprop | None:
     if option is True:
         return ContinualBackprop()
     if isinstance(option, dict):
-        try:
-            return ContinualBackprop(**option)
-        except TypeError as e:
-            raise ConfigError(f"bad continual_backprop option: {e}.") from None
+        return ContinualBackprop(**option)
     raise ConfigError(f"continual_backprop must be true, false or a mapping of settings, got {option!r}.")

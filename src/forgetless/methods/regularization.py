@@ -18,10 +18,12 @@ parameters. Terms are kept by ``state_tensors()``, so a resumed run has the same
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
-from ..errors import ConfigError
+from .base import nest, unnest_list
 from .full import FullFinetune
 
 Importance = dict[str, torch.Tensor]
@@ -61,13 +63,20 @@ class QuadraticRegularizer(FullFinetune):
 
     name = "quadratic"
 
-    def __init__(self, lr: float = 1e-5, lam: float = 100.0, online: bool = False, gamma: float = 1.0,
-                 weight_decay: float = 0.1, betas: tuple[float, float] = (0.9, 0.95)):
-        super().__init__(lr=lr, weight_decay=weight_decay, betas=betas)
-        if lam < 0 or not 0 <= gamma <= 1:
-            raise ConfigError(f"{self.name} needs lam >= 0 and 0 <= gamma <= 1.")
-        self.hparams.update(lam=lam, online=online, gamma=gamma)
-        self.lam, self.online, self.gamma = lam, online, gamma
+    @dataclass
+    class Options(FullFinetune.Options):
+        lam: float = 100.0  # lambda, the weight of the penalty
+        online: bool = False  # one running (importance, anchor) pair instead of one per experience
+        gamma: float = 1.0  # online: decay of the old importance
+
+        def validate(self) -> None:
+            super().validate()
+            self.at_least("lam", 0)
+            self.between("gamma", 0, 1)
+
+    def __init__(self, *args, **options):
+        super().__init__(*args, **options)
+        self.lam, self.online, self.gamma = self.options.lam, self.options.online, self.options.gamma
         self.terms: list[tuple[Importance, Importance]] = []
 
     def importance(self, model: nn.Module, experience) -> Importance:
@@ -101,12 +110,9 @@ class QuadraticRegularizer(FullFinetune):
     def state_tensors(self) -> dict[str, torch.Tensor]:
         out = {}
         for k, (f, a) in enumerate(self.terms):
-            out.update({f"fisher.{k}.{n}": v for n, v in f.items()})
-            out.update({f"anchor.{k}.{n}": v for n, v in a.items()})
+            out.update(nest(f"fisher.{k}", f))
+            out.update(nest(f"anchor.{k}", a))
         return out
 
     def load_state_tensors(self, state: dict[str, torch.Tensor]) -> None:
-        ks = sorted({int(key.split(".", 2)[1]) for key in state if key.startswith(("fisher.", "anchor."))})
-        self.terms = [({key.split(".", 2)[2]: v for key, v in state.items() if key.startswith(f"fisher.{k}.")},
-                       {key.split(".", 2)[2]: v for key, v in state.items() if key.startswith(f"anchor.{k}.")})
-                      for k in ks]
+        self.terms = list(zip(unnest_list("fisher", state), unnest_list("anchor", state)))

@@ -22,6 +22,7 @@ draws are saved with a run's state, so a resumed run replays exactly the same se
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -81,25 +82,30 @@ class ReservoirBuffer:
 class Replay(FullFinetune):
     name = "replay"
 
-    def __init__(self, lr: float = 1e-5, buffer_size: int = 512, ratio: float = 0.5, source: str = "buffer",
-                 buffer_tokens: int | None = None, background_file: str | None = None, seed: int = 0,
-                 weight_decay: float = 0.1, betas: tuple[float, float] = (0.9, 0.95)):
-        super().__init__(lr=lr, weight_decay=weight_decay, betas=betas)
-        if ratio < 0:
-            raise ConfigError("replay ratio must be >= 0.")
-        if buffer_tokens is not None and buffer_tokens < 1:
-            raise ConfigError("replay buffer_tokens must be >= 1.")
-        self.buffer_tokens = buffer_tokens
-        if source not in SOURCES:
-            raise ConfigError(f"replay source must be one of {SOURCES}, got {source!r}.")
-        self.hparams.update(buffer_size=buffer_size, ratio=ratio, source=source, seed=seed)
-        if buffer_tokens:
-            self.hparams["buffer_tokens"] = buffer_tokens
-        if background_file:
-            self.hparams["background_file"] = background_file
-        self.buffer = ReservoirBuffer(buffer_size, seed)
-        self.ratio, self.source, self.seed = ratio, source, seed
-        self.background_file = background_file
+    @dataclass
+    class Options(FullFinetune.Options):
+        buffer_size: int = 512  # sequences kept (reservoir sampling)
+        ratio: float = 0.5  # replayed sequences per sequence of the batch
+        source: str = "buffer"  # buffer | background | both
+        buffer_tokens: int | None = None  # the buffer's size in tokens instead (capacity from the first batch)
+        background_file: str | None = None  # JSONL of {"text": ...} (default: the model's background_text.jsonl)
+        seed: int = 0
+
+        def validate(self) -> None:
+            super().validate()
+            self.positive("buffer_size", integer=True)
+            self.at_least("ratio", 0)
+            self.one_of("source", SOURCES)
+            if self.buffer_tokens is not None:
+                self.positive("buffer_tokens", integer=True)
+
+    def __init__(self, *args, **options):
+        super().__init__(*args, **options)
+        o = self.options
+        self.buffer_tokens = o.buffer_tokens
+        self.buffer = ReservoirBuffer(o.buffer_size, o.seed)
+        self.ratio, self.source, self.seed = o.ratio, o.source, o.seed
+        self.background_file = o.background_file
         self._background: torch.Tensor | None = None
         self._bg_draws = 0
 
@@ -128,7 +134,6 @@ class Replay(FullFinetune):
             if self.buffer_tokens and self.buffer.seen == 0:  # a token budget: capacity from the first batch
                 mean_len = sum(x.numel() for x, _ in rows) / len(rows)
                 self.buffer.capacity = max(1, int(self.buffer_tokens // mean_len))
-                self.hparams["buffer_size"] = self.buffer.capacity
             for r in rows:
                 self.buffer.add(r)
         return replayed
@@ -143,6 +148,12 @@ class Replay(FullFinetune):
         mixed = pad_rows(rows + replayed, pad)
         device = batch["input_ids"].device
         return {k: v.to(device) for k, v in mixed.items()}
+
+    def describe(self) -> dict:
+        out = super().describe()
+        if self.buffer_tokens:  # the capacity in sequences that the token budget gave
+            out["buffer_size"] = self.buffer.capacity
+        return out
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         out = self.buffer.state_tensors()

@@ -20,10 +20,11 @@ one of the gradient.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 from torch import nn
 
-from ..errors import ConfigError
 from .base import MethodContext
 from .regularization import QuadraticRegularizer
 
@@ -36,14 +37,21 @@ def si_importance(omega: dict[str, torch.Tensor], start: dict[str, torch.Tensor]
 
 class SynapticIntelligence(QuadraticRegularizer):
     name = "si"
+    needs_stream = True
 
-    def __init__(self, lr: float = 1e-5, lam: float = 1.0, xi: float = 1e-3, gamma: float = 1.0,
-                 weight_decay: float = 0.1, betas: tuple[float, float] = (0.9, 0.95)):
-        super().__init__(lr=lr, lam=lam, online=True, gamma=gamma, weight_decay=weight_decay, betas=betas)
-        if xi <= 0:
-            raise ConfigError("si needs xi > 0 (the damping of the normalisation).")
-        self.hparams["xi"] = xi
-        self.xi = xi
+    @dataclass
+    class Options(QuadraticRegularizer.Options):
+        lam: float = 1.0
+        online: bool = field(default=True, init=False)  # cumulative importance, always online
+        xi: float = 1e-3  # damping of the normalisation
+
+        def validate(self) -> None:
+            super().validate()
+            self.positive("xi")
+
+    def __init__(self, *args, **options):
+        super().__init__(*args, **options)
+        self.xi = self.options.xi
         self._start: dict[str, torch.Tensor] = {}
         self._prev: dict[str, torch.Tensor] = {}
         self._grad: dict[str, torch.Tensor] = {}

@@ -21,13 +21,15 @@ Ablations: ``ranking="tf"`` (no IDF) and ``ranking="all"`` (every slot the batch
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
 from ..errors import CheckpointError, ConfigError
 from ..models.checkpoint import MIX_PREFIX
 from ..models.memory import AccessLog, named_memory_layers
-from .base import Method, MethodContext, freeze_all
+from .base import Method, MethodContext, MethodOptions, freeze_all
 
 RANKINGS = ("tfidf", "tf", "all")
 # "mix": the pretraining mixture (general text + fact lines), "general": general text only
@@ -67,13 +69,22 @@ class SparseMemoryFinetune(Method):
     name = "smf"
     grad_clip = None  # plain SGD on the selected rows, as in the paper
 
-    def __init__(self, lr: float = 2.0, top_t: int = 500, ranking: str = "tfidf", background: str = "mix"):
-        if ranking not in RANKINGS:
-            raise ConfigError(f"smf ranking must be one of {RANKINGS}, got {ranking!r}.")
-        if background not in BACKGROUNDS:
-            raise ConfigError(f"smf background must be one of {tuple(BACKGROUNDS)}, got {background!r}.")
-        super().__init__(lr, top_t=top_t, ranking=ranking, background=background)
-        self.top_t, self.ranking, self.background = top_t, ranking, background
+    @dataclass
+    class Options(MethodOptions):
+        lr: float = 3.0
+        top_t: int = 500  # value rows trained per step and memory layer
+        ranking: str = "tfidf"  # tfidf | tf | all (ablations)
+        background: str = "mix"  # the IDF background: mix (pretraining mixture) | general
+
+        def validate(self) -> None:
+            super().validate()
+            self.positive("top_t", integer=True)
+            self.one_of("ranking", RANKINGS)
+            self.one_of("background", BACKGROUNDS)
+
+    def __init__(self, *args, **options):
+        super().__init__(*args, **options)
+        self.top_t, self.ranking, self.background = self.options.top_t, self.options.ranking, self.options.background
         self.last_selected: dict[str, torch.Tensor] = {}
 
     def setup(self, model: nn.Module, context: MethodContext) -> nn.Module:

@@ -20,6 +20,7 @@ outer AdamW; ``others`` (freeze | train); ``seed``.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -28,21 +29,39 @@ from torch import nn
 from ..errors import ConfigError
 from ..models.memory import memory_layers
 from ..models.titans import TITANS_CONFIG_KEY, TitansConfig, add_titans, titans_memories
-from .base import Method, MethodContext, freeze_all
+from .base import Method, MethodContext, MethodOptions, freeze_all
 
 
 class TitansMemory(Method):
     name = "titans"
 
-    def __init__(self, lr: float = 1e-3, layers: list[int] | int = 1, key_dim: int = 64, hidden: int = 128,
-                 chunk: int = 16, eta: float = 0.9, theta: float = 0.5, alpha: float = 0.01,
-                 others: str = "freeze", weight_decay: float = 0.0, seed: int = 0):
-        if others not in ("freeze", "train"):
-            raise ConfigError(f"titans option others must be 'freeze' or 'train', got {others!r}.")
-        self.cfg = TitansConfig(layers=layers, key_dim=key_dim, hidden=hidden, chunk=chunk, eta=eta, theta=theta,
-                                alpha=alpha)
-        super().__init__(lr, **self.cfg.to_dict(), others=others, weight_decay=weight_decay, seed=seed)
-        self.others, self.weight_decay, self.seed = others, weight_decay, seed
+    @dataclass
+    class Options(MethodOptions):
+        lr: float = 1e-3
+        layers: list[int] = field(default_factory=lambda: [1])
+        key_dim: int = 64
+        hidden: int = 128
+        chunk: int = 16
+        eta: float = 0.9
+        theta: float = 0.5
+        alpha: float = 0.01
+        others: str = "freeze"  # freeze | train
+        weight_decay: float = 0.0
+        seed: int = 0
+
+        def validate(self) -> None:
+            super().validate()
+            self.one_of("others", ("freeze", "train"))
+            self.at_least("weight_decay", 0)
+            TitansConfig(layers=self.layers, key_dim=self.key_dim, hidden=self.hidden, chunk=self.chunk,
+                         eta=self.eta, theta=self.theta, alpha=self.alpha)  # its checks
+
+    def __init__(self, *args, **options):
+        super().__init__(*args, **options)
+        o = self.options
+        self.cfg = TitansConfig(layers=o.layers, key_dim=o.key_dim, hidden=o.hidden, chunk=o.chunk, eta=o.eta,
+                                theta=o.theta, alpha=o.alpha)
+        self.others, self.weight_decay, self.seed = o.others, o.weight_decay, o.seed
 
     def setup(self, model: nn.Module, context: MethodContext) -> nn.Module:
         if getattr(model.config, TITANS_CONFIG_KEY, None) is None:

@@ -42,13 +42,14 @@ task vector per experience (a full copy of the parameters each; masks as boolean
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
 
 from ...errors import ConfigError
-from ..base import MethodContext, lm_loss_masked
+from ..base import MethodContext, lm_loss_masked, nest, unnest, unnest_list
 from ..full import FullFinetune
 from . import rules as M
 
@@ -60,35 +61,42 @@ DEFAULT_LAMBDAS = (0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0)  # sparse merges (TIES, 
 
 class Merge(FullFinetune):
     name = "merge"
+    needs_stream = True
 
-    def __init__(self, lr: float = 1e-5, how: str = "task_arithmetic", density: float | None = None,
-                 lambdas: Sequence[float] = DEFAULT_LAMBDAS, valid_batches: int = 4, seed: int = 0,
-                 sign: str = "total", mask_scope: str = "global", mask_steps: int = 10, mask_lr: float = 0.5,
-                 mask_l1: float = 1.0, weight_decay: float = 0.1, betas: tuple[float, float] = (0.9, 0.95)):
-        super().__init__(lr=lr, weight_decay=weight_decay, betas=betas)
-        if how not in HOWS:
-            raise ConfigError(f"merge option 'how' must be one of {HOWS}, got {how!r}.")
-        density = DEFAULT_DENSITY[how] if density is None else float(density)
-        if not 0.0 < density <= 1.0:
-            raise ConfigError(f"merge option 'density' must be in (0, 1], got {density}.")
-        lambdas = [float(x) for x in ([lambdas] if isinstance(lambdas, (int, float)) else lambdas)]
-        if not lambdas:
-            raise ConfigError("merge option 'lambdas' needs at least one scaling value.")
-        if valid_batches < 1:
-            raise ConfigError(f"merge option 'valid_batches' must be >= 1, got {valid_batches}.")
-        if sign not in M.SIGN_METHODS:
-            raise ConfigError(f"merge option 'sign' must be one of {M.SIGN_METHODS}, got {sign!r}.")
-        if mask_scope not in M.MASK_SCOPES:
-            raise ConfigError(f"merge option 'mask_scope' must be one of {M.MASK_SCOPES}, got {mask_scope!r}.")
-        if mask_steps < 0 or mask_lr <= 0 or mask_l1 < 0:
-            raise ConfigError("merge needs mask_steps >= 0, mask_lr > 0 and mask_l1 >= 0.")
-        self.how, self.density, self.lambdas, self.valid_batches = how, density, lambdas, int(valid_batches)
-        self.seed, self.sign, self.mask_scope = int(seed), sign, mask_scope
-        self.mask_steps, self.mask_lr, self.mask_l1 = int(mask_steps), float(mask_lr), float(mask_l1)
-        self.hparams.update(how=how, density=density, lambdas=lambdas, valid_batches=self.valid_batches,
-                            seed=self.seed, sign=sign, mask_scope=mask_scope)
-        if how == "stitch_learned":
-            self.hparams.update(mask_steps=self.mask_steps, mask_lr=self.mask_lr, mask_l1=self.mask_l1)
+    @dataclass
+    class Options(FullFinetune.Options):
+        how: str = "task_arithmetic"  # the merge rule (HOWS)
+        density: float | None = None  # None: DEFAULT_DENSITY[how]
+        lambdas: list[float] | float = field(default_factory=lambda: list(DEFAULT_LAMBDAS))
+        valid_batches: int = 4  # validation batches per seen experience that choose lambda
+        seed: int = 0
+        sign: str = "total"  # TIES sign election
+        mask_scope: str = "global"  # stitch: global | per tensor
+        mask_steps: int = 10  # stitch_learned
+        mask_lr: float = 0.5  # stitch_learned
+        mask_l1: float = 1.0  # stitch_learned
+
+        def validate(self) -> None:
+            super().validate()
+            self.one_of("how", HOWS)
+            self.density = DEFAULT_DENSITY[self.how] if self.density is None else float(self.density)
+            self.between("density", 0, 1, low_open=True)
+            self.lambdas = [float(x) for x in ([self.lambdas] if isinstance(self.lambdas, (int, float))
+                                               else self.lambdas)]
+            self.require(bool(self.lambdas), "lambdas", "a list of at least one scaling value")
+            self.positive("valid_batches", integer=True)
+            self.one_of("sign", M.SIGN_METHODS)
+            self.one_of("mask_scope", M.MASK_SCOPES)
+            self.at_least("mask_steps", 0)
+            self.positive("mask_lr")
+            self.at_least("mask_l1", 0)
+
+    def __init__(self, *args, **options):
+        super().__init__(*args, **options)
+        o = self.options
+        self.how, self.density, self.lambdas, self.valid_batches = o.how, o.density, o.lambdas, o.valid_batches
+        self.seed, self.sign, self.mask_scope = o.seed, o.sign, o.mask_scope
+        self.mask_steps, self.mask_lr, self.mask_l1 = o.mask_steps, o.mask_lr, o.mask_l1
         self.base_params: dict[str, torch.Tensor] = {}
         self.base_buffers: dict[str, torch.Tensor] = {}
         self.taus: list[dict[str, torch.Tensor]] = []
@@ -175,12 +183,12 @@ class Merge(FullFinetune):
 
     # ------------------------------------------------------------------ state
     def state_tensors(self) -> dict[str, torch.Tensor]:
-        out = {f"base_param.{n}": v for n, v in self.base_params.items()}
-        out.update({f"base_buffer.{n}": v for n, v in self.base_buffers.items()})
+        out = nest("base_param", self.base_params)
+        out.update(nest("base_buffer", self.base_buffers))
         for k, tau in enumerate(self.taus):
-            out.update({f"tau.{k}.{n}": v for n, v in tau.items()})
+            out.update(nest(f"tau.{k}", tau))
         for k, mask in enumerate(self.masks):
-            out.update({f"mask.{k}.{n}": v for n, v in mask.items()})
+            out.update(nest(f"mask.{k}", mask))
         if self.history:
             out["history.lambda"] = torch.tensor([h["lambda"] for h in self.history], dtype=torch.float64)
             out["history.valid_loss"] = torch.tensor([[h["valid_loss"][str(l)] for l in self.lambdas]
@@ -188,18 +196,9 @@ class Merge(FullFinetune):
         return out
 
     def load_state_tensors(self, state: dict[str, torch.Tensor]) -> None:
-        self.base_params = {k.split(".", 1)[1]: v for k, v in state.items() if k.startswith("base_param.")}
-        self.base_buffers = {k.split(".", 1)[1]: v for k, v in state.items() if k.startswith("base_buffer.")}
-
-        def per_k(prefix: str) -> list[dict[str, torch.Tensor]]:
-            got: dict[int, dict[str, torch.Tensor]] = {}
-            for key, v in state.items():
-                if key.startswith(prefix + "."):
-                    _, k, n = key.split(".", 2)
-                    got.setdefault(int(k), {})[n] = v
-            return [got[k] for k in sorted(got)]
-
-        self.taus, self.masks = per_k("tau"), per_k("mask")
+        self.base_params = unnest("base_param", state)
+        self.base_buffers = unnest("base_buffer", state)
+        self.taus, self.masks = unnest_list("tau", state), unnest_list("mask", state)
         self.history = []
         if "history.lambda" in state:
             lams, losses = state["history.lambda"].tolist(), state["history.valid_loss"].tolist()
@@ -221,10 +220,11 @@ def _mean_loss(model: nn.Module, valid: list[list[dict]]) -> float:
 
 
 def _alias(how: str) -> type[Merge]:
-    def __init__(self, **kw: Any) -> None:
-        Merge.__init__(self, how=how, **kw)
-
-    return type(f"Merge_{how}", (Merge,), {"name": how, "__init__": __init__,
+    """``merge`` with ``how`` fixed: its Options have ``how`` as a default that cannot be set."""
+    opts = dataclass(type("Options", (Merge.Options,), {
+        "__annotations__": {"how": "str"}, "how": field(default=how, init=False),
+        "__qualname__": f"Merge_{how}.Options", "__module__": __name__}))
+    return type(f"Merge_{how}", (Merge,), {"name": how, "Options": opts, "__module__": __name__,
                                              "__doc__": f"``merge`` with ``how={how!r}``."})
 
 

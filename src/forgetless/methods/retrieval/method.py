@@ -47,6 +47,7 @@ training sequence), per-position retrieval at every token (kNN-LM).
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +55,7 @@ import torch
 from torch import nn
 
 from ...errors import ConfigError
-from ..base import Method, MethodContext
+from ..base import Method, MethodContext, MethodOptions, nest, unnest
 from .index import INDEX_KINDS, PassageIndex
 
 CONTEXT_PREFIX = "Context: "
@@ -308,25 +309,40 @@ class Retrieval(Method):
     name = "retrieval"
     trains = False
 
-    def __init__(self, lr: float = 0.0, index: str = "bm25", top_k: int = 1, max_context_tokens: int = 64,
-                 stride: int = 32, reader_steps: int = 0, reader_lr: float = 1e-4, reader_batch: int = 16,
-                 reader_irrelevant: float = 0.25, reader_qa_contexts: float = 0.0, min_score: float | None = None,
-                 seed: int = 0):
-        if index not in INDEX_KINDS:
-            raise ConfigError(f"retrieval option index must be one of {INDEX_KINDS}, got {index!r}.")
-        if top_k < 1 or max_context_tokens < 8 or stride < 0 or reader_steps < 0:
-            raise ConfigError("retrieval needs top_k >= 1, max_context_tokens >= 8, stride >= 0, reader_steps >= 0.")
-        if not 0.0 <= reader_irrelevant <= 0.5:
-            raise ConfigError(f"retrieval option reader_irrelevant must be between 0 and 0.5, got {reader_irrelevant}.")
-        if not 0.0 <= reader_qa_contexts <= 1.0:
-            raise ConfigError(f"retrieval option reader_qa_contexts must be between 0 and 1, got {reader_qa_contexts}.")
-        super().__init__(lr, index=index, top_k=top_k, max_context_tokens=max_context_tokens, stride=stride,
-                         reader_steps=reader_steps, reader_lr=reader_lr, reader_batch=reader_batch,
-                         reader_irrelevant=reader_irrelevant, reader_qa_contexts=reader_qa_contexts, min_score=min_score,
-                         seed=seed)
-        self.index_kind, self.top_k, self.max_context_tokens, self.stride = index, top_k, max_context_tokens, stride
-        self.reader_steps, self.reader_lr, self.reader_batch, self.seed = reader_steps, reader_lr, reader_batch, seed
-        self.reader_irrelevant, self.reader_qa_contexts, self.min_score = reader_irrelevant, reader_qa_contexts, min_score
+    @dataclass
+    class Options(MethodOptions):
+        lr: float = 0.0  # unused: no weight changes (the reader has reader_lr)
+        index: str = "bm25"  # bm25 | dense
+        top_k: int = 1  # passages put before the input
+        max_context_tokens: int = 64
+        stride: int = 32  # NLL scoring in chunks of this many tokens (0: one query per row)
+        reader_steps: int = 0  # > 0: fine-tune the base once to read its context
+        reader_lr: float = 1e-4
+        reader_batch: int = 16
+        reader_irrelevant: float = 0.25  # reader examples with an irrelevant context
+        reader_qa_contexts: float = 0.0
+        min_score: float | None = None  # hits below it are dropped
+        seed: int = 0
+
+        def validate(self) -> None:  # no super(): lr 0 is allowed here
+            self.at_least("lr", 0)
+            self.one_of("index", INDEX_KINDS)
+            self.require(self.top_k >= 1, "top_k", "an integer >= 1")
+            self.require(self.max_context_tokens >= 8, "max_context_tokens", "an integer >= 8")
+            self.at_least("stride", 0)
+            self.at_least("reader_steps", 0)
+            self.positive("reader_lr")
+            self.positive("reader_batch", integer=True)
+            self.between("reader_irrelevant", 0, 0.5)
+            self.between("reader_qa_contexts", 0, 1)
+
+    def __init__(self, *args, **options):
+        super().__init__(*args, **options)
+        o = self.options
+        self.index_kind, self.top_k, self.max_context_tokens, self.stride = o.index, o.top_k, o.max_context_tokens, o.stride
+        self.reader_steps, self.reader_lr, self.reader_batch, self.seed = o.reader_steps, o.reader_lr, o.reader_batch, o.seed
+        self.reader_irrelevant, self.reader_qa_contexts, self.min_score = o.reader_irrelevant, o.reader_qa_contexts, o.min_score
+        index = o.index
         self.index = PassageIndex(index)
         self.reader_done = False
         self.tok = None
@@ -364,11 +380,11 @@ class Retrieval(Method):
         return 0
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
-        out = {f"index.{k}": v for k, v in self.index.to_tensors().items()}
+        out = nest("index", self.index.to_tensors())
         out["reader_done"] = torch.tensor([int(self.reader_done)])
         return out
 
     def load_state_tensors(self, state: dict[str, torch.Tensor]) -> None:
         self.index = PassageIndex.from_tensors(
-            self.index_kind, {k[len("index."):]: v for k, v in state.items() if k.startswith("index.")})
+            self.index_kind, unnest("index", state))
         self.reader_done = bool(state["reader_done"].item()) if "reader_done" in state else False

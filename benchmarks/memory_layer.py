@@ -19,7 +19,8 @@ top-k of s1[i1]+s2[i2] sums on a few queries (identical rounding: should be 1.00
 
 Table 2, "training throughput": the tiny base of configs/forgetless-tiny.yaml (vocab 8192)
 once with its memory layer and once with ``memory.layers = []`` (dense LlamaMLP everywhere),
-full training steps (bf16 autocast forward, ``lm_loss``, backward, the optimizers of
+full training steps (forward in the precision of ``--precision``, by default bf16 autocast
+only where the CPU computes bf16 natively, ``lm_loss``, backward, the optimizers of
 ``make_optimizers``: SparseAdam on memory values + AdamW, zero_grad) on random token ids.
 tokens/s use the median of ``--steps`` timed steps after 2 warm-up steps (the two
 models' steps are interleaved so both see the same machine load); ``ratio`` is memory / dense
@@ -50,6 +51,7 @@ from forgetless.experiments.pretrain import (
 )
 from forgetless.models.base import build_base
 from forgetless.models.memory import MemoryConfig, ProductKeyMemory
+from forgetless.models.precision import autocast_dtype, describe
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -141,7 +143,7 @@ def bench_training(args) -> list[dict]:
         runs.append((name, section, model, make_optimizers(model, cfg.train), []))
 
     def step(model, opts):
-        with torch.autocast(device_type="cpu", dtype=torch.bfloat16, enabled=not args.no_bf16):
+        with torch.autocast(device_type="cpu", dtype=torch.bfloat16, enabled=args.bf16):
             loss = lm_loss(model, batch)
         loss.backward()
         for o in opts:
@@ -177,7 +179,10 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--steps", type=int, default=8, help="timed training steps per model")
-    ap.add_argument("--no-bf16", action="store_true", help="train in fp32 instead of bf16 autocast")
+    ap.add_argument("--precision", choices=("auto", "bf16", "fp32"), default=None,
+                    help="training precision (default: FORGETLESS_PRECISION, else auto: bf16 autocast only on a "
+                         "CPU with native bf16, see forgetless.models.precision)")
+    ap.add_argument("--no-bf16", action="store_true", help="same as --precision fp32")
     ap.add_argument("--json", type=Path, default=None, help="also write the results as JSON")
     args = ap.parse_args()
     if args.quick:
@@ -185,10 +190,12 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     args.ex_queries = min(args.ex_queries, args.queries)
+    args.bf16 = autocast_dtype("cpu", "fp32" if args.no_bf16 else args.precision) is not None
     threads = torch.get_num_threads()
     load0 = os.getloadavg()[0]
     print(f"torch {torch.__version__}, {threads} threads, CPU: {cpu_model()} ({os.cpu_count()} cores), "
           f"load average (1 min) before: {load0:.2f}")
+    print(f"{describe()}; training runs in {'bf16 autocast' if args.bf16 else 'fp32'}")
 
     t0 = time.time()
     lookup = [bench_lookup(n, args) for n in ((256, 512) if args.quick else (256, 512, 1024))]
@@ -200,7 +207,7 @@ def main() -> None:
                   f"{r['agree_rank']:.3f} / {r['agree_set']:.3f} / {r['agree_sum_exact']:.3f}"] for r in lookup]))
     train = bench_training(args)
     print(table(f"Training throughput, forgetless-tiny, batch {args.batch}x{args.seq}, "
-                f"{'fp32' if args.no_bf16 else 'bf16 autocast'}, median of {args.steps} steps",
+                f"{'bf16 autocast' if args.bf16 else 'fp32'}, median of {args.steps} steps",
                 ["model", "memory layers", "parameters", "ms/step", "tokens/s", "optimizers"],
                 [[r["model"], r["memory_layers"], f"{r['parameters']:,}", f"{r['step_ms']:.0f}",
                   f"{r['tokens_per_s']:,.0f}", "+".join(r["optimizers"])] for r in train]))

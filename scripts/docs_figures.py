@@ -12,8 +12,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from forgetless.report.html import frontier_plot, write_csv, write_facts_report
-from forgetless.report.runs import curves_figure, frontier_figure, heatmaps_figure
+from forgetless.experiments.results import load_results
+from forgetless.report.html import frontier_plot, write_csv
+from forgetless.report.runs import curves_figure, fact_runs, frontier_figure, heatmaps_figure, write_run_report
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
@@ -47,11 +48,11 @@ def main() -> None:
         for kind, (kwargs, dpi) in kinds.items():
             _save(FIGURES[kind](results, **kwargs), IMG / f"{prefix}_{kind}.png", dpi)
     for bench in ("bench-facts", "bench-facts-questions"):
-        results = json.loads((DOCS / bench / "results.json").read_text())
-        print(f"wrote {write_facts_report(results, DOCS / bench).relative_to(ROOT)}")
-        write_csv(results, DOCS / bench / "runs.csv")
+        results = load_results(DOCS / bench / "results.json").to_dict()  # the older bench schema, read as a run
+        print(f"wrote {write_run_report(results, DOCS / bench).relative_to(ROOT)}")
+        write_csv(fact_runs(results), DOCS / bench / "runs.csv")
         if bench == "bench-facts":
-            _save(frontier_plot(results), IMG / "facts_frontier.png")
+            _save(frontier_plot(fact_runs(results)), IMG / "facts_frontier.png")
 
 
 if __name__ == "__main__":

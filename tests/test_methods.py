@@ -12,9 +12,11 @@ from forgetless.data.batches import fact_batch
 from forgetless.data.factfile import load_fact_file
 from forgetless.data.facts import read_builtin_facts
 from forgetless.errors import DataSourceError
-from forgetless.experiments.facts import FactEvaluator, StreamConfig, learn_facts
+from forgetless.evaluate.facts import FactEvaluator
+from forgetless.experiments.facts import learn_facts
+from forgetless.experiments.streams import StreamConfig
 from forgetless.methods import make_method
-from forgetless.methods.smf import keep_rows, select_top_slots, tfidf_scores
+from forgetless.methods.smf import keep_rows, select_read_slots, select_top_slots, tfidf_scores
 from forgetless.models.folder import default_model_dir, load_heldout_ids, open_model
 from forgetless.models.memory import named_memory_layers
 from forgetless.training import MethodContext
@@ -42,6 +44,31 @@ def test_top_t_selection_picks_the_highest_scoring_read_slots():
     assert select_top_slots(scores, counts, 10).tolist() == [0, 2, 3, 4, 6]  # fewer read than t: all read ones
 
 
+@pytest.mark.parametrize("ranking", ["tfidf", "tf", "all"])
+def test_scoring_only_the_read_slots_selects_what_ranking_all_n_selects(ranking):
+    torch.manual_seed(7)
+    n = 4096
+    for trial in range(5):
+        reads = torch.randint(0, n, (1500,)) if trial % 2 else torch.randint(0, 300, (2000,))  # many ties
+        doc_freq = torch.randint(0, 50, (n,))
+        counts = torch.bincount(reads, minlength=n)
+        if ranking == "all":
+            want = (counts > 0).nonzero().flatten()
+        else:
+            scores = tfidf_scores(counts, doc_freq, 60) if ranking == "tfidf" else counts.double()
+            want = select_top_slots(scores, counts, 100)
+        got = select_read_slots(reads, ranking, 100, doc_freq, 60)
+        assert torch.equal(got, want)
+
+
+def test_keep_rows_of_a_coalesced_gradient_stays_coalesced_without_resorting():
+    g = torch.sparse_coo_tensor(torch.tensor([[1, 3, 4, 7]]), torch.arange(8.0).view(4, 2), (9, 2)).coalesce()
+    out = keep_rows(g, torch.tensor([3, 7, 8]))
+    assert out.is_coalesced() and out._indices()[0].tolist() == [3, 7]
+    assert out._values().tolist() == [[2.0, 3.0], [6.0, 7.0]]
+    assert keep_rows(g, torch.tensor([1, 3, 4, 7])) is g  # nothing to drop: the same tensor
+
+
 def test_keep_rows_masks_sparse_and_dense_gradients():
     dense = torch.arange(12.0).view(6, 2)
     sparse = dense.to_sparse()
@@ -57,7 +84,7 @@ def stream_parts():
     model, tok = open_model(BASE)
     ctx = MethodContext.for_folder(BASE, tok)
     facts = read_builtin_facts(BASE / "facts_new.jsonl")[:3]
-    cfg = StreamConfig(batch_size=8, steps_per_fact=2, eval_every=0, retained_sample=10, heldout_tokens=512)
+    cfg = StreamConfig(kind="facts", batch_size=8, steps_per_fact=2, eval_every=0, retained_sample=10, heldout_tokens=512)
     from forgetless.data.facts import load_known_facts
     ev = FactEvaluator(tok, load_known_facts(BASE)[:10], load_heldout_ids(BASE, tok, 512), cfg)
     return tok, ctx, facts, cfg, ev
@@ -121,10 +148,10 @@ def test_full_finetuning_learns_a_fact_it_did_not_know(stream_parts):
     model, _ = open_model(BASE)
     fact = facts[1]
     from forgetless.evaluate.answers import greedy_answers
-    from forgetless.experiments.facts import statement_prompt
+    from forgetless.evaluate.facts import statement_prompt
     prompt = statement_prompt(fact)
     assert greedy_answers(model, tok, [prompt])[0] != fact.answer
-    c = StreamConfig(batch_size=8, steps_per_fact=8, eval_every=0, retained_sample=10, heldout_tokens=512)
+    c = StreamConfig(kind="facts", batch_size=8, steps_per_fact=8, eval_every=0, retained_sample=10, heldout_tokens=512)
     model, res = learn_facts(model, tok, [fact], make_method("full", lr=1e-4), ev, c, ctx, progress=False,
                              log=lambda s: None)
     assert res.final.statement_acc == 1.0  # the trained statement is completed with the taught answer
@@ -166,21 +193,29 @@ def test_fact_file_paraphrases_from_templates_and_probe_wrapping(tmp_path):
 
 @pytest.mark.e2e
 def test_bench_facts_quick_writes_results_csv_and_report(tmp_path):
+    from forgetless.report.runs import fact_runs
+
     out = tmp_path / "bench"
     assert main(["bench", "facts", "--quick", "--facts", "3", "--steps-per-fact", "1", "--out", str(out)]) == 0
     res = json.loads((out / "results.json").read_text())
-    assert [r["method"] for r in res["runs"]] == ["full", "lora", "smf"]
-    for r in res["runs"]:
-        for k in ("method", "lr", "learned", "retained", "retained_drop", "heldout_nll_delta",
-                  "trainable_params_per_step", "seconds_per_step"):
-            assert k in r, k
-        assert 0 <= r["learned"] <= 1 and r["seconds_per_step"] > 0
-        assert abs(r["retained_drop"] - (res["base"]["retained"] - r["retained"]) / res["base"]["retained"]) < 1e-9
-    sizes = {r["method"]: r["trainable_params_per_step"] for r in res["runs"]}
+    assert res["stream"]["kind"] == "facts" and res["stream"]["experiences"] == ["facts 1"]
+    assert list(res["methods"]) == ["full lr=1e-05", "lora lr=0.0001 rank=32", "smf lr=3 top_t=500"]
+    view = fact_runs(res)
+    assert [r["method"] for r in view["runs"]] == ["full", "lora", "smf"]
+    for (label, m), r in zip(res["methods"].items(), view["runs"]):
+        f = m["facts"]
+        assert 0 <= f["final"]["learned"] <= 1 and f["seconds_per_step"] > 0 and f["steps"] == 3
+        assert f["final"]["learned"] == m["R"][0][0]  # one experience: R is the learned score
+        base = f["base"]["retained"]
+        assert abs(f["retained_drop"] - (base - f["final"]["retained"]) / base) < 1e-9
+        assert r["retained_drop"] == f["retained_drop"] and r["label"] == label
+    sizes = {r["method"]: r["trainable_params_per_step"] for r in view["runs"]}
     assert sizes["smf"] == 500 * 256 < sizes["lora"] < sizes["full"]
     assert len((out / "runs.csv").read_text().strip().splitlines()) == 4
+    assert len((out / "metrics.csv").read_text().strip().splitlines()) == 4
     html = (out / "report.html").read_text()
-    assert html.count("data:image/png;base64,") == 2
+    assert "Fact scores" in html and "Learning–forgetting frontier" in html
+    assert html.count('data-method="smf"') == 1  # one row of the fact table per entry
 
 
 def test_eaft_weights_are_normalised_entropies_without_gradient():

@@ -1,4 +1,6 @@
-"""The self-contained HTML report of the fact-injection benchmark (forgetless.report.html)."""
+"""The fact sections of the run report (forgetless.report.html figures and tables, shown by
+forgetless.report.runs.write_run_report for every run with fact scores), fed the schema older
+`bench facts` runs wrote, read through forgetless.experiments.results."""
 
 from __future__ import annotations
 
@@ -16,8 +18,14 @@ from forgetless.report.html import (
     html_table,
     pareto_front,
     write_csv,
-    write_facts_report,
 )
+from forgetless.experiments.results import RunResult
+from forgetless.report.runs import write_run_report
+
+
+def write_facts_report(results: dict, out_dir):
+    """The one run report of a bench result in the old schema."""
+    return write_run_report(RunResult.from_dict(results).to_dict(), out_dir)
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 BASE_RETAINED = 0.88

@@ -41,6 +41,9 @@ _API = {
     "run": "forgetless.experiments.runner",
     "learn_facts": "forgetless.experiments.facts",
     "bench_facts": "forgetless.experiments.bench",
+    "RunResult": "forgetless.experiments.results",
+    "FactScores": "forgetless.evaluate.facts",
+    "FactEvaluator": "forgetless.evaluate.facts",
 }
 
 __all__ = ["__version__", *_API]

@@ -120,10 +120,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _stream_config(args: argparse.Namespace):
-    from .experiments.facts import StreamConfig
+    """The facts stream of `learn` / `bench facts`; --eval-every counts facts, the config steps."""
+    from .experiments.streams import StreamConfig
 
-    return StreamConfig(batch_size=args.batch_size, steps_per_fact=args.steps_per_fact, eval_every=args.eval_every,
-                        loss_on=args.loss_on, questions=args.questions, seed=args.seed)
+    return StreamConfig(kind="facts", batch_size=args.batch_size, steps_per_fact=args.steps_per_fact,
+                        eval_every=args.eval_every * args.steps_per_fact, loss_on=args.loss_on,
+                        questions=args.questions, seed=args.seed, retained_sample=200)
 
 
 # `forgetless learn` flags that set a method option (flag dest -> option name)
@@ -253,14 +255,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from .experiments.bench import bench_facts, format_table, parse_lrs, quick_lrs
-    from .experiments.facts import StreamConfig
 
     model_dir = Path(args.model or default_model_dir())
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     lrs = parse_lrs(args.lrs, methods)
     n = args.facts
-    stream = StreamConfig(batch_size=args.batch_size, steps_per_fact=args.steps_per_fact, eval_every=args.eval_every,
-                          loss_on=args.loss_on, questions=args.questions, seed=args.seed)
+    stream = _stream_config(args)
     ranks = [int(r) for r in args.ranks.split(",")]
     if args.quick:
         n = min(n, 8) if args.facts == 50 else n
@@ -274,7 +274,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                           top_t=args.top_t, smf_background=args.background, facts_file=Path(args.facts_file) if args.facts_file else None,
                           command="forgetless " + " ".join(sys.argv[1:]), progress=False)
     print(format_table(results))
-    print(f"wrote {out / 'results.json'}, {out / 'runs.csv'} and {out / 'report.html'}")
+    print(f"wrote {out / 'results.json'}, {out / 'runs.csv'}, {out / 'metrics.csv'} and {out / 'report.html'}")
     return 0
 
 
@@ -305,18 +305,19 @@ def format_metrics(res: dict) -> str:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from .report.runs import compare_runs, write_metrics_csv, write_run_report
+    from .experiments.results import load_results
+    from .report.html import write_csv
+    from .report.runs import compare_runs, fact_runs, write_metrics_csv, write_run_report
 
     loaded = []
     for d in args.run_dirs:
         p = Path(d) / "results.json"
         if not p.is_file():
             raise ForgetlessError(f"{d} has no results.json; give the folder of one experiment of a run.")
-        try:
-            res = json.loads(p.read_text())
-        except json.JSONDecodeError:
-            raise ForgetlessError(f"{p} is not valid JSON.") from None
+        res = load_results(p).to_dict()  # also the schema older `bench facts` runs wrote
         write_metrics_csv(res, Path(d) / "metrics.csv")
+        if fact_runs(res)["runs"]:
+            write_csv(fact_runs(res), Path(d) / "runs.csv")
         print(f"rebuilt {write_run_report(res, Path(d))}")
         loaded.append(res)
     if len(loaded) > 1:
@@ -327,7 +328,9 @@ def cmd_report(args: argparse.Namespace) -> int:
 def _stream_args(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--batch-size", type=POSITIVE_INT, default=16, help="differently-worded statements per step (default 16)")
     sp.add_argument("--steps-per-fact", type=POSITIVE_INT, default=4, help="optimizer steps per fact (default 4)")
-    sp.add_argument("--eval-every", type=NON_NEGATIVE_INT, default=25, help="evaluate every K facts (0: only at the end)")
+    sp.add_argument("--eval-every", type=NON_NEGATIVE_INT, default=25,
+                    help="evaluate every K facts (0: only at the end); the stream config stores it as "
+                         "eval_every = K * steps-per-fact optimizer steps, the unit of every stream")
     sp.add_argument("--loss-on", choices=["all", "answer"], default="all", help="loss on all statement tokens or the answer")
     sp.add_argument("--questions", action="store_true",
                     help="also train on question/answer lines (training templates, never the probe wording)")
@@ -423,7 +426,8 @@ def build_parser() -> argparse.ArgumentParser:
                          description="Each method over a learning-rate sweep (LoRA also over ranks) on one shared "
                                      "stream of new facts; writes results.json, runs.csv and report.html.")
     _model_arg(bp)
-    bp.add_argument("--methods", default="full,lora,smf", help="comma list: full, lora, smf, smf-tf, smf-all, eaft, rome, memit")
+    bp.add_argument("--methods", default="full,lora,smf", help="comma list of methods (full, lora, smf, smf-tf, smf-all, eaft, or any method of "
+                                              "`forgetless run` that learns from one experience: ewc, retrieval, ...)")
     bp.add_argument("--facts", type=POSITIVE_INT, default=50, help="number of facts in the stream (default 50)")
     bp.add_argument("--facts-file", default=None, help="JSONL fact file (default: the model's new facts)")
     bp.add_argument("--lrs", nargs="*", default=None, help="'1e-5,3e-5' for all methods or 'smf=1,3,10 full=...'")

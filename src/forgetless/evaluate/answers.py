@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 import re
 import string
@@ -44,24 +45,72 @@ def cut_answer(text: str) -> str:
     return text.strip().rstrip(".,;").strip()
 
 
+# a cut made by ``cut_answer`` that no later text can move: a newline, a new "Question:" etc.,
+# or a full stop followed by whitespace (the text after it is dropped whatever it is)
+_FINAL_CUT = re.compile(r"\n|\s(?:Question|Answer|Context):|(?<![A-Z])(?<!\b[A-Z][a-z])\.\s")
+
+
+def answer_is_final(text: str) -> bool:
+    """True when ``cut_answer(text + anything) == cut_answer(text)``: generation can stop."""
+    return _FINAL_CUT.search(text) is not None
+
+
 @torch.no_grad()
 def greedy_answers(model: nn.Module, tokenizer, prompts: list[str], max_new_tokens: int = 10,
                    batch_size: int = 64) -> list[str]:
-    """Greedy continuation of each prompt, cut to its answer (batched, left-padded, KV cache)."""
+    """Greedy continuation of each prompt, cut to its answer (``cut_answer``).
+
+    Batched and left-padded, with a KV cache; a row leaves the batch (its cache rows are
+    dropped) as soon as its answer is final: at EOS, at a newline, or at any cut that later
+    tokens cannot move (``answer_is_final``), so no token is scored after an answer's end.
+    The answers equal those of ``model.generate(do_sample=False)`` cut by ``cut_answer``."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     out: list[str] = []
     tokenizer.padding_side = "left"
+    eos = tokenizer.eos_token_id
     for i in range(0, len(prompts), batch_size):
         chunk = prompts[i:i + batch_size]
         enc = tokenizer(chunk, return_tensors="pt", padding=True).to(device)
-        gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-        new = gen[:, enc["input_ids"].shape[1]:]
-        out += [cut_answer(t) for t in tokenizer.batch_decode(new, skip_special_tokens=True)]
+        out += [cut_answer(t) for t in _greedy_rows(model, tokenizer, enc["input_ids"], enc["attention_mask"],
+                                                    max_new_tokens, eos)]
     model.train(was_training)
     return out
+
+
+def _greedy_rows(model: nn.Module, tokenizer, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int,
+                 eos: int | None) -> list[str]:
+    """Decoded continuations (up to each row's stop) of a left-padded batch."""
+    n = ids.shape[0]
+    generated: list[list[int]] = [[] for _ in range(n)]
+    rows = torch.arange(n)  # batch position -> prompt row
+    pos = (mask.long().cumsum(-1) - 1).clamp_min(0)
+    # transformers >= 5.2x names the KV cache "cache" (earlier: "past_key_values")
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT wrappers
+    cache_kw = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+    res = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
+    cache, nxt = getattr(res, cache_kw), res.logits[:, -1].argmax(-1)
+    for step in range(max_new_tokens):
+        keep = []
+        for b, (r, tok) in enumerate(zip(rows.tolist(), nxt.tolist())):
+            if tok == eos:
+                continue
+            generated[r].append(tok)
+            if not answer_is_final(tokenizer.decode(generated[r], skip_special_tokens=True)):
+                keep.append(b)
+        if step == max_new_tokens - 1 or not keep:
+            break
+        if len(keep) < rows.numel():
+            sel = torch.tensor(keep, device=ids.device)
+            cache.batch_select_indices(sel)
+            rows, nxt, mask = rows[sel.cpu()], nxt[sel], mask[sel]
+        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+        pos = mask.long().sum(-1, keepdim=True) - 1
+        res = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos, use_cache=True,
+                    **{cache_kw: cache})
+        cache, nxt = getattr(res, cache_kw), res.logits[:, -1].argmax(-1)
+    return [tokenizer.decode(g, skip_special_tokens=True) for g in generated]
 
 
 def score_answers(preds: list[str], golds: list[str]) -> dict[str, float]:

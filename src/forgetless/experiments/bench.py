@@ -1,16 +1,19 @@
 """`forgetless bench facts`: full fine-tuning vs LoRA vs sparse memory finetuning on one fact stream.
 
-Every method runs over a small learning-rate sweep (LoRA also over ranks) on the *same*
-stream of new facts, from the same base; each run is evaluated the same way (see learn.py).
-Writes ``results.json``, ``runs.csv`` and ``report.html`` (frontier + curves) to the output folder.
+A bench is a run: a facts stream of one experience holding the N facts and a method grid (every
+method over a small learning-rate sweep, LoRA also over ranks) as labelled method entries, run
+by ``runner.run_experiment``. So it resumes, and writes the run's ``results.json`` schema
+(``results.RunResult``, with the fact scores of every entry), ``metrics.csv``, the run report
+``report.html`` (with the learned-vs-retained frontier) and ``runs.csv`` (one row per entry).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import platform
-import random
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
@@ -18,14 +21,14 @@ import torch
 
 from ..config import to_dict
 from ..data.factfile import load_fact_file
-from ..data.facts import load_known_facts
 from ..errors import ConfigError
-from ..methods import METHODS, default_options, make_method
+from ..files import MARKER, FolderLock
+from ..methods import METHODS, default_options
 from ..models.checkpoint import write_json
-from ..models.folder import load_heldout_ids, open_model
-from ..report.html import write_csv, write_facts_report
-from ..training.lifecycle import MethodContext
-from .facts import FactEvaluator, StreamConfig, evaluate_before, learn_facts
+from ..report.html import write_csv
+from ..report.runs import fact_runs
+from .runner import ExperimentConfig, RunConfig, _changes, config_hash, run_experiment
+from .streams import StreamConfig
 
 # Learning-rate sweeps (not defaults: a single run takes the method's Options default), calibrated on
 # forgetless-tiny (see README): each sweep reaches well above the base's learned score.
@@ -55,6 +58,8 @@ def parse_lrs(spec: list[str] | None, methods: list[str]) -> dict[str, list[floa
     """``["1e-5,3e-5"]`` (every method) or ``["full=1e-5,3e-5", "smf=10,30"]`` (per method); a
     method without a sweep runs once at its default learning rate."""
     for m in methods:
+        if m in NEEDS_EXPERIENCES:
+            raise ConfigError(f"--methods {m}: {NEEDS_EXPERIENCES[m]}; use `forgetless run` with a facts stream.")
         if ALIASES.get(m, (m,))[0] not in METHODS:
             raise ConfigError(f"unknown method {m!r} in --methods; choose from {', '.join([*METHODS, *ALIASES])}.")
     lrs = {m: list(LR_SWEEPS.get(m, [default_lr(m)])) for m in methods}
@@ -84,82 +89,82 @@ def _machine() -> dict:
             "device": "cpu", "load_average": os.getloadavg()[0]}
 
 
+# methods whose point is several experiences: on the one experience of a bench they are not comparable
+NEEDS_EXPERIENCES = {"joint": "joint training is the upper bound of a stream of several experiences"}
+
+
+def bench_grid(methods: list[str], lrs: dict[str, list[float]], lora_ranks: list[int], top_t: int = 500,
+               smf_background: str = "mix") -> list[dict]:
+    """The method grid as labelled method entries of a run config (``label`` as the old bench named them)."""
+    grid: list[dict] = []
+    for m in methods:
+        if m in NEEDS_EXPERIENCES:
+            raise ConfigError(f"--methods {m}: {NEEDS_EXPERIENCES[m]}; use `forgetless run` with a facts stream.")
+        base_name, extra = ALIASES.get(m, (m, {}))
+        for lr in lrs[m]:
+            if base_name == "lora":
+                opts = [{"rank": r} for r in lora_ranks]
+            elif base_name == "smf":
+                opts = [{"top_t": top_t, **({} if smf_background == "mix" else {"background": smf_background}), **extra}]
+            else:
+                opts = [dict(extra)]
+            for hp in opts:
+                label = f"{m} lr={lr:g}" + "".join(f" {k}={v}" for k, v in hp.items() if k != "ranking")
+                grid.append({"name": base_name, "label": label, "lr": lr, **hp})
+    return grid
+
+
 def bench_facts(model_dir: Path, out_dir: Path, methods: list[str], n_facts: int = 100,
                 lrs: dict[str, list[float]] | None = None, lora_ranks: list[int] | None = None,
                 stream: StreamConfig | None = None, top_t: int = 500, smf_background: str = "mix",
                 facts_file: Path | None = None,
                 command: str = "", log: Callable[[str], None] = print, progress: bool = False) -> dict:
-    stream = stream or StreamConfig()
+    """Run the grid on one stream of ``n_facts`` facts (the first of the file shuffled by
+    ``stream.seed``); returns the run's results dict (``results.RunResult.to_dict``)."""
+    stream = replace(stream or StreamConfig(retained_sample=200, eval_every=100), kind="facts")
     lrs = lrs or parse_lrs(None, methods)
-    lora_ranks = lora_ranks or DEFAULT_LORA_RANKS
-    facts = load_fact_file(facts_file or model_dir / "facts_new.jsonl")
-    random.Random(stream.seed).shuffle(facts)
-    facts = facts[:n_facts]
-    model, tok = open_model(model_dir)
-    known = load_known_facts(model_dir)
-    heldout = load_heldout_ids(model_dir, tok, 4 * stream.heldout_tokens)
-    evaluator = FactEvaluator(tok, known, heldout, stream)
-    results: dict = {
-        "title": "Fact injection: learning vs forgetting", "command": command, "machine": _machine(),
-        "model": str(model_dir),
-        "stream": {"n_facts": len(facts), **to_dict(stream), "fact_ids": [f.id for f in facts],
-                   "facts_file": str(facts_file or model_dir / "facts_new.jsonl")},
-        "runs": [],
-    }
-    grid: list[tuple[str, str, float, dict]] = []
-    for m in methods:
-        base_name, extra = ALIASES.get(m, (m, {}))
-        for lr in lrs[m]:
-            if base_name == "lora":
-                grid += [(m, base_name, lr, {"rank": r}) for r in lora_ranks]
-            elif base_name == "smf":
-                bg = {} if smf_background == "mix" else {"background": smf_background}
-                grid.append((m, base_name, lr, {"top_t": top_t, **bg, **extra}))
-            else:
-                grid.append((m, base_name, lr, dict(extra)))
-    out_dir.mkdir(parents=True, exist_ok=True)
+    grid = bench_grid(methods, lrs, lora_ranks or DEFAULT_LORA_RANKS, top_t, smf_background)
+    path = Path(facts_file or stream.facts_file or Path(model_dir) / "facts_new.jsonl")
+    stream.facts_file, stream.experiences = str(path), 1
+    stream.facts_per_experience = min(n_facts, len(load_fact_file(path)))
+    exp = ExperimentConfig(name="bench-facts", stream=stream, methods=grid)
     t0 = time.time()
-    base = evaluate_before(model, facts, evaluator)
-    results["base"] = {"learned": base.learned, "learned_f1": base.learned_f1, "statement_acc": base.statement_acc,
-                       "retained": base.retained, "heldout_nll": base.heldout_nll}
-    log(f"base: learned {base.learned:.1%} of {len(facts)} facts, retained {base.retained:.1%}, "
-        f"held-out NLL {base.heldout_nll:.3f}")
-    for i, (label_method, name, lr, hp) in enumerate(grid):
-        model, tok = open_model(model_dir)
-        ctx = MethodContext.for_folder(model_dir, tok)
-        method = make_method(name, lr=lr, **hp)
-        _, res = learn_facts(model, tok, facts, method, evaluator, stream, ctx, progress=progress,
-                             log=lambda s: None, base=base)
-        row = {"method": label_method, "lr": lr, "hparams": hp, **res.summary()}
-        row["label"] = f"{label_method} lr={lr:g}" + "".join(f" {k}={v}" for k, v in hp.items()
-                                                               if k not in ("ranking",))
-        results["runs"].append(row)
-        log(f"[{i + 1}/{len(grid)} {time.time() - t0:.0f}s] {row['label']}: learned {row['learned']:.1%}, "
-            f"retained {row['retained']:.1%} (drop {row['retained_drop']:.1%}), held-out NLL "
-            f"{row['heldout_nll_delta']:+.3f}, {row['seconds_per_step'] * 1000:.0f} ms/step")
-        write_json(out_dir / "results.json", results)
-    results["seconds"] = time.time() - t0
-    write_json(out_dir / "results.json", results)
-    write_csv(results, out_dir / "runs.csv")
-    write_facts_report(results, out_dir)
+    done = [0]
+
+    def show(line: str) -> None:  # one line per finished grid entry (the runner's fact summary)
+        if ": learned " in line:
+            done[0] += 1
+            log(f"[{done[0]}/{len(grid)} {time.time() - t0:.0f}s] {line}")
+
+    out_dir = Path(out_dir)
+    cfg = RunConfig(name="bench-facts", seed=stream.seed, model=str(model_dir), experiments=[exp])
+    with FolderLock(out_dir, "forgetless bench facts"):
+        marker = out_dir / MARKER
+        saved = json.loads(marker.read_text()) if marker.is_file() else {}
+        if saved.get("config_hash") not in (None, config_hash(cfg)):
+            changed = _changes(saved.get("config") or {}, to_dict(cfg))
+            raise ConfigError(f"{out_dir} holds a bench of other settings ({'; '.join(changed[:3]) or 'changed'}); "
+                              f"choose another --out (a rerun with the same settings resumes).")
+        write_json(marker, {"kind": "bench", "config_hash": config_hash(cfg), "config": to_dict(cfg)})
+        results = run_experiment(exp, Path(model_dir), stream.seed, out_dir, progress, show, command, _machine())
+    write_csv(fact_runs(results), Path(out_dir) / "runs.csv")
     return results
 
 
 def format_table(results: dict) -> str:
-    b = results["base"]
+    view = fact_runs(results)
+    b = view["base"]
     lines = [f"base: learned {b['learned']:.1%}, retained {b['retained']:.1%}, held-out NLL {b['heldout_nll']:.3f}",
              "| run | learned | statement acc | retained | retained drop | held-out NLL delta | trainable params/step | ms/step |",
              "|---|---|---|---|---|---|---|---|"]
-    for r in results["runs"]:
+    for r in view["runs"]:
         lines.append(f"| {r['label']} | {r['learned']:.1%} | {r['statement_acc']:.1%} | {r['retained']:.1%} | "
                      f"{r['retained_drop']:.1%} | {r['heldout_nll_delta']:+.3f} | {r['trainable_params_per_step']:,} | "
                      f"{r['seconds_per_step'] * 1000:.0f} |")
     lines += ["", "EasyEdit's measures (reliability: training question; generalization: unseen probe; "
               "locality: retained known facts; portability: two-hop continent question)",
               "| run | reliability | generalization | locality | portability |", "|---|---|---|---|---|"]
-    first = results["runs"][0]["easyedit"]["base"] if results["runs"] else None
-    rows = ([("base", first)] if first else []) + [(r["label"], r["easyedit"]) for r in results["runs"]]
-    for label, e in rows:
-        lines.append(f"| {label} | {e['reliability']:.1%} | {e['generalization']:.1%} | {e['locality']:.1%} | "
-                     f"{e['portability']:.1%} |")
+    for label, e in [("base", b)] + [(r["label"], r) for r in view["runs"]]:
+        cells = [e.get(k) or 0.0 for k in ("reliability", "learned", "retained", "portability")]
+        lines.append("| " + label + " | " + " | ".join(f"{c:.1%}" for c in cells) + " |")
     return "\n".join(lines)

@@ -43,6 +43,7 @@ from ..models.base import MemorySection, ModelConfig, build_base
 from ..models.checkpoint import MIX_PREFIX, atomic_folder, save_model, write_json
 from ..models.cms import LevelSchedule, cms_named_levels
 from ..models.memory import memory_layers, memory_parameter_groups
+from ..models.precision import autocast_dtype
 from ..models.tokenizer import EOS, load_tokenizer, train_tokenizer
 from ..report.modelcard import memory_health, write_model_card
 from ..training.loop import load_training_state, save_training_state, train_loop
@@ -68,7 +69,7 @@ class TrainConfig:
     values_lr: float = 1e-3  # SparseAdam on the memory value table (its own group, like the paper)
     keys_lr: float | None = None  # memory sub-keys and query projection (None = lr)
     grad_clip: float = 1.0
-    bf16: bool = True
+    bf16: bool = True  # bf16 autocast where the hardware computes bf16 natively (models/precision.py)
     device: str = "auto"
     eval_every: int = 500
     checkpoint_every: int = 500
@@ -370,7 +371,7 @@ def pretrain(cfg: PretrainConfig, out_dir: str | os.PathLike, resume: bool = Tru
         log(f"training {sum(p.numel() for p in model.parameters()):,} parameters on {device} "
             f"for {t.steps - start} steps of {t.batch_size}x{t.seq_len} tokens")
         train_loop(model, opts, lambda s: sampler(s).to(device), lm_loss, t.steps, start_step=start,
-                   schedulers=scheds, grad_clip=t.grad_clip, bf16=t.bf16 and device.type in ("cpu", "cuda"),
+                   schedulers=scheds, grad_clip=t.grad_clip, bf16=t.bf16 and autocast_dtype(device) is not None,
                    after_step=after_step, after_backward=schedule, on_eval=on_eval, eval_every=t.eval_every, on_checkpoint=on_checkpoint,
                    checkpoint_every=t.checkpoint_every, progress=progress, desc="pretraining",
                    tokens_per_batch=lambda b: b[:, :-1].numel())

@@ -24,7 +24,7 @@ import json
 import re
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -46,6 +46,7 @@ from ..training.lifecycle import (
     load_method_state,
     method_state,
 )
+from .results import FactRecord, FactScores, MethodResult, RunResult
 from .streams import Stream, StreamConfig, build_stream
 
 BASELINES = {"naive": "full", "joint": "full"}
@@ -154,22 +155,47 @@ def _load_state(state_dir: Path, method=None) -> tuple[object, dict] | None:
     return load_model(state_dir / "model"), json.loads((state_dir / "progress.json").read_text())
 
 
-def run_sequential(stream: Stream, model_dir: Path, label: str, spec: dict, out: Path, progress: bool,
-                   log: Callable[[str], None]) -> dict:
-    _, base, opts = _method_args(spec)
-    model, tok = open_model(model_dir)
-    ctx = MethodContext.for_folder(model_dir, tok)
-    state_dir = out / label / "state"
-    method = make_method(base, **opts)  # one method object for the whole stream
-    loaded = _load_state(state_dir, method)
+def _state_name(label: str) -> str:
+    """A method label as a folder name (``bench facts`` labels such as ``lora lr=0.0001 rank=8``)."""
+    return re.sub(r"[^\w.=+-]+", "_", label)
+
+
+def new_record(model, stream: Stream, model_dir: Path | None) -> dict:
+    """The progress record of a method before training: scores of the base, the curve's first point
+    and, on a fact stream, the base model's fact scores."""
+    rec = {"b": _scores(model, stream, -1), "b_extra": stream.extra_score(model), "R": [], "extra": [],
+           "curve": [], "boundaries": [], "seconds": 0.0, "train_seconds": 0.0, "steps": 0, "trainable_params": 0}
+    rec["curve"].append({"step": 0, "experience": 0, "scores": rec["b"]})
+    if stream.facts is not None and model_dir is not None:
+        rec["facts_base"] = asdict(stream.facts.base(model_dir))
+        rec["facts_curve"] = [{**asdict(stream.facts.base_curve(model_dir)), "step": 0}]
+    return rec
+
+
+def _fact_point(stream: Stream, rec: dict, model, k: int, step: int, offset: int) -> None:
+    """A point of the fact curve: the facts taught so far, the known-fact sample, held-out text."""
+    if stream.facts is None:
+        return
+    taught = stream.facts.taught(stream.experiences, k, step)
+    rec.setdefault("facts_curve", []).append({**asdict(stream.facts.evaluator(model, taught, len(taught))),
+                                              "step": offset + step})
+
+
+def _fact_final(stream: Stream, rec: dict, model) -> None:
+    """The final fact scores (every taught fact; every known fact when ``final_all_known``)."""
+    if stream.facts is not None:
+        rec["facts_final"] = asdict(stream.facts.evaluator(model, stream.facts.facts, len(stream.facts.facts),
+                                                           final=True))
+
+
+def learn_stream(stream: Stream, model, ctx: MethodContext, method, rec: dict, label: str, progress: bool,
+                 log: Callable[[str], None], state_dir: Path | None = None):
+    """The one sequential pipeline: ``method`` learns the stream's experiences from ``len(rec["R"])``
+    on, each through ``fit_experience``; after each one the model is scored on every experience
+    (R), on the extra column and, on a fact stream, with the fact evaluator (the curve; the final
+    fact scores after the last one). With ``state_dir`` the model, method state and ``rec`` are
+    saved after every experience (resume). Returns the exported model; ``rec`` is updated in place."""
     T = len(stream.experiences)
-    if loaded:
-        model, rec = loaded
-        log(f"{label}: resuming after experience {len(rec['R'])} of {T}")
-    else:
-        rec = {"b": _scores(model, stream, -1), "b_extra": stream.extra_score(model), "R": [], "extra": [],
-               "curve": [], "boundaries": [], "seconds": 0.0, "trainable_params": 0}
-        rec["curve"].append({"step": 0, "experience": 0, "scores": rec["b"]})
     t0 = time.time()
     for k in range(len(rec["R"]), T):
         exp = stream.experiences[k]
@@ -178,6 +204,7 @@ def run_sequential(stream: Stream, model_dir: Path, label: str, spec: dict, out:
         def on_eval(m, step: int, k=k, offset=offset) -> None:
             if step < exp.steps:
                 rec["curve"].append({"step": offset + step, "experience": k, "scores": _scores(m, stream, k)})
+                _fact_point(stream, rec, m, k, step, offset)
 
         fit = fit_experience(method, model, ctx, exp, k, stream.experiences[: k + 1], on_eval=on_eval,
                              eval_every=stream.eval_every or exp.steps, progress=progress, desc=f"{label}: {exp.name}")
@@ -187,27 +214,48 @@ def run_sequential(stream: Stream, model_dir: Path, label: str, spec: dict, out:
         rec["extra"].append(stream.extra_score(model))
         rec["boundaries"].append(offset + exp.steps)
         rec["curve"].append({"step": offset + exp.steps, "experience": k, "scores": row})
+        _fact_point(stream, rec, model, k, exp.steps, offset)
+        if k == T - 1:
+            _fact_final(stream, rec, model)
         rec["trainable_params"] = params
+        rec["train_seconds"] = rec.get("train_seconds", 0.0) + fit.train_seconds
+        rec["steps"] = rec.get("steps", 0) + fit.steps
         rec["method"] = method.describe()  # e.g. parameter growth, router accuracy, chosen merge weights
         rec["seconds"] += time.time() - t0
         t0 = time.time()
-        _save_state(state_dir, method.checkpoint_model(model), rec, method)
+        if state_dir is not None:
+            _save_state(state_dir, method.checkpoint_model(model), rec, method)
         log(f"{label}: after {exp.name}: " + ", ".join(f"{e.name} {s:.3f}" for e, s in zip(stream.experiences, row)))
+    return model
+
+
+def run_sequential(stream: Stream, model_dir: Path, label: str, spec: dict, out: Path, progress: bool,
+                   log: Callable[[str], None]) -> dict:
+    _, base, opts = _method_args(spec)
+    model, tok = open_model(model_dir)
+    ctx = MethodContext.for_folder(model_dir, tok)
+    state_dir = out / _state_name(label) / "state"
+    method = make_method(base, **opts)  # one method object for the whole stream
+    loaded = _load_state(state_dir, method)
+    T = len(stream.experiences)
+    if loaded:
+        model, rec = loaded
+        log(f"{label}: resuming after experience {len(rec['R'])} of {T}")
+    else:
+        rec = new_record(model, stream, model_dir)
+    learn_stream(stream, model, ctx, method, rec, label, progress, log, state_dir)
     return rec
 
 
 def run_joint(stream: Stream, model_dir: Path, label: str, spec: dict, out: Path, progress: bool,
               log: Callable[[str], None]) -> dict:
     _, base, opts = _method_args(spec)
-    state_file = out / label / "joint_progress.json"
+    state_file = out / _state_name(label) / "joint_progress.json"
     rec = json.loads(state_file.read_text()) if state_file.is_file() else None
     T = len(stream.experiences)
     if rec is None:
         model, tok = open_model(model_dir)
-        rec = {"b": _scores(model, stream, -1), "b_extra": stream.extra_score(model), "R": [], "extra": [],
-               "curve": [{"step": 0, "experience": 0, "scores": None}], "boundaries": [], "seconds": 0.0,
-               "trainable_params": 0}
-        rec["curve"][0]["scores"] = rec["b"]
+        rec = new_record(model, stream, model_dir)
     for k in range(len(rec["R"]), T):
         t0 = time.time()
         model, tok = open_model(model_dir)
@@ -229,7 +277,12 @@ def run_joint(stream: Stream, model_dir: Path, label: str, spec: dict, out: Path
         end = sum(e.steps for e in stream.experiences[: k + 1])
         rec["boundaries"].append(end)
         rec["curve"].append({"step": end, "experience": k, "scores": row})
+        _fact_point(stream, rec, model, k, stream.experiences[k].steps, end - stream.experiences[k].steps)
+        if k == T - 1:
+            _fact_final(stream, rec, model)
         rec["trainable_params"] = params
+        rec["train_seconds"] = fit.train_seconds  # the last joint fit is the final model
+        rec["steps"] = fit.steps
         rec["seconds"] += time.time() - t0
         state_file.parent.mkdir(parents=True, exist_ok=True)
         write_json(state_file, rec)
@@ -237,33 +290,52 @@ def run_joint(stream: Stream, model_dir: Path, label: str, spec: dict, out: Path
     return rec
 
 
+def method_result(rec: dict, spec: dict) -> MethodResult:
+    """A finished progress record as the typed result of one method."""
+    facts = None
+    if "facts_final" in rec:
+        steps = int(rec.get("steps") or 0)
+        facts = FactRecord(base=FactScores(**rec["facts_base"]), final=FactScores(**rec["facts_final"]),
+                           curve=[FactScores(**p) for p in rec.get("facts_curve", [])], steps=steps,
+                           seconds_per_step=float(rec.get("train_seconds") or 0.0) / max(steps, 1),
+                           trainable_params_per_step=int(rec.get("trainable_params") or 0))
+    return MethodResult(spec=spec, b=rec["b"], R=rec["R"], b_extra=rec.get("b_extra"), extra=rec["extra"],
+                        curve=rec["curve"], boundaries=rec["boundaries"], seconds=rec["seconds"],
+                        trainable_params=rec["trainable_params"], method=rec.get("method") or {}, facts=facts)
+
+
 # --------------------------------------------------------------------------- a whole run
 def run_experiment(exp_cfg: ExperimentConfig, model_dir: Path, seed: int, out: Path, progress: bool = True,
-                   log: Callable[[str], None] = print, command: str = "") -> dict:
+                   log: Callable[[str], None] = print, command: str = "", machine: dict | None = None) -> dict:
     tok = load_tokenizer(model_dir)
     torch.manual_seed(seed)
     stream = build_stream(model_dir, tok, exp_cfg.stream, seed)
     out.mkdir(parents=True, exist_ok=True)
-    methods: dict[str, dict] = {}
+    methods: dict[str, MethodResult] = {}
     for spec in exp_cfg.methods:
         label, base, opts = _method_args(spec)
         runner = run_joint if spec["name"] == "joint" else run_sequential
-        methods[label] = runner(stream, model_dir, label, spec, out, progress, log)
-        methods[label]["spec"] = {"name": spec["name"], "method": base, **opts}
-    joint = next((m["R"] for lbl, m in methods.items() if m["spec"]["name"] == "joint"), None)
-    for label, m in methods.items():
-        m["metrics"] = summarize(m["R"], m["b"], joint if m["spec"]["name"] != "joint" else None,
-                                 higher_is_better=stream.higher_is_better)
-        m["metrics"][stream.extra_name] = m["extra"][-1]
-        m["metrics"][stream.extra_name + "_base"] = m["b_extra"]
-    results = {
-        "title": f"{exp_cfg.name}: {stream.kind} stream", "command": command, "seed": seed,
-        "config": to_dict(exp_cfg), "model": str(model_dir),
-        "stream": {"name": stream.name, "kind": stream.kind, "metric": stream.metric,
-                   "higher_is_better": stream.higher_is_better,
-                   "experiences": [e.name for e in stream.experiences], "extra": stream.extra_name, **stream.info},
-        "methods": methods,
-    }
+        rec = runner(stream, model_dir, label, spec, out, progress, log)
+        methods[label] = method_result(rec, {"name": spec["name"], "method": base, **opts})
+        if methods[label].facts is not None:
+            f = methods[label].facts
+            log(f"{label}: learned {f.final.learned:.1%}, retained {f.final.retained:.1%} (drop "
+                f"{f.retained_drop:.1%}), held-out NLL {f.heldout_nll_delta:+.3f}, "
+                f"{f.seconds_per_step * 1000:.0f} ms/step")
+    joint = next((m.R for m in methods.values() if m.spec["name"] == "joint"), None)
+    for m in methods.values():
+        m.metrics = summarize(m.R, m.b, joint if m.spec["name"] != "joint" else None,
+                              higher_is_better=stream.higher_is_better)
+        m.metrics[stream.extra_name] = m.extra[-1]
+        m.metrics[stream.extra_name + "_base"] = m.b_extra
+    result = RunResult(
+        title=f"{exp_cfg.name}: {stream.kind} stream", command=command, seed=seed, config=to_dict(exp_cfg),
+        model=str(model_dir), machine=machine or {},
+        stream={"name": stream.name, "kind": stream.kind, "metric": stream.metric,
+                "higher_is_better": stream.higher_is_better,
+                "experiences": [e.name for e in stream.experiences], "extra": stream.extra_name, **stream.info},
+        methods=methods)
+    results = result.to_dict()
     write_json(out / "results.json", results)
     write_metrics_csv(results, out / "metrics.csv")
     write_run_report(results, out)

@@ -23,7 +23,7 @@ Order and splits are fixed by the seed and recorded in the results.
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -32,10 +32,12 @@ from torch import nn
 
 from ..data.batches import fact_batch, label_batch, lm_batch
 from ..data.factfile import load_fact_file
-from ..data.facts import Fact, read_builtin_facts
-from ..errors import ConfigError
-from ..evaluate.answers import greedy_answers, heldout_nll, score_answers
-from ..models.folder import encode_texts, load_heldout_ids, load_topics
+from ..data.facts import Fact, load_known_facts
+from ..errors import ConfigError, DataSourceError
+from ..evaluate.answers import heldout_nll
+from ..evaluate.facts import FactEvaluator, FactScores, probe_exact_match
+from ..models.folder import encode_texts, load_heldout_ids, load_topics, open_model
+from ..models.memory import freeze_query_stats
 from ..training.lifecycle import Experience
 
 KINDS = ("domain", "facts", "task_il", "class_il")
@@ -43,32 +45,47 @@ KINDS = ("domain", "facts", "task_il", "class_il")
 
 @dataclass
 class StreamConfig:
+    """The one stream config: ``forgetless run`` (``stream:`` of an experiment), ``learn`` and
+    ``bench facts`` (a facts stream of one experience) all use it."""
+
     kind: str = "domain"  # domain | facts | task_il | class_il
     topics: list[str] | None = None  # domain: which held-out topics, in order (default: all, shuffled by seed)
-    experiences: int | None = None  # domain: how many topics; facts: how many groups of facts
+    experiences: int | None = None  # domain: how many topics; facts: how many groups of facts (default 4)
     facts_per_experience: int = 10
-    steps_per_experience: int = 40  # domain: optimizer steps per experience
-    steps_per_fact: int = 4  # facts
+    steps_per_experience: int = 40  # domain / task_il / class_il: optimizer steps per experience
+    steps_per_fact: int = 4  # facts: optimizer steps per fact (one batch of paraphrases of the fact)
     questions: bool = False  # facts: mix question/answer lines (training templates, never the probes) into each batch
+    loss_on: str = "all"  # facts: loss on "all" tokens of the statement, or only the "answer" tokens
+    facts_file: str | None = None  # facts: JSONL fact file (default: the model's facts_new.jsonl)
+    retained_sample: int = 100  # facts: known facts probed for the "retained" column and the curves
+    heldout_tokens: int = 16_384  # facts: held-out text scored along the curves (4x for the base and final scores)
+    final_all_known: bool = True  # facts: the base and final fact scores probe every known fact
     batch_size: int = 16
     seq_len: int = 128
     test_docs: int = 30  # domain: documents per topic kept for testing
-    eval_every: int = 10  # steps, for the curves (0 = only at experience ends)
+    # Curve points within an experience, in OPTIMIZER STEPS for every kind (0 = only at experience
+    # ends). `forgetless learn/bench facts --eval-every K` count facts and set K * steps_per_fact.
+    eval_every: int = 10
     general_tokens: int = 8192  # general held-out text scored as the extra column
     topics_per_experience: int = 2  # task_il / class_il
     text_chars: int = 200  # task_il / class_il: characters of each summary shown to the model
+    seed: int = 0  # facts: fact order and known-fact sample when built without a run seed (learn)
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ConfigError(f"stream.kind must be one of {KINDS}, got {self.kind!r}.")
+        if self.loss_on not in ("all", "answer"):
+            raise ConfigError(f"stream.loss_on must be 'all' or 'answer', got {self.loss_on!r}.")
         for key in ("facts_per_experience", "steps_per_experience", "steps_per_fact", "batch_size", "seq_len",
-                    "test_docs", "general_tokens", "topics_per_experience", "text_chars"):
+                    "test_docs", "general_tokens", "topics_per_experience", "text_chars", "retained_sample",
+                    "heldout_tokens"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"stream.{key} must be at least 1, got {getattr(self, key)}.")
         if self.experiences is not None and self.experiences < 1:
             raise ConfigError(f"stream.experiences must be at least 1, got {self.experiences}.")
         if self.eval_every < 0:
-            raise ConfigError(f"stream.eval_every must be >= 0 (0: only at experience ends), got {self.eval_every}.")
+            raise ConfigError(f"stream.eval_every counts optimizer steps and must be >= 0 (0: only at experience "
+                              f"ends), got {self.eval_every}.")
 
 
 @dataclass
@@ -83,6 +100,7 @@ class Stream:
     extra_score: Callable[[nn.Module], float]
     info: dict
     eval_every: int = 0  # steps between curve points within an experience (0: only at its end)
+    facts: "FactTrack | None" = None  # fact streams: the taught facts and the one fact evaluator
 
     @property
     def task_given(self) -> bool:
@@ -123,18 +141,74 @@ def domain_stream(model_dir: Path, tok, cfg: StreamConfig, seed: int) -> Stream:
                   info={"topics": topics, "splits": splits, "seed": seed}, eval_every=cfg.eval_every)
 
 
-def fact_stream(model_dir: Path, tok, cfg: StreamConfig, seed: int, facts_file: Path | None = None) -> Stream:
-    facts = load_fact_file(facts_file or Path(model_dir) / "facts_new.jsonl")
-    random.Random(seed).shuffle(facts)
-    n_exp = cfg.experiences or 4
-    if n_exp * cfg.facts_per_experience > len(facts):
-        raise ConfigError(f"the fact stream needs {n_exp * cfg.facts_per_experience} facts; the file has {len(facts)}.")
-    known = read_builtin_facts(Path(model_dir) / "facts_known.jsonl")
-    known = random.Random(seed + 17).sample(known, min(len(known), 100))
+@dataclass
+class FactTrack:
+    """The fact side of a fact stream: every taught fact in order and the one :class:`FactEvaluator`;
+    the base model's scores are computed once per stream (every method starts from the same base)."""
+
+    facts: list[Fact]
+    evaluator: FactEvaluator
+    steps_per_fact: int
+    _base: FactScores | None = None
+    _base_curve: FactScores | None = None
+
+    def taught(self, experiences: list[Experience], k: int, step: int) -> list[Fact]:
+        """Facts taught after ``step`` steps of experience ``k`` (those of experiences < k included)."""
+        before = [f for e in experiences[:k] for f in e.test]
+        return before + list(experiences[k].test[: step // self.steps_per_fact])
+
+    def base(self, model_dir: Path) -> FactScores:
+        """The base model on every fact to teach, with the final evaluation's known facts and text."""
+        if self._base is None:
+            with torch.random.fork_rng(devices=[]):  # building a model must not move the run's RNG
+                model, _ = open_model(model_dir)
+            freeze_query_stats(model)
+            self._base = self.evaluator(model, self.facts, 0, final=True)
+            self._base_curve = self.evaluator(model, [], 0)
+        return self._base
+
+    def set_base(self, model: nn.Module, base: FactScores | None = None) -> FactScores:
+        """Take the base scores from ``model`` (the untrained model a caller holds)."""
+        freeze_query_stats(model)
+        self._base = base or self.evaluator(model, self.facts, 0, final=True)
+        self._base_curve = self.evaluator(model, [], 0)
+        return self._base
+
+    def base_curve(self, model_dir: Path) -> FactScores:
+        """The curve's first point (the known-fact sample, like its other points)."""
+        self.base(model_dir)
+        return self._base_curve
+
+
+def fact_stream(model_dir: Path, tok, cfg: StreamConfig, seed: int, facts_file: Path | None = None,
+                facts: list[Fact] | None = None) -> Stream:
+    """``experiences`` groups of ``facts_per_experience`` facts from the fact file (shuffled by the
+    seed), or exactly ``facts`` (in their order) as one experience when given (``forgetless learn``)."""
+    given = facts
+    if facts is None:
+        facts = load_fact_file(facts_file or cfg.facts_file or Path(model_dir) / "facts_new.jsonl")
+        random.Random(seed).shuffle(facts)
+        n_exp = cfg.experiences or 4
+        if n_exp * cfg.facts_per_experience > len(facts):
+            raise ConfigError(f"the fact stream needs {n_exp * cfg.facts_per_experience} facts; the file has {len(facts)}.")
+        per = cfg.facts_per_experience
+    else:
+        if not facts:
+            raise DataSourceError("there are no facts to teach.")
+        n_exp, per = 1, len(facts)
+    evaluator = FactEvaluator(tok, load_known_facts(model_dir),
+                              load_heldout_ids(model_dir, tok, 4 * cfg.heldout_tokens), replace(cfg, seed=seed))
+    stream = facts_to_stream(tok, [facts[k * per:(k + 1) * per] for k in range(n_exp)], cfg, evaluator, seed)
+    stream.info["facts_file"] = str(facts_file or cfg.facts_file or Path(model_dir) / "facts_new.jsonl") \
+        if given is None else "(given)"
+    return stream
+
+
+def facts_to_stream(tok, groups: list[list[Fact]], cfg: StreamConfig, evaluator: FactEvaluator, seed: int) -> Stream:
+    """A fact stream of the given groups of facts (one experience each), scored by ``evaluator``."""
     experiences = []
-    for k in range(n_exp):
-        group: list[Fact] = facts[k * cfg.facts_per_experience:(k + 1) * cfg.facts_per_experience]
-        batches = [fact_batch(tok, f, cfg.batch_size, "all", torch.device("cpu"), cfg.questions) for f in group]
+    for k, group in enumerate(groups):
+        batches = [fact_batch(tok, f, cfg.batch_size, cfg.loss_on, torch.device("cpu"), cfg.questions) for f in group]
 
         def batch_fn(step: int, batches=batches) -> dict:
             return batches[step // cfg.steps_per_fact]
@@ -142,14 +216,13 @@ def fact_stream(model_dir: Path, tok, cfg: StreamConfig, seed: int, facts_file: 
         experiences.append(Experience(f"facts {k + 1}", batch_fn, len(group) * cfg.steps_per_fact, group,
                                       {"fact_ids": [f.id for f in group]},
                                       lambda i, batches=batches: batches[i % len(batches)], facts=group))
-
-    def probe(model: nn.Module, facts: list[Fact]) -> float:
-        return score_answers(greedy_answers(model, tok, [f.question for f in facts]), [f.answer for f in facts])["exact_match"]
-
+    track = FactTrack([f for e in experiences for f in e.test], evaluator, cfg.steps_per_fact)
     return Stream(name="facts", kind="facts", metric="exact_match", higher_is_better=True, experiences=experiences,
-                  score=lambda m, e, stage: probe(m, e.test), extra_name="retained", extra_score=lambda m: probe(m, known),
+                  score=lambda m, e, stage: probe_exact_match(m, tok, e.test), extra_name="retained",
+                  extra_score=evaluator.retained,
                   info={"fact_ids": [e.info["fact_ids"] for e in experiences], "seed": seed,
-                        "retained_facts": [f.id for f in known]}, eval_every=cfg.eval_every)
+                        "retained_facts": [f.id for f in evaluator.known_sample]},
+                  eval_every=cfg.eval_every, facts=track)
 
 
 def _choose_topics(by_topic: dict[str, list[dict]], cfg: StreamConfig, seed: int) -> list[str]:

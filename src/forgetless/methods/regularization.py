@@ -107,6 +107,10 @@ class QuadraticRegularizer(FullFinetune):
         total = sum(float(w.sum()) for w in omega.values())
         return {"importance_sum": total, "importance_mean": total / max(sum(w.numel() for w in omega.values()), 1)}
 
+    def describe(self) -> dict:
+        """Options plus the size of the latest importance term (empty before the first experience)."""
+        return {**super().describe(), **self.importance_summary(), "importance_terms": len(self.terms)}
+
     def state_tensors(self) -> dict[str, torch.Tensor]:
         out = {}
         for k, (f, a) in enumerate(self.terms):

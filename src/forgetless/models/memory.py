@@ -5,14 +5,16 @@ One lookup, per head h and token x:
     q      = norm(W_q x)                       query, split into halves q1, q2
     s1, s2 = K1_h q1, K2_h q2                  scores against sqrt(N) sub-keys per half
     I1, I2 = topk(s1, k), topk(s2, k)          k best sub-keys per half
-    cand   = s1[I1][:, None] + s2[I2][None, :] k*k candidate scores (exact: see tests)
-    I, s   = topk(cand, k)                     final k slots, index = i1 * sqrt(N) + i2
+    cand   = s1[I1][i] + s2[I2][j]             candidate pairs with (i+1)(j+1) <= k only (about
+                                               k ln k of the k*k: the others cannot reach the top k)
+    I, s   = topk(cand, k)                     final k slots, index = i1 * sqrt(N) + i2 (exact: see tests)
     w      = softmax(s)
     y      = sum_h sum_j w_hj V[I_hj]          one weighted bag over all heads' slots
     out    = (y * silu(W1 x)) W2               "Memory+" gated output
 
-The value table V (N x v_dim) is read with ``F.embedding_bag(..., sparse=True)``, so
-its gradient is a sparse tensor over the rows actually read and an optimizer such as
+The value table V (N x v_dim) is read with ``F.embedding_bag`` (per-sample weights); with
+``sparse_values`` its gradient is a coalesced sparse tensor over the rows actually read,
+computed in O(reads) (``value_rows_grad``), and an optimizer such as
 ``torch.optim.SparseAdam`` (or the row-masked SGD of sparse memory finetuning)
 updates O(rows touched), never the whole table.
 
@@ -28,6 +30,7 @@ read frequencies, with padding masked. This is what TF-IDF slot selection needs.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 
 import torch
@@ -133,42 +136,93 @@ class AccessLog:
             self.last_full = (indices.detach(), weights.detach())  # (B, T, H, k) each
 
 
-class WeightedBag(torch.autograd.Function):
-    """y[m] = sum_r w[m, r] * V[idx[m, r]], with a *coalesced* sparse gradient for V.
+def candidate_pairs(k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (i, j) ranks of the sub-key pairs that can reach the top k of the products.
 
-    ``F.embedding_bag(..., sparse=True)`` returns one gradient row per read (tokens x heads
-    x k rows, often more than the table itself) that the optimizer must then coalesce.
-    Here the backward pass sums the reads of each touched row directly with one
-    sparse-dense product, so the gradient holds each touched row once: the cost is
-    O(reads + rows touched), never O(N).
-    """
+    With both halves' top-k scores sorted (v1[0] >= v1[1] >= ..., same for v2), every pair
+    (i', j') with i' <= i and j' <= j scores v1[i'] + v2[j'] >= v1[i] + v2[j] (rounding is
+    monotone), so a pair with (i + 1) * (j + 1) > k has at least k others at or above it
+    and is never needed: about k ln k candidates (119 for k = 32) instead of k * k."""
+    pairs = [(i, j) for i in range(k) for j in range(k) if (i + 1) * (j + 1) <= k]
+    pi, pj = zip(*pairs)
+    return torch.tensor(pi), torch.tensor(pj)
+
+
+class _SparseValueGrad(torch.autograd.Function):
+    """Identity on the bag ``y = sum_r w[m, r] V[idx[m, r]]`` (computed by ``F.embedding_bag``
+    on the detached table, which also gives the weights their gradient with its fused kernel);
+    in the backward it adds the gradient of the value table V as a *coalesced* sparse tensor:
+    one row per distinct row read, computed by sorting the reads by row and summing each row's
+    weighted output gradients with one ``F.embedding_bag`` over the output gradient. The cost
+    is O(reads), never O(N), and the optimizer has nothing left to coalesce.
+
+    ``mem.value_grad_rows`` (a 1-D tensor of row ids, or a function returning one, read at
+    backward time) restricts the gradient to those rows: sparse memory finetuning chooses its
+    rows there, so the rows it would mask away are never computed."""
 
     @staticmethod
-    def forward(ctx, idx: torch.Tensor, w: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(idx, w, values)
-        return F.embedding_bag(idx, values, per_sample_weights=w.to(values.dtype), mode="sum")
+    def forward(ctx, y, idx, w, values, mem):
+        ctx.save_for_backward(idx, w)
+        ctx.shape, ctx.dtype, ctx.mem = values.shape, values.dtype, mem
+        return y.view_as(y)
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        idx, w, values = ctx.saved_tensors
-        grad = grad.to(values.dtype)
-        m, r = idx.shape
-        grad_w = grad_v = None
-        if ctx.needs_input_grad[1]:
-            grad_w = torch.empty(m, r, dtype=values.dtype, device=idx.device)
-            step = max(1, (1 << 24) // max(r * values.shape[1], 1))  # bound the gathered block
-            for s in range(0, m, step):
-                grad_w[s:s + step] = torch.einsum("mrd,md->mr", values[idx[s:s + step]], grad[s:s + step])
-            grad_w = grad_w.to(w.dtype)
-        if ctx.needs_input_grad[2]:
-            rows, inverse = torch.unique(idx.reshape(-1), return_inverse=True)
-            tokens = torch.arange(m, device=idx.device).repeat_interleave(r)
-            reads = torch.sparse_coo_tensor(torch.stack([inverse, tokens]), w.reshape(-1).to(values.dtype),
-                                            (rows.numel(), m), check_invariants=False)
-            row_grad = torch.sparse.mm(reads, grad)
-            grad_v = torch.sparse_coo_tensor(rows[None], row_grad, values.shape, is_coalesced=True,
-                                             check_invariants=False)
-        return None, grad_w, grad_v
+    def backward(ctx, grad):
+        idx, w = ctx.saved_tensors
+        mem = ctx.mem
+        rows = getattr(mem, "value_grad_rows", None)
+        gv = value_rows_grad(idx, w, grad, ctx.shape, ctx.dtype, rows() if callable(rows) else rows)
+        if mem is not None:
+            mem._fresh_value_grad = gv._indices().data_ptr()
+        return grad, None, None, gv, None
+
+
+def _keep_coalesced(param: torch.Tensor, mem: "ProductKeyMemory") -> None:
+    """Post-accumulate hook of the value table: autograd stores a fresh sparse gradient without
+    its "coalesced" mark, so the optimizer would sort it again. When ``.grad`` is exactly the
+    tensor our backward produced (same index storage: not summed with an earlier gradient),
+    its rows are unique and sorted, and the mark is restored."""
+    g, fresh = param.grad, mem._fresh_value_grad
+    mem._fresh_value_grad = None
+    if g is not None and g.is_sparse and fresh is not None and not g.is_coalesced() and g._indices().data_ptr() == fresh:
+        g._coalesced_(True)
+
+
+def value_rows_grad(idx: torch.Tensor, w: torch.Tensor, grad: torch.Tensor, shape, dtype,
+                    rows: torch.Tensor | None = None) -> torch.Tensor:
+    """Sparse (coalesced) gradient of V for y[m] = sum_r w[m, r] V[idx[m, r]] given dL/dy.
+
+    ``rows``: only these rows of V get a gradient (None: every row read)."""
+    m, r = idx.shape
+    flat = idx.reshape(-1)
+    pos = None
+    if rows is not None:
+        keep = torch.zeros(shape[0], dtype=torch.bool, device=idx.device)
+        keep[rows.to(idx.device)] = True
+        pos = keep[flat].nonzero().flatten()
+        flat = flat[pos]
+    key = flat.int() if shape[0] < 2**31 else flat
+    sorted_rows, order = key.sort(stable=True)
+    if pos is not None:
+        order = pos[order]
+    uniq, counts = torch.unique_consecutive(sorted_rows, return_counts=True)
+    offsets = torch.zeros_like(counts)
+    torch.cumsum(counts[:-1], 0, out=offsets[1:])
+    row_grad = F.embedding_bag(torch.div(order, r, rounding_mode="floor"), grad.to(dtype).contiguous(), offsets,
+                               mode="sum", per_sample_weights=w.reshape(-1)[order].to(dtype))
+    return torch.sparse_coo_tensor(uniq.long()[None], row_grad, shape, is_coalesced=True, check_invariants=False)
+
+
+def weighted_bag(idx: torch.Tensor, w: torch.Tensor, values: torch.Tensor, sparse: bool = True,
+                 mem: nn.Module | None = None) -> torch.Tensor:
+    """y[m] = sum_r w[m, r] * values[idx[m, r]]; idx, w: (M, R). With ``sparse`` (and a value
+    table that needs a gradient) the table's gradient is a coalesced sparse tensor over the rows
+    read (restricted to ``mem.value_grad_rows`` when set); otherwise the plain dense gradient."""
+    w = w.to(values.dtype)
+    if not (sparse and values.requires_grad and torch.is_grad_enabled()):
+        return F.embedding_bag(idx, values, per_sample_weights=w, mode="sum")
+    y = F.embedding_bag(idx, values.detach(), per_sample_weights=w, mode="sum")
+    return _SparseValueGrad.apply(y, idx, w.detach(), values, mem)
 
 
 def _orthogonal_(w: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -215,6 +269,11 @@ class ProductKeyMemory(nn.Module):
         self.access_log: AccessLog | None = None
         self.token_mask: torch.Tensor | None = None  # (B, T) bool, set by the host model's hook
         self.update_query_stats = True  # fine-tuning turns this off: lookups then stay as pretrained
+        # rows whose value gradient the backward computes: None = all rows read, a tensor, or a
+        # function returning one (called once per backward)
+        self.value_grad_rows: torch.Tensor | Callable[[], torch.Tensor] | None = None
+        self._fresh_value_grad: int | None = None
+        self.values.register_post_accumulate_grad_hook(lambda p, mem=self: _keep_coalesced(p, mem))
         self.reset_parameters()
 
     # ------------------------------------------------------------------ init
@@ -285,13 +344,20 @@ class ProductKeyMemory(nn.Module):
             keys = F.normalize(keys, dim=-1)
         s1 = torch.einsum("nhd,hkd->nhk", q[:, :, 0], keys[:, 0])
         s2 = torch.einsum("nhd,hkd->nhk", q[:, :, 1], keys[:, 1])
-        v1, i1 = s1.topk(cfg.knn, dim=-1)
+        v1, i1 = s1.topk(cfg.knn, dim=-1)  # sorted: candidate_pairs relies on it
         v2, i2 = s2.topk(cfg.knn, dim=-1)
-        cand = (v1[..., :, None] + v2[..., None, :]).flatten(-2)  # (BT, H, k*k)
+        pi, pj = self._pairs(x.device)
+        cand = v1.index_select(-1, pi) + v2.index_select(-1, pj)  # (BT, H, ~k ln k)
         scores, best = cand.topk(cfg.knn, dim=-1)
-        rows = i1.gather(-1, torch.div(best, cfg.knn, rounding_mode="floor"))
-        cols = i2.gather(-1, best % cfg.knn)
+        rows = i1.gather(-1, pi[best])
+        cols = i2.gather(-1, pj[best])
         return scores, rows * cfg.n_keys + cols
+
+    def _pairs(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        cached = getattr(self, "_pair_cache", None)
+        if cached is None or cached[0].device != device:
+            cached = self._pair_cache = tuple(t.to(device) for t in candidate_pairs(self.config.knn))
+        return cached
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         cfg = self.config
@@ -306,10 +372,7 @@ class ProductKeyMemory(nn.Module):
             mask = self.token_mask if (self.token_mask is not None and len(lead) == 2) else None
             self.access_log.record(indices.view(shape), weights.view(shape), mask)
         idx2, w2 = indices.reshape(flat.shape[0], -1), weights.reshape(flat.shape[0], -1)
-        if cfg.sparse_values:
-            bag = WeightedBag.apply(idx2, w2, self.values)
-        else:
-            bag = F.embedding_bag(idx2, self.values, per_sample_weights=w2.to(self.values.dtype), mode="sum")
+        bag = weighted_bag(idx2, w2, self.values, sparse=cfg.sparse_values, mem=self)
         if cfg.gated:
             out = self.mem_out(bag.to(flat.dtype) * F.silu(self.mem_gate(flat)))
         else:

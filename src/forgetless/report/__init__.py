@@ -8,7 +8,6 @@ from .html import (
     page,
     pareto_front,
     write_csv,
-    write_facts_report,
 )
 
 __all__ = [
@@ -19,5 +18,4 @@ __all__ = [
     "page",
     "pareto_front",
     "write_csv",
-    "write_facts_report",
 ]

@@ -3,7 +3,8 @@ base64 PNGs, no JavaScript. The generic helpers (tables, page skeleton, colours,
 label placement) live in :mod:`forgetless.report.common` and are re-exported here.
 
 Fact-injection benchmark (the ``results.json`` of ``forgetless bench facts``):
-:func:`frontier_plot`, :func:`curves_plot`, :func:`write_facts_report`, :func:`write_csv`.
+:func:`frontier_plot`, :func:`curves_plot`, :func:`write_csv` (the page is the run report:
+``report.runs.write_run_report`` adds them for every run with fact scores).
 
 Figures are built with the object-oriented :class:`matplotlib.figure.Figure` API (rendered by
 Agg), never through ``pyplot``: no global backend switch, no figure registry to leak into.
@@ -230,43 +231,6 @@ parameters that receive a gradient update on each step (sparse methods touch far
 In the frontier plot, up and to the right is better; the dashed line is the base model's
 retained score, and marker area grows with the log of trainable params/step.</p>
 """
-
-
-def write_facts_report(results: dict, out_dir: str | os.PathLike) -> Path:
-    """Write ``out_dir/report.html`` for a fact-injection benchmark result; return its path."""
-    out_dir = Path(out_dir)
-    runs = results.get("runs", [])
-    base = results.get("base", {})
-    header = []
-    if results.get("command"):
-        header.append(f"<pre>{html.escape(str(results['command']))}</pre>")
-    info = {}
-    if results.get("model"):
-        info["model"] = results["model"]
-    for k, v in (results.get("machine") or {}).items():
-        info[k] = v
-    stream = results.get("stream") or {}
-    if stream:
-        info["stream"] = ", ".join(f"{k}={v}" for k, v in stream.items())
-    header.append(kv_list(info))
-
-    base_cols: list[Column] = [("learned", "learned", ".3f"), ("statement_acc", "statement acc", ".3f"),
-                               ("retained", "retained", ".3f"), ("heldout_nll", "held-out NLL", ".3f")]
-    base_table = html_table([base], base_cols, row_attrs=[{"data-run": "base"}]) if base else ""
-    table = html_table(fact_rows(results), FACT_COLUMNS,
-                       row_attrs=[{"data-run": i, "data-method": r.get("method", "?")} for i, r in enumerate(runs)])
-
-    sections = [
-        "\n".join(header),
-        section("How to read this", HOW_TO_READ),
-        section("Base model", base_table),
-        section("Runs", table),
-    ]
-    if runs:
-        sections.append(section("Learning–forgetting frontier", img(frontier_plot(results), "frontier plot")))
-        sections.append(section("Learning and retention over the stream", img(curves_plot(results), "curves plot")))
-    text = page(results.get("title", "Fact injection: learning vs forgetting"), sections)
-    return atomic_write_text(out_dir / "report.html", text)
 
 
 def write_csv(results: dict, path: str | os.PathLike) -> Path:

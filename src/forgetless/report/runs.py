@@ -63,6 +63,7 @@ from .common import (
     pareto_front,
     section,
 )
+from .html import FACT_COLUMNS, HOW_TO_READ, curves_plot, fact_rows, frontier_plot
 
 __all__ = [
     "METRIC_KEYS",
@@ -71,6 +72,7 @@ __all__ = [
     "compare_runs",
     "curves_figure",
     "extra_name",
+    "fact_runs",
     "frontier_figure",
     "heatmap",
     "heatmaps_figure",
@@ -530,7 +532,53 @@ def _stream_info(results: dict) -> dict:
     if extra_name(results):
         info["extra measure"] = f"{extra_name(results)} (scored after each experience; final and base value in the table)"
     info["methods"] = ", ".join(_methods(results))
+    info.update(results.get("machine") or {})  # bench facts records the machine
     return info
+
+
+def fact_runs(results: dict) -> dict:
+    """The fact scores of a run (``methods.<label>.facts``) as one row per method entry, the view
+    the fact table, frontier and curves read: ``{"base": {...}, "runs": [{"method", "label", "lr",
+    "hparams", "learned", ..., "curve"}], ...}``. Empty ``runs`` when the run has no fact scores."""
+    base: dict = {}
+    rows = []
+    for label, m in _methods(results).items():
+        facts = m.get("facts")
+        if not facts:
+            continue
+        base = base or dict(facts.get("base") or {})
+        spec = m.get("spec") or {}
+        final = facts.get("final") or {}
+        row = {k: final.get(k) for k in ("learned", "learned_f1", "statement_acc", "retained", "heldout_nll",
+                                         "reliability", "portability", "portability_n")}
+        row.update(method=label.split(" lr=")[0] if " lr=" in label else label, label=label, lr=spec.get("lr"),
+                   hparams={k: v for k, v in spec.items() if k not in ("name", "method", "lr", "label")},
+                   retained_base=base.get("retained"), retained_drop=facts.get("retained_drop"),
+                   heldout_nll_delta=facts.get("heldout_nll_delta"), steps=facts.get("steps"),
+                   trainable_params_per_step=facts.get("trainable_params_per_step"),
+                   seconds_per_step=facts.get("seconds_per_step"), curve=facts.get("curve") or [])
+        rows.append(row)
+    return {k: results[k] for k in ("title", "command", "model", "machine", "stream") if k in results} | \
+        {"base": base, "runs": rows}
+
+
+def _fact_sections(results: dict) -> list[str]:
+    """Fact streams: the base and per-method fact scores, the learned-vs-retained frontier and the
+    fact curves (the figures ``bench facts`` shows)."""
+    view = fact_runs(results)
+    if not view["runs"]:
+        return []
+    base_cols: list[Column] = [("learned", "learned", ".3f"), ("statement_acc", "statement acc", ".3f"),
+                               ("retained", "retained", ".3f"), ("heldout_nll", "held-out NLL", ".3f")]
+    rows = fact_rows(view)
+    return [
+        section("Fact scores", HOW_TO_READ
+                + html_table([view["base"]], base_cols, row_attrs=[{"data-run": "base"}])
+                + html_table(rows, FACT_COLUMNS, row_attrs=[{"data-run": i, "data-method": r["method"]}
+                                                            for i, r in enumerate(rows)])),
+        section("Learning–forgetting frontier (learned vs retained)", img(frontier_plot(view), "fact frontier plot")),
+        section("Learning and retention over the stream", img(curves_plot(view), "fact curves plot")),
+    ]
 
 
 def write_run_report(results: dict, run_dir: str | os.PathLike) -> Path:
@@ -544,16 +592,19 @@ def write_run_report(results: dict, run_dir: str | os.PathLike) -> Path:
     if results.get("command"):
         header.append(f"<pre>{html.escape(str(results['command']))}</pre>")
     header.append(kv_list(_stream_info(results)))
+    facts = _fact_sections(results)
     sections = [
         "\n".join(header),
         section("How to read this", _how_to_read(results)),
         section("Metrics", metrics_table(results)),
+        *facts,
     ]
-    if any(m.get("R") for m in methods.values()):
+    matrices = not (facts and len(_experiences(results)) == 1)  # bench facts: one experience, the fact figures say it
+    if matrices and any(m.get("R") for m in methods.values()):
         sections.append(section("Accuracy matrices", img(heatmaps_figure(results), "accuracy matrix heatmaps")))
-    if methods:
+    if matrices and methods:
         sections.append(section("Scores over training", img(curves_figure(results), "score curves")))
-    if len(methods) >= 2:
+    if matrices and len(methods) >= 2:
         sections.append(section("Stability vs plasticity", img(frontier_figure(results), "frontier plot")))
     if results.get("config"):
         cfg = html.escape(json.dumps(results["config"], indent=2, sort_keys=True, default=str))

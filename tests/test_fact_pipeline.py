@@ -1,0 +1,143 @@
+"""One fact pipeline: `learn`, `bench facts` and the fact stream of `run` share the stream config
+(eval_every in optimizer steps), the run pipeline, the typed results schema and the run report."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from forgetless.cli import _stream_config, build_parser, main
+from forgetless.errors import ConfigError
+from forgetless.evaluate.facts import FactScores
+from forgetless.experiments.bench import bench_grid, parse_lrs
+from forgetless.experiments.results import FactRecord, RunResult, load_results
+from forgetless.experiments.streams import FactTrack, StreamConfig
+from forgetless.report.runs import fact_runs, write_run_report
+from forgetless.training.lifecycle import Experience
+
+DOCS = Path(__file__).resolve().parents[1] / "docs"
+
+
+def test_eval_every_counts_optimizer_steps_and_the_cli_converts_facts():
+    args = build_parser().parse_args(["bench", "facts", "--eval-every", "25", "--steps-per-fact", "4"])
+    cfg = _stream_config(args)
+    assert cfg.kind == "facts" and cfg.eval_every == 100 and cfg.steps_per_fact == 4
+    args = build_parser().parse_args(["learn", "--facts", "f.jsonl", "--eval-every", "3", "--steps-per-fact", "2"])
+    assert _stream_config(args).eval_every == 6
+    assert _stream_config(build_parser().parse_args(["learn", "--facts", "f", "--eval-every", "0"])).eval_every == 0
+    src = (Path(__file__).resolve().parents[1] / "src/forgetless/experiments/streams.py").read_text()
+    assert "in OPTIMIZER STEPS for every kind" in src
+    with pytest.raises(ConfigError, match="optimizer steps"):
+        StreamConfig(kind="facts", eval_every=-1)
+
+
+def test_fact_track_counts_taught_facts_across_experiences_by_step():
+    exps = [Experience("a", lambda s: {}, 6, test=["f1", "f2", "f3"]), Experience("b", lambda s: {}, 6, test=["f4", "f5", "f6"])]
+    track = FactTrack(facts=["f1", "f2", "f3", "f4", "f5", "f6"], evaluator=None, steps_per_fact=2)
+    assert track.taught(exps, 0, 0) == []
+    assert track.taught(exps, 0, 3) == ["f1"]  # the second fact is half taught
+    assert track.taught(exps, 0, 6) == ["f1", "f2", "f3"]
+    assert track.taught(exps, 1, 4) == ["f1", "f2", "f3", "f4", "f5"]
+
+
+def test_bench_grid_is_labelled_method_entries_of_a_run_config():
+    lrs = parse_lrs(None, ["full", "lora", "smf", "smf-tf"])
+    assert lrs == {"full": [5e-6, 1e-5, 3e-5], "lora": [3e-5, 1e-4, 3e-4], "smf": [1.0, 3.0, 10.0], "smf-tf": [3.0]}
+    grid = bench_grid(["full", "lora", "smf", "smf-tf"], lrs, [8, 32])
+    assert len(grid) == 3 + 6 + 3 + 1
+    assert grid[3] == {"name": "lora", "label": "lora lr=3e-05 rank=8", "lr": 3e-5, "rank": 8}
+    assert grid[-1] == {"name": "smf", "label": "smf-tf lr=3 top_t=500", "lr": 3.0, "top_t": 500, "ranking": "tf"}
+    assert parse_lrs(None, ["retrieval", "ewc"]) == {"retrieval": [0.0], "ewc": [1e-5]}  # the run's defaults
+    with pytest.raises(ConfigError, match="several experiences|upper bound"):
+        bench_grid(["joint"], {"joint": [1e-5]}, [8])
+    with pytest.raises(ConfigError, match="unknown method 'nope'"):
+        parse_lrs(None, ["nope"])
+
+
+def test_fact_record_retained_drop_is_relative_to_the_base():
+    rec = FactRecord(base=FactScores(learned=0.1, retained=0.8, heldout_nll=3.0),
+                     final=FactScores(learned=0.6, retained=0.6, heldout_nll=3.2), steps=40)
+    assert rec.retained_drop == pytest.approx(0.25) and rec.heldout_nll_delta == pytest.approx(0.2)
+    back = FactRecord.from_dict(json.loads(json.dumps(rec.to_dict())))
+    assert back == rec and back.summary()["retained_base"] == 0.8
+
+
+def test_old_bench_schema_is_read_as_a_run_with_the_same_figures():
+    old = json.loads((DOCS / "bench-facts" / "results.json").read_text())
+    res = load_results(DOCS / "bench-facts" / "results.json")
+    assert isinstance(res, RunResult) and res.stream["kind"] == "facts" and len(res.methods) == len(old["runs"])
+    for row, (label, m) in zip(old["runs"], res.methods.items()):
+        assert label == row["label"] and m.R == [[row["learned"]]] and m.facts.final.retained == row["retained"]
+        assert m.facts.retained_drop == pytest.approx(row["retained_drop"], abs=1e-12)
+        assert m.facts.base.retained == old["base"]["retained"]
+    again = RunResult.from_dict(json.loads(json.dumps(res.to_dict())))  # the new schema round-trips
+    assert again.to_dict() == res.to_dict()
+    view = fact_runs(res.to_dict())
+    assert [r["learned"] for r in view["runs"]] == [r["learned"] for r in old["runs"]]
+    assert [r["method"] for r in view["runs"]] == [r["method"] for r in old["runs"]]
+
+
+@pytest.mark.e2e  # renders the report of a 15-entry bench (seconds)
+def test_report_rebuilds_an_old_bench_folder_with_the_run_report(tmp_path):
+    d = tmp_path / "bench-facts"
+    d.mkdir()
+    (d / "results.json").write_text((DOCS / "bench-facts" / "results.json").read_text())
+    assert main(["report", str(d)]) == 0
+    html = (d / "report.html").read_text()
+    assert "Fact scores" in html and "Learning–forgetting frontier" in html
+    assert "Accuracy matrices" not in html  # one experience: a 1x1 matrix per entry says nothing
+    assert len((d / "runs.csv").read_text().strip().splitlines()) == 1 + len(json.loads((d / "results.json").read_text())["runs"])
+
+
+def test_report_rejects_a_results_file_of_neither_schema(tmp_path, capsys):
+    (tmp_path / "results.json").write_text(json.dumps({"title": "x"}))
+    assert main(["report", str(tmp_path)]) == 2
+    assert "neither" in capsys.readouterr().err
+
+
+@pytest.mark.e2e  # renders figures
+def test_run_report_of_a_non_fact_run_has_no_fact_sections(tmp_path):
+    res = {"title": "t", "stream": {"name": "domain", "kind": "domain", "metric": "nll", "higher_is_better": False,
+                                    "experiences": ["a"]},
+           "methods": {"naive": {"R": [[3.0]], "b": [3.2], "metrics": {"acc": 3.0}, "curve": [], "boundaries": [4]}}}
+    html = write_run_report(res, tmp_path).read_text()
+    assert "Fact scores" not in html and fact_runs(res)["runs"] == []
+
+
+@pytest.mark.e2e
+def test_bench_facts_ewc_computes_its_fisher(tmp_path):
+    out = tmp_path / "ewc"
+    assert main(["bench", "facts", "--methods", "ewc", "--quick", "--facts", "1", "--steps-per-fact", "1",
+                 "--out", str(out)]) == 0
+    (m,) = json.loads((out / "results.json").read_text())["methods"].values()
+    assert m["method"]["method"] == "ewc" and m["method"]["importance_terms"] == 1
+    assert m["method"]["importance_sum"] > 0  # the Fisher of the one experience (no penalty applied yet)
+
+
+@pytest.mark.e2e
+def test_bench_facts_retrieval_indexes_and_answers_three_facts(tmp_path):
+    out = tmp_path / "retrieval"
+    assert main(["bench", "facts", "--methods", "retrieval", "--quick", "--facts", "3", "--steps-per-fact", "1",
+                 "--out", str(out)]) == 0
+    res = json.loads((out / "results.json").read_text())
+    (m,) = res["methods"].values()
+    assert m["spec"]["method"] == "retrieval" and m["facts"]["final"]["facts_seen"] == 3
+    assert m["facts"]["trainable_params_per_step"] == 0 and m["facts"]["steps"] == 0  # indexes, trains nothing
+    assert len(m["R"]) == 1 and 0 <= m["facts"]["final"]["learned"] <= 1 and 0 < m["facts"]["final"]["retained"] <= 1
+    assert (out / "report.html").is_file() and (out / "runs.csv").is_file()
+
+
+@pytest.mark.e2e
+def test_fact_stream_run_carries_fact_scores_consistent_with_its_matrix(tmp_path):
+    cfg = tmp_path / "facts.yaml"
+    cfg.write_text("name: tiny\nseed: 0\nexperiments:\n  - name: facts\n    stream: {kind: facts, experiences: 2, "
+                   "facts_per_experience: 2, steps_per_fact: 1, eval_every: 1, batch_size: 4, retained_sample: 10, "
+                   "heldout_tokens: 256}\n    methods:\n      - {name: full, lr: 1.0e-4}\n")
+    assert main(["run", str(cfg), "--out", str(tmp_path / "run"), "--no-progress"]) == 0
+    res = load_results(tmp_path / "run" / "facts" / "results.json")
+    (m,) = res.methods.values()
+    f = m.facts
+    assert [p.facts_seen for p in f.curve] == [0, 1, 2, 3, 4] and [p.step for p in f.curve] == [0, 1, 2, 3, 4]
+    assert f.final.learned == pytest.approx(sum(m.R[-1]) / 2)  # two groups of two facts
+    assert f.base.learned == pytest.approx(sum(m.b) / 2) and f.steps == 4
+    assert m.metrics["retained"] == m.extra[-1] == f.curve[-1].retained  # the known-fact sample, both ways

@@ -46,6 +46,7 @@ def test_cli_bad_config_one_line_nonzero(tmp_path, capsys):
     assert not (tmp_path / "out" / "model").exists()
 
 
+@pytest.mark.e2e
 def test_cli_corrupt_model_one_line_nonzero(tmp_path):
     d = tmp_path / "m"
     d.mkdir()
@@ -57,11 +58,18 @@ def test_cli_corrupt_model_one_line_nonzero(tmp_path):
     assert len(lines) == 1 and "corrupt" in lines[0]
 
 
-def test_every_command_has_help():
-    for cmd in (["pretrain"], ["info"], ["generate"], ["learn"], ["eval"], ["bench"], ["bench", "facts"], ["run"],
-                ["report"], ["methods"]):
-        r = subprocess.run([sys.executable, "-m", "forgetless.cli", *cmd, "--help"], capture_output=True, text=True)
-        assert r.returncode == 0 and "usage: forgetless " + " ".join(cmd) in r.stdout, cmd
+@pytest.mark.parametrize("cmd", [["pretrain"], ["info"], ["generate"], ["learn"], ["eval"], ["bench"],
+                                 ["bench", "facts"], ["run"], ["report"], ["methods"], ["serve"], ["client"]])
+def test_every_command_has_help(cmd, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([*cmd, "--help"])
+    assert e.value.code == 0 and "usage: forgetless " + " ".join(cmd) in capsys.readouterr().out, cmd
+
+
+@pytest.mark.e2e
+def test_the_installed_command_answers_help():
+    r = subprocess.run([sys.executable, "-m", "forgetless.cli", "--help"], capture_output=True, text=True)
+    assert r.returncode == 0 and "usage: forgetless" in r.stdout
 
 
 def test_shipped_run_configs_load():

@@ -94,6 +94,7 @@ def _snapshot(model):
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
+@pytest.mark.e2e
 def test_smf_changes_only_selected_value_rows(stream_parts):
     tok, ctx, facts, cfg, ev = stream_parts
     model, _ = open_model(BASE)
@@ -120,6 +121,7 @@ def test_smf_changes_only_selected_value_rows(stream_parts):
     assert res.trainable_params_per_step == 40 * 256
 
 
+@pytest.mark.e2e
 def test_lora_leaves_base_weights_unchanged(stream_parts):
     tok, ctx, facts, cfg, ev = stream_parts
     model, _ = open_model(BASE)
@@ -143,6 +145,7 @@ def test_lora_leaves_base_weights_unchanged(stream_parts):
     assert set(merged.state_dict()) == set(before)
 
 
+@pytest.mark.e2e
 def test_full_finetuning_learns_a_fact_it_did_not_know(stream_parts):
     tok, ctx, facts, cfg, ev = stream_parts
     model, _ = open_model(BASE)
@@ -235,6 +238,7 @@ def test_eaft_weights_are_normalised_entropies_without_gradient():
     assert w[0, 0].item() == pytest.approx(float(-(p * p.log()).sum() / math.log(20)), rel=1e-5)
 
 
+@pytest.mark.e2e
 def test_eaft_loss_is_the_entropy_weighted_token_loss(stream_parts):
     tok, ctx, facts, cfg, ev = stream_parts
     model, _ = open_model(BASE)

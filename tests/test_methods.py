@@ -202,7 +202,7 @@ def test_bench_facts_quick_writes_results_csv_and_report(tmp_path):
     assert main(["bench", "facts", "--quick", "--facts", "3", "--steps-per-fact", "1", "--out", str(out)]) == 0
     res = json.loads((out / "results.json").read_text())
     assert res["stream"]["kind"] == "facts" and res["stream"]["experiences"] == ["facts 1"]
-    assert list(res["methods"]) == ["full lr=1e-05", "lora lr=0.0001 rank=32", "smf lr=3 top_t=500"]
+    assert list(res["methods"]) == ["full lr=1e-05", "lora lr=0.0001 rank=32", "smf lr=30 top_t=500"]  # the smf default is lr 30 (docs/smf.md)
     view = fact_runs(res)
     assert [r["method"] for r in view["runs"]] == ["full", "lora", "smf"]
     for (label, m), r in zip(res["methods"].items(), view["runs"]):

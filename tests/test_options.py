@@ -39,7 +39,9 @@ RUNTIME_KEYS = {
 
 # the learning rates `forgetless run` (runner.DEFAULT_LRS) and `forgetless learn` (cli.DEFAULT_LR)
 # used before the Options became the one source: the README figures were made with these
-UNIFIED_LRS = {"full": 1e-5, "lora": 1e-4, "smf": 3.0, "eaft": 1e-5, "adapters": 1e-4, "retrieval": 0.0,
+# (smf: 30 since issue 12, with protect 0.9, chosen on validation facts: docs/smf.md; the configs
+# whose figures were made at 3 pin lr 3 and protect 0)
+UNIFIED_LRS = {"full": 1e-5, "lora": 1e-4, "smf": 30.0, "eaft": 1e-5, "adapters": 1e-4, "retrieval": 0.0,
                "cms": 1e-5, "ewc": 1e-5, "online_ewc": 1e-5, "si": 1e-5, "mas": 1e-5, "replay": 1e-5,
                "generative_replay": 1e-5, "agem": 1e-5, "distill": 1e-5, "lwf": 1e-5, "packnet": 1e-5,
                "merge": 1e-5, "ties": 1e-5, "stitch_learned": 1e-5}
@@ -75,10 +77,12 @@ def test_the_learning_rate_defaults_are_the_ones_run_and_learn_used():
 def test_options_table_lists_types_and_defaults_from_the_dataclasses():
     smf = options_table("smf")["smf"]
     assert smf["kind"] == "method" and smf["learns_facts"] is True
-    assert smf["options"] == [{"name": "lr", "type": "float", "default": 3.0},
+    assert smf["options"] == [{"name": "lr", "type": "float", "default": 30.0},
                               {"name": "top_t", "type": "int", "default": 500},
                               {"name": "ranking", "type": "str", "default": "tfidf"},
-                              {"name": "background", "type": "str", "default": "mix"}]
+                              {"name": "background", "type": "str", "default": "mix"},
+                              {"name": "protect", "type": "float", "default": 0.9},
+                              {"name": "max_doc_rate", "type": "float", "default": 1.0}]
     table = options_table()
     assert set(table) == set(METHODS) | set(PLUGINS)
     assert [o["name"] for o in table["continual_backprop"]["options"]] == ["rate", "maturity", "decay", "seed"]

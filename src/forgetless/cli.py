@@ -125,11 +125,13 @@ def _stream_config(args: argparse.Namespace):
 
     return StreamConfig(kind="facts", batch_size=args.batch_size, steps_per_fact=args.steps_per_fact,
                         eval_every=args.eval_every * args.steps_per_fact, loss_on=args.loss_on,
-                        questions=args.questions, seed=args.seed, retained_sample=200)
+                        material="questions" if args.questions else args.material, seed=args.seed,
+                        retained_sample=200)
 
 
 # `forgetless learn` flags that set a method option (flag dest -> option name)
-OPTION_FLAGS = {"rank": "rank", "top_t": "top_t", "ranking": "ranking", "background": "background"}
+OPTION_FLAGS = {"rank": "rank", "top_t": "top_t", "ranking": "ranking", "background": "background",
+                "protect": "protect", "max_doc_rate": "max_doc_rate"}
 
 
 def parse_option_args(items: list[str]) -> dict:
@@ -198,12 +200,21 @@ def cmd_learn(args: argparse.Namespace) -> int:
     model, tok = open_model(model_dir)
     ctx = MethodContext.for_folder(model_dir, tok)
     cfg = _stream_config(args)
+    if args.retained:  # a fixed sample of known facts before and after (0: every known fact)
+        cfg.retained_sample, cfg.final_all_known = args.retained, False
     evaluator = FactEvaluator(tok, load_known_facts(model_dir), load_heldout_ids(model_dir, tok, 4 * cfg.heldout_tokens), cfg)
+    import time
+
+    t0 = time.time()
     model, res = learn_facts(model, tok, facts, method, evaluator, cfg, ctx, progress=not args.no_progress)
+    total = time.time() - t0
     s = res.summary()
     print(f"after:  learned {s['learned']:.1%}, retained {s['retained']:.1%} (drop {s['retained_drop']:.1%}), "
           f"held-out NLL {s['heldout_nll']:.3f} ({s['heldout_nll_delta']:+.3f}); {len(facts)} facts, "
           f"{s['steps']} steps, {s['seconds_per_step'] * 1000:.0f} ms/step")
+    train = s["seconds_per_step"] * s["steps"]
+    print(f"time:   training {train:.1f} s, evaluation and the rest {total - train:.1f} s "
+          f"({(total - train) / max(train, 1e-9):.2f}x training; {total:.1f} s in all)")
     if args.out:
         out = save_learned(model, tok, model_dir, Path(args.out), facts, {**method.describe(), **s})
         print(f"updated model written to {out}")
@@ -261,6 +272,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     lrs = parse_lrs(args.lrs, methods)
     n = args.facts
     stream = _stream_config(args)
+    stream.facts_offset = args.offset
+    if args.retained:  # a fixed sample of known facts, the base and final scores included
+        stream.retained_sample, stream.final_all_known = args.retained, False
     ranks = [int(r) for r in args.ranks.split(",")]
     if args.quick:
         n = min(n, 8) if args.facts == 50 else n
@@ -272,6 +286,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     check_output(out, "bench")
     results = bench_facts(model_dir, out, methods, n_facts=n, lrs=lrs, lora_ranks=ranks, stream=stream,
                           top_t=args.top_t, smf_background=args.background, facts_file=Path(args.facts_file) if args.facts_file else None,
+                          smf_options={k: v for k, v in (("protect", args.protect), ("max_doc_rate", args.max_doc_rate))
+                                       if v is not None},
                           command="forgetless " + " ".join(sys.argv[1:]), progress=False)
     print(format_table(results))
     print(f"wrote {out / 'results.json'}, {out / 'runs.csv'}, {out / 'metrics.csv'} and {out / 'report.html'}")
@@ -325,10 +341,14 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
-def _stream_args(sp: argparse.ArgumentParser) -> None:
-    sp.add_argument("--batch-size", type=POSITIVE_INT, default=16, help="differently-worded statements per step (default 16)")
-    sp.add_argument("--steps-per-fact", type=POSITIVE_INT, default=4, help="optimizer steps per fact (default 4)")
-    sp.add_argument("--eval-every", type=NON_NEGATIVE_INT, default=25,
+def _stream_args(sp: argparse.ArgumentParser, eval_every: int = 25) -> None:
+    sp.add_argument("--batch-size", type=POSITIVE_INT, default=16, help="differently-worded teaching lines per step (default 16)")
+    sp.add_argument("--steps-per-fact", type=POSITIVE_INT, default=8, help="optimizer steps per fact (default 8)")
+    sp.add_argument("--material", choices=["augmented", "statements", "questions"], default="augmented",
+                    help="teaching material: augmented (default: rule-made rewordings, clozes and question/answer "
+                         "lines of any relation, never the probe), statements (the paper's protocol), questions "
+                         "(statements + the built-in relations' training question templates)")
+    sp.add_argument("--eval-every", type=NON_NEGATIVE_INT, default=eval_every,
                     help="evaluate every K facts (0: only at the end); the stream config stores it as "
                          "eval_every = K * steps-per-fact optimizer steps, the unit of every stream")
     sp.add_argument("--loss-on", choices=["all", "answer"], default="all", help="loss on all statement tokens or the answer")
@@ -395,12 +415,19 @@ def build_parser() -> argparse.ArgumentParser:
                     help=f"smf: slot ranking, for ablations (default {default_options('smf').ranking})")
     sp.add_argument("--background", choices=list(BACKGROUNDS), default=None,
                     help=f"smf: IDF background (default {default_options('smf').background})")
+    sp.add_argument("--protect", type=float, default=None,
+                    help="smf: never train the rows carrying this share of the known facts' lookup weight (read from "
+                         f"their training lines, never the probes; default {default_options('smf').protect}; 0: the paper's SMF)")
+    sp.add_argument("--max-doc-rate", type=float, default=None,
+                    help="smf: never train rows read in more than this share of background documents (default 1: off)")
     sp.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                     help="any option of the method (repeatable), e.g. --option top_t=1000 --option lr=1e-4")
     sp.add_argument("--out", default=None, help="folder for the updated model (a new folder, or a model folder to replace)")
     sp.add_argument("--overwrite", action="store_true", help="replace --out even if it holds something other than a model")
     sp.add_argument("--no-progress", action="store_true")
-    _stream_args(sp)
+    sp.add_argument("--retained", type=NON_NEGATIVE_INT, default=200,
+                    help="known facts probed before and after, a fixed sample (0: all of them; default 200)")
+    _stream_args(sp, eval_every=0)
     sp.set_defaults(func=cmd_learn, resumable=False)
 
     sp = sub.add_parser("methods", help="list the methods and plugins with their options and defaults",
@@ -434,6 +461,17 @@ def build_parser() -> argparse.ArgumentParser:
     bp.add_argument("--ranks", default="8,32", help="LoRA ranks (default 8,32)")
     bp.add_argument("--top-t", type=POSITIVE_INT, default=500, help="smf: slots trained per step")
     bp.add_argument("--background", choices=["mix", "general"], default="mix", help="smf: IDF background")
+    bp.add_argument("--protect", type=float, default=None,
+                    help="smf: never train the rows carrying this share of the known facts' lookup weight (default: "
+                         "the method's, 0.9; 0: the paper's SMF)")
+    bp.add_argument("--max-doc-rate", type=float, default=None,
+                    help="smf: never train rows read in more than this share of background documents (default 1: off)")
+    bp.add_argument("--offset", type=NON_NEGATIVE_INT, default=0,
+                    help="skip this many facts of the shuffled file first (e.g. 100: validation facts, disjoint "
+                         "from the default stream's)")
+    bp.add_argument("--retained", type=NON_NEGATIVE_INT, default=0,
+                    help="known facts probed, a fixed sample also for the base and final scores (default 0: the "
+                         "bench's 200 along the way and every known fact at the base and the end)")
     bp.add_argument("--quick", action="store_true", help="8 facts, one setting per method (about a minute)")
     bp.add_argument("--out", default="runs/bench-facts", help="output folder")
     _stream_args(bp)

@@ -39,10 +39,12 @@ def text_batch(tok, texts: list[str], return_offsets: bool = False) -> dict[str,
 
 
 def fact_batch(tok, fact: Fact, n: int, loss_on: str = "all", device: torch.device | str = "cpu",
-               questions: bool = False) -> dict[str, torch.Tensor]:
-    """A batch of n teaching sentences of ``fact`` (each ending in a newline, like pretraining);
+               questions: bool = False, material: str | None = None, step: int = 0,
+               seed: int = 0) -> dict[str, torch.Tensor]:
+    """A batch of n teaching lines of ``fact`` (each ending in a newline, like pretraining);
+    ``material`` and ``step`` as in ``data.facts.teaching_sentences`` (default: statements);
     ``loss_on="answer"`` takes the loss on the answer's tokens only."""
-    sents = [s + "\n" for s in teaching_sentences(fact, n, questions)]
+    sents = [s + "\n" for s in teaching_sentences(fact, n, questions, material, step, seed)]
     batch = text_batch(tok, sents, return_offsets=loss_on == "answer")
     if loss_on == "answer":
         offsets = batch.pop("offset_mapping")

@@ -273,13 +273,35 @@ def probe_prompts(fact: Fact) -> dict[str, str]:
     return {kind: t.format(s=fact.subject) for kind, t in PROBES[fact.relation].items()}
 
 
-def teaching_sentences(fact: Fact, n: int, questions: bool = False) -> list[str]:
-    """n statements of a fact for one training batch: its statement and paraphrases, then the
-    extra templates of its relation (if known), cycled when fewer than n distinct exist.
-    ``questions=True`` mixes in question/answer lines of the *training* question templates
-    (never the held-out probe wording), alternating with the statements."""
+MATERIALS = ("augmented", "statements", "questions")
+
+
+def teaching_sentences(fact: Fact, n: int, questions: bool = False, material: str | None = None,
+                       step: int = 0, seed: int = 0) -> list[str]:
+    """n lines of a fact for one training batch.
+
+    - ``augmented`` (the default): rule-made rewordings, clozes and question/answer lines of
+      the fact's statement and paraphrases (``data/augment.py``), for any relation; never the
+      fact's question (the probe). ``step`` moves through the pool, so later steps of the same
+      fact see new lines.
+    - ``statements`` (the paper's protocol): its statement and paraphrases, then the extra
+      templates of its relation (if known), cycled when fewer than n distinct exist.
+    - ``questions``: ``statements`` alternating with question/answer lines of the relation's
+      *training* question templates (never the held-out probe wording); only for the
+      built-in relations.
+
+    ``questions=True`` is the older spelling of ``material="questions"``."""
+    material = material or ("questions" if questions else "statements")
+    if material not in MATERIALS:
+        from ..errors import ConfigError
+
+        raise ConfigError(f"teaching material must be one of {MATERIALS}, got {material!r}.")
+    if material == "augmented":
+        from .augment import teaching_batch
+
+        return teaching_batch(fact.statement, fact.question, fact.answer, n, fact.paraphrases, seed=seed, step=step)
     pool = [fact.statement, *fact.paraphrases]
-    if questions and fact.relation in QUESTIONS and fact.subject:
+    if material == "questions" and fact.relation in QUESTIONS and fact.subject:
         qs = question_lines(fact)
         pool = [x for pair in zip(pool, qs) for x in pair] + pool[len(qs):]
     if fact.relation in EXTRA_STATEMENTS and fact.subject:

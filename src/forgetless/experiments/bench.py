@@ -94,7 +94,7 @@ NEEDS_EXPERIENCES = {"joint": "joint training is the upper bound of a stream of 
 
 
 def bench_grid(methods: list[str], lrs: dict[str, list[float]], lora_ranks: list[int], top_t: int = 500,
-               smf_background: str = "mix") -> list[dict]:
+               smf_background: str = "mix", smf_options: dict | None = None) -> list[dict]:
     """The method grid as labelled method entries of a run config (``label`` as the old bench named them)."""
     grid: list[dict] = []
     for m in methods:
@@ -105,7 +105,8 @@ def bench_grid(methods: list[str], lrs: dict[str, list[float]], lora_ranks: list
             if base_name == "lora":
                 opts = [{"rank": r} for r in lora_ranks]
             elif base_name == "smf":
-                opts = [{"top_t": top_t, **({} if smf_background == "mix" else {"background": smf_background}), **extra}]
+                opts = [{"top_t": top_t, **({} if smf_background == "mix" else {"background": smf_background}),
+                         **(smf_options or {}), **extra}]
             else:
                 opts = [dict(extra)]
             for hp in opts:
@@ -117,13 +118,13 @@ def bench_grid(methods: list[str], lrs: dict[str, list[float]], lora_ranks: list
 def bench_facts(model_dir: Path, out_dir: Path, methods: list[str], n_facts: int = 100,
                 lrs: dict[str, list[float]] | None = None, lora_ranks: list[int] | None = None,
                 stream: StreamConfig | None = None, top_t: int = 500, smf_background: str = "mix",
-                facts_file: Path | None = None,
+                facts_file: Path | None = None, smf_options: dict | None = None,
                 command: str = "", log: Callable[[str], None] = print, progress: bool = False) -> dict:
     """Run the grid on one stream of ``n_facts`` facts (the first of the file shuffled by
     ``stream.seed``); returns the run's results dict (``results.RunResult.to_dict``)."""
     stream = replace(stream or StreamConfig(retained_sample=200, eval_every=100), kind="facts")
     lrs = lrs or parse_lrs(None, methods)
-    grid = bench_grid(methods, lrs, lora_ranks or DEFAULT_LORA_RANKS, top_t, smf_background)
+    grid = bench_grid(methods, lrs, lora_ranks or DEFAULT_LORA_RANKS, top_t, smf_background, smf_options)
     path = Path(facts_file or stream.facts_file or Path(model_dir) / "facts_new.jsonl")
     stream.facts_file, stream.experiences = str(path), 1
     stream.facts_per_experience = min(n_facts, len(load_fact_file(path)))

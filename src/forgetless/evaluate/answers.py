@@ -1,4 +1,17 @@
-"""Answer evaluation: greedy answers to prompts, exact match and token F1, held-out NLL."""
+"""Answer evaluation: greedy answers to prompts, exact match, "contains" and token F1, held-out NLL.
+
+Scoring rules (both on SQuAD-normalised text: lower case, no punctuation, no articles):
+
+- ``exact_match``: the answer, cut at its first newline / sentence end (``cut_answer``), equals the gold
+  answer.
+- ``contains``: the gold answer appears as whole words in that same first sentence, so that a chat model's
+  "The capital of France is Paris." counts for "Paris" (and "Paris" itself counts, so contains >= exact
+  match). "New Paris" also contains "Paris": contains is reported beside exact match, never instead of it.
+
+Chat models: when the tokenizer has a chat template (and the model was opened with ``chat=True``), a
+question probe "Question: ... Answer:" is sent as one user turn holding the question alone, through the
+template with its generation prompt; statement completions never use the template.
+"""
 
 from __future__ import annotations
 
@@ -25,6 +38,12 @@ def exact_match(pred: str, gold: str) -> float:
     return float(normalize_answer(pred) == normalize_answer(gold))
 
 
+def contains_match(pred: str, gold: str) -> float:
+    """1.0 when the normalised gold answer appears as whole words in the normalised (cut) answer."""
+    p, g = normalize_answer(pred), normalize_answer(gold)
+    return float(bool(g) and f" {g} " in f" {p} ")
+
+
 def token_f1(pred: str, gold: str) -> float:
     p, g = normalize_answer(pred).split(), normalize_answer(gold).split()
     if not p or not g:
@@ -45,6 +64,21 @@ def cut_answer(text: str) -> str:
     return text.strip().rstrip(".,;").strip()
 
 
+def chat_prompt(tokenizer, prompt: str) -> str:
+    """A question probe as one user turn through the tokenizer's chat template (generation prompt added)."""
+    q = re.sub(r"^\s*Question:\s*", "", prompt)
+    q = re.sub(r"\s*Answer:\s*$", "", q)
+    return tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
+
+
+def stop_ids(model: nn.Module, tokenizer) -> list[int]:
+    """The end-of-sequence ids that end an answer: the tokenizer's and the model's generation config's."""
+    ids = {tokenizer.eos_token_id}
+    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids.update(gen_eos if isinstance(gen_eos, (list, tuple)) else [gen_eos])
+    return sorted(i for i in ids if i is not None)
+
+
 # a cut made by ``cut_answer`` that no later text can move: a newline, a new "Question:" etc.,
 # or a full stop followed by whitespace (the text after it is dropped whatever it is)
 _FINAL_CUT = re.compile(r"\n|\s(?:Question|Answer|Context):|(?<![A-Z])(?<!\b[A-Z][a-z])\.\s")
@@ -57,22 +91,31 @@ def answer_is_final(text: str) -> bool:
 
 @torch.no_grad()
 def greedy_answers(model: nn.Module, tokenizer, prompts: list[str], max_new_tokens: int = 10,
-                   batch_size: int = 64) -> list[str]:
+                   batch_size: int = 64, chat: bool | None = None) -> list[str]:
     """Greedy continuation of each prompt, cut to its answer (``cut_answer``).
 
     Batched and left-padded, with a KV cache; a row leaves the batch (its cache rows are
-    dropped) as soon as its answer is final: at EOS, at a newline, or at any cut that later
-    tokens cannot move (``answer_is_final``), so no token is scored after an answer's end.
-    The answers equal those of ``model.generate(do_sample=False)`` cut by ``cut_answer``."""
+    dropped) as soon as its answer is final: at EOS (the tokenizer's or the model's generation
+    config's, ``stop_ids``), at a newline, or at any cut that later tokens cannot move
+    (``answer_is_final``), so no token is scored after an answer's end.
+    The answers equal those of ``model.generate(do_sample=False)`` cut by ``cut_answer``.
+    ``chat`` (default: the tokenizer's setting, see ``models.tokenizer.uses_chat``) sends each prompt through
+    the chat template; a chat answer is a sentence, so at least 24 new tokens are generated."""
+    from ..models.tokenizer import uses_chat
+
+    chat = uses_chat(tokenizer) if chat is None else chat
+    if chat:
+        prompts = [chat_prompt(tokenizer, p) for p in prompts]
+        max_new_tokens = max(max_new_tokens, 24)
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     out: list[str] = []
     tokenizer.padding_side = "left"
-    eos = tokenizer.eos_token_id
+    eos = set(stop_ids(model, tokenizer))
     for i in range(0, len(prompts), batch_size):
         chunk = prompts[i:i + batch_size]
-        enc = tokenizer(chunk, return_tensors="pt", padding=True).to(device)
+        enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=not chat).to(device)
         out += [cut_answer(t) for t in _greedy_rows(model, tokenizer, enc["input_ids"], enc["attention_mask"],
                                                     max_new_tokens, eos)]
     model.train(was_training)
@@ -80,7 +123,7 @@ def greedy_answers(model: nn.Module, tokenizer, prompts: list[str], max_new_toke
 
 
 def _greedy_rows(model: nn.Module, tokenizer, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int,
-                 eos: int | None) -> list[str]:
+                 eos: set[int]) -> list[str]:
     """Decoded continuations (up to each row's stop) of a left-padded batch."""
     n = ids.shape[0]
     generated: list[list[int]] = [[] for _ in range(n)]
@@ -94,7 +137,7 @@ def _greedy_rows(model: nn.Module, tokenizer, ids: torch.Tensor, mask: torch.Ten
     for step in range(max_new_tokens):
         keep = []
         for b, (r, tok) in enumerate(zip(rows.tolist(), nxt.tolist())):
-            if tok == eos:
+            if tok in eos:
                 continue
             generated[r].append(tok)
             if not answer_is_final(tokenizer.decode(generated[r], skip_special_tokens=True)):
@@ -116,6 +159,7 @@ def _greedy_rows(model: nn.Module, tokenizer, ids: torch.Tensor, mask: torch.Ten
 def score_answers(preds: list[str], golds: list[str]) -> dict[str, float]:
     n = max(len(golds), 1)
     return {"exact_match": sum(map(exact_match, preds, golds)) / n,
+            "contains": sum(map(contains_match, preds, golds)) / n,
             "f1": sum(map(token_f1, preds, golds)) / n, "n": len(golds)}
 
 

@@ -87,7 +87,7 @@ class FactEvaluator:
                                 [f.answer for f in taught]) if taught else {"exact_match": 0.0, "f1": 0.0}
         st = [(statement_prompt(f), f.answer) for f in taught]
         st = [(p, a) for p, a in st if p]
-        stmt = score_answers(greedy_answers(model, self.tok, [p for p, _ in st]),
+        stmt = score_answers(greedy_answers(model, self.tok, [p for p, _ in st], chat=False),
                              [a for _, a in st])["exact_match"] if st else 0.0
         rel = [p for p in map(reliability_prompt, taught) if p]
         rel_em = score_answers(greedy_answers(model, self.tok, [p for p, _ in rel]),

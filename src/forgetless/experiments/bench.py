@@ -25,6 +25,7 @@ from ..errors import ConfigError
 from ..files import MARKER, FolderLock
 from ..methods import METHODS, default_options
 from ..models.checkpoint import write_json
+from ..models.folder import eval_file
 from ..report.html import write_csv
 from ..report.runs import fact_runs
 from .runner import ExperimentConfig, RunConfig, _changes, config_hash, run_experiment
@@ -125,7 +126,7 @@ def bench_facts(model_dir: Path, out_dir: Path, methods: list[str], n_facts: int
     stream = replace(stream or StreamConfig(retained_sample=200, eval_every=100), kind="facts")
     lrs = lrs or parse_lrs(None, methods)
     grid = bench_grid(methods, lrs, lora_ranks or DEFAULT_LORA_RANKS, top_t, smf_background, smf_options)
-    path = Path(facts_file or stream.facts_file or Path(model_dir) / "facts_new.jsonl")
+    path = Path(facts_file or stream.facts_file or eval_file(model_dir, "facts_new.jsonl", "the fact benchmark"))
     stream.facts_file, stream.experiences = str(path), 1
     stream.facts_per_experience = min(n_facts, len(load_fact_file(path)))
     exp = ExperimentConfig(name="bench-facts", stream=stream, methods=grid)

@@ -36,7 +36,9 @@ from ..data.facts import MATERIALS, Fact, load_known_facts
 from ..errors import ConfigError, DataSourceError
 from ..evaluate.answers import heldout_nll
 from ..evaluate.facts import FactEvaluator, FactScores, probe_exact_match
-from ..models.folder import encode_texts, load_heldout_ids, load_topics, open_model
+from ..evaluate.known import known_facts
+from ..models.checkpoint import load_model
+from ..models.folder import encode_texts, eval_file, load_heldout_ids, load_topics, open_model
 from ..models.memory import freeze_query_stats
 from ..training.lifecycle import Experience
 
@@ -192,7 +194,7 @@ def fact_stream(model_dir: Path, tok, cfg: StreamConfig, seed: int, facts_file: 
     seed), or exactly ``facts`` (in their order) as one experience when given (``forgetless learn``)."""
     given = facts
     if facts is None:
-        facts = load_fact_file(facts_file or cfg.facts_file or Path(model_dir) / "facts_new.jsonl")
+        facts = load_fact_file(facts_file or cfg.facts_file or eval_file(model_dir, "facts_new.jsonl", "the fact stream"))
         random.Random(seed).shuffle(facts)
         facts = facts[cfg.facts_offset:]
         n_exp = cfg.experiences or 4
@@ -203,10 +205,14 @@ def fact_stream(model_dir: Path, tok, cfg: StreamConfig, seed: int, facts_file: 
         if not facts:
             raise DataSourceError("there are no facts to teach.")
         n_exp, per = 1, len(facts)
-    evaluator = FactEvaluator(tok, load_known_facts(model_dir),
+    if (Path(model_dir) / "facts_known.jsonl").is_file():
+        known = load_known_facts(model_dir)
+    else:  # any other model: the shipped probe facts it answers before training (found once, cached beside it)
+        known = known_facts(load_model(model_dir), tok, model_dir, exclude={f.id for f in facts})
+    evaluator = FactEvaluator(tok, known,
                               load_heldout_ids(model_dir, tok, 4 * cfg.heldout_tokens), replace(cfg, seed=seed))
     stream = facts_to_stream(tok, [facts[k * per:(k + 1) * per] for k in range(n_exp)], cfg, evaluator, seed)
-    stream.info["facts_file"] = str(facts_file or cfg.facts_file or Path(model_dir) / "facts_new.jsonl") \
+    stream.info["facts_file"] = str(facts_file or cfg.facts_file or eval_file(model_dir, "facts_new.jsonl")) \
         if given is None else "(given)"
     return stream
 

@@ -17,6 +17,15 @@ averaged over the batches:
 - ``sampled``: the "true" Fisher's Monte-Carlo estimate: at every labelled position one token
   is drawn from the model's own distribution, and the gradient of its log-likelihood is used
   (one sample per position).
+
+Anchor (option ``anchor``):
+
+- ``experience`` (default): one term per finished experience, as above.
+- ``base``: one term only, computed in ``setup`` before the first experience: the Fisher on
+  ``anchor_batches`` windows of background text (``background_text.jsonl``: the model folder's, else the
+  shipped sample of general text; ``background_file`` overrides it), anchored at the base model's
+  parameters. Training then stays near the pretrained model, weighted by what general text needs;
+  nothing is added after an experience.
 """
 
 from __future__ import annotations
@@ -26,6 +35,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..data.batches import lm_batch
+from ..models.folder import eval_file, load_background_ids
 from .base import lm_loss_masked
 from .regularization import (
     QuadraticRegularizer,
@@ -64,15 +75,43 @@ class EWC(QuadraticRegularizer):
     class Options(QuadraticRegularizer.Options):
         fisher_batches: int = 8  # training batches of the experience the Fisher is estimated on
         fisher: str = "empirical"  # empirical | sampled
+        anchor: str = "experience"  # experience | base (one term: the base's Fisher on background text)
+        anchor_batches: int = 8  # anchor: base: background windows the Fisher is estimated on
+        anchor_seq_len: int = 128
+        anchor_batch_size: int = 4
+        background_file: str | None = None  # anchor: base: JSONL of {"text": ...} (default background_text.jsonl)
 
         def validate(self) -> None:
             super().validate()
             self.positive("fisher_batches", integer=True)
             self.one_of("fisher", ("empirical", "sampled"))
+            self.one_of("anchor", ("experience", "base"))
+            for key in ("anchor_batches", "anchor_seq_len", "anchor_batch_size"):
+                self.positive(key, integer=True)
 
     def __init__(self, *args, **options):
         super().__init__(*args, **options)
         self.fisher_batches, self.fisher = self.options.fisher_batches, self.options.fisher
+        self.anchor = self.options.anchor
+
+    def setup(self, model: nn.Module, context) -> nn.Module:
+        model = super().setup(model, context)
+        o = self.options
+        if self.anchor == "base" and not self.terms:  # before the first experience: the base's Fisher on general text
+            path = o.background_file or eval_file(context.model_dir, "background_text.jsonl", "ewc anchor: base")
+            ids = load_background_ids(path, context.tokenizer)
+            device = next(model.parameters()).device
+            seq = min(o.anchor_seq_len, ids.numel() - 2)
+            batches = [{k: v.to(device) for k, v in lm_batch(ids, seq, o.anchor_batch_size, 4242 + i).items()}
+                       for i in range(o.anchor_batches)]
+            omega = (sampled_fisher(model, batches) if self.fisher == "sampled"
+                     else empirical_fisher(model, self.task_loss, batches))
+            self.terms = [(omega, {n: p.detach().clone() for n, p in model.named_parameters() if n in omega})]
+        return model
+
+    def after_experience(self, model: nn.Module, experience) -> None:
+        if self.anchor != "base":  # anchored at the base: the one term from setup stays
+            super().after_experience(model, experience)
 
     def importance(self, model: nn.Module, experience) -> dict[str, torch.Tensor]:
         batches = [experience.train_batch(i) for i in range(min(self.fisher_batches, experience.steps))]

@@ -30,7 +30,7 @@ from torch import nn
 
 from ..data.batches import batch_rows, pad_rows
 from ..errors import ConfigError
-from ..models.folder import load_background_ids
+from ..models.folder import eval_file, load_background_ids
 from .base import MethodContext
 from .full import FullFinetune
 
@@ -111,7 +111,8 @@ class Replay(FullFinetune):
 
     def setup(self, model: nn.Module, context: MethodContext) -> nn.Module:
         if self.source != "buffer" and self._background is None:
-            path = Path(self.background_file) if self.background_file else Path(context.model_dir or ".") / BACKGROUND_FILE
+            path = (Path(self.background_file) if self.background_file
+                    else eval_file(context.model_dir, BACKGROUND_FILE, "background replay"))
             self._background = load_background_ids(path, context.tokenizer)
         return super().setup(model, context)
 

@@ -132,8 +132,45 @@ def build_from_config(config_dict: dict) -> nn.Module:
     return model
 
 
+INDEX = "model.safetensors.index.json"
+
+
+def _read_weights(model_dir: Path) -> dict[str, torch.Tensor]:
+    """The state dict of a folder: model.safetensors, or the shards that model.safetensors.index.json names."""
+    w_path, index_path = model_dir / WEIGHTS, model_dir / INDEX
+    if w_path.is_file():
+        files = [w_path]
+    else:
+        try:
+            weight_map = json.loads(index_path.read_text())["weight_map"]
+            shards = sorted(set(weight_map.values()))
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError):
+            raise CheckpointError(f"{index_path} is not a valid safetensors index (it needs a weight_map).") from None
+        missing = [s for s in shards if not (model_dir / s).is_file()]
+        if missing:
+            raise CheckpointError(f"{model_dir} is missing {len(missing)} of its {len(shards)} weight shards "
+                                  f"({missing[0]}{', ...' if len(missing) > 1 else ''}); copy the whole folder again.")
+        files = [model_dir / s for s in shards]
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        try:
+            state.update(load_file(str(f)))
+        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+            raise CheckpointError(f"{f} cannot be read ({e}); the checkpoint is corrupt or truncated.") from None
+    return state
+
+
+def _check_causal_lm(config_dict: dict, model_dir: Path) -> None:
+    """A folder saved from a model without a language-model head (``LlamaModel``, ``BertModel``) is refused."""
+    archs = config_dict.get("architectures") or []
+    if archs and not any(a.endswith(("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")) for a in archs):
+        raise CheckpointError(f"{model_dir} holds a {archs[0]}, which has no causal language-model head; "
+                              f"forgetless needs a *ForCausalLM model (save it with AutoModelForCausalLM).")
+
+
 def load_model(model_dir: str | os.PathLike, dtype: torch.dtype = torch.float32) -> nn.Module:
-    """Load a folder written by ``save_model``; strict about every weight."""
+    """Load a folder written by ``save_model`` or by transformers' ``save_pretrained`` (one
+    model.safetensors or several shards with their index); strict about every weight."""
     model_dir = Path(model_dir)
     cfg_path, w_path = model_dir / CONFIG, model_dir / WEIGHTS
     recover(model_dir)  # a save that a crash interrupted: completed or rolled back first
@@ -141,17 +178,19 @@ def load_model(model_dir: str | os.PathLike, dtype: torch.dtype = torch.float32)
         raise CheckpointError(f"model folder {model_dir} does not exist.")
     if not model_dir.is_dir():
         raise CheckpointError(f"{model_dir} is a file, not a model folder.")
-    if not cfg_path.is_file() or not w_path.is_file():
-        raise CheckpointError(f"{model_dir} is not a model folder: it needs {CONFIG} and {WEIGHTS}.")
+    if not cfg_path.is_file() or not (w_path.is_file() or (model_dir / INDEX).is_file()):
+        raise CheckpointError(f"{model_dir} is not a model folder: it needs {CONFIG} and {WEIGHTS} "
+                              f"(or {INDEX} with its shards).")
     try:
         config_dict = json.loads(cfg_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{cfg_path} is not valid JSON ({e}); the checkpoint is corrupt.") from None
-    verify_checksums(model_dir, [WEIGHTS])
-    try:
-        state = load_file(str(w_path))
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise CheckpointError(f"{w_path} cannot be read ({e}); the checkpoint is corrupt or truncated.") from None
+    if not isinstance(config_dict, dict):
+        raise CheckpointError(f"{cfg_path} must hold a JSON object.")
+    _check_causal_lm(config_dict, model_dir)
+    if w_path.is_file():
+        verify_checksums(model_dir, [WEIGHTS])
+    state = _read_weights(model_dir)
     model = build_from_config(config_dict)
     tied = getattr(model.config, "tie_word_embeddings", False) or getattr(
         model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config,

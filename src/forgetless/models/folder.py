@@ -1,8 +1,12 @@
 """Model folders: where the default model lives, opening one, and the data files a folder may carry.
 
 A model folder is what ``save_model`` writes (config.json + model.safetensors + tokenizer.json),
-plus optional data files that evaluation and some methods read. The shipped base carries all
-of them; for another model they come from user files (see ``CARRY_FILES``).
+or what transformers' ``save_pretrained`` writes (one or several safetensors shards, the model's own
+tokenizer files), plus optional data files that evaluation and some methods read. The shipped base
+carries all of them (see ``CARRY_FILES``). For any other model, the model-independent ones (held-out
+text, held-out topics, background text, the probe facts) come from the shipped base's copies
+(``eval_file``); what depends on the model itself (background slot statistics, which probe facts it
+knows) is computed for it (``forgetless graft``, ``evaluate.known``).
 """
 
 from __future__ import annotations
@@ -30,10 +34,31 @@ def default_model_dir() -> Path:
     return Path(__file__).resolve().parent.parent / "assets" / "forgetless-tiny"
 
 
-def open_model(model_dir: str | os.PathLike, device: str = "cpu"):
-    """Model (in eval mode, on ``device``) and tokenizer of a model folder, checked to fit each other."""
+# data files that do not depend on the model (text and facts): any model may use the shipped base's copies
+MODEL_INDEPENDENT = ("heldout_text.jsonl", "heldout_domains.jsonl", "background_text.jsonl", "facts_known.jsonl",
+                     "facts_new.jsonl", "probe_templates.json")
+
+
+def shipped_dir() -> Path:
+    """The shipped base's folder (not overridden by ``FORGETLESS_MODEL``): the source of shared evaluation data."""
+    return Path(__file__).resolve().parent.parent / "assets" / "forgetless-tiny"
+
+
+def eval_file(model_dir: str | os.PathLike | None, name: str, what: str = "this evaluation") -> Path:
+    """The model folder's own copy of a data file, else (for model-independent data) the shipped base's copy."""
+    if model_dir is not None and (Path(model_dir) / name).is_file():
+        return Path(model_dir) / name
+    shipped = shipped_dir() / name
+    if name in MODEL_INDEPENDENT and shipped.is_file():
+        return shipped
+    raise DataSourceError(f"{what} needs {name}, which neither {model_dir} nor the shipped data provides.")
+
+
+def open_model(model_dir: str | os.PathLike, device: str = "cpu", chat: bool = True):
+    """Model (in eval mode, on ``device``) and tokenizer of a model folder, checked to fit each other.
+    ``chat=False``: question probes do not go through the tokenizer's chat template."""
     model = load_model(model_dir).to(device)
-    tok = load_tokenizer(model_dir)
+    tok = load_tokenizer(model_dir, chat=chat)
     check_tokenizer_fits(model, tok, model_dir)
     return model, tok
 
@@ -71,10 +96,9 @@ def read_jsonl_texts(path: Path, what: str) -> list[dict]:
 
 
 def load_heldout_ids(model_dir: str | os.PathLike, tok, max_tokens: int) -> torch.Tensor:
-    """The first ``max_tokens + 1`` tokens of the folder's held-out text (``heldout_text.jsonl``)."""
-    path = Path(model_dir) / "heldout_text.jsonl"
-    if not path.is_file():
-        raise DataSourceError(f"{model_dir} has no heldout_text.jsonl: held-out NLL needs it.")
+    """The first ``max_tokens + 1`` tokens of the held-out text (``heldout_text.jsonl``: the folder's, else the
+    shipped slice), tokenised with ``tok``."""
+    path = eval_file(model_dir, "heldout_text.jsonl", "held-out NLL")
     ids: list[int] = []
     for line in path.read_text().splitlines():
         ids += tok(json.loads(line)["text"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
@@ -84,11 +108,8 @@ def load_heldout_ids(model_dir: str | os.PathLike, tok, max_tokens: int) -> torc
 
 
 def load_topics(model_dir: str | os.PathLike) -> dict[str, list[dict]]:
-    """Held-out topic documents (``heldout_domains.jsonl``) by topic name."""
-    path = Path(model_dir) / "heldout_domains.jsonl"
-    if not path.is_file():
-        raise DataSourceError(f"{model_dir} has no heldout_domains.jsonl: the domain and topic streams need "
-                              f"held-out topics.")
+    """Held-out topic documents (``heldout_domains.jsonl``: the folder's, else the shipped ones) by topic name."""
+    path = eval_file(model_dir, "heldout_domains.jsonl", "the domain and topic streams")
     by_topic: dict[str, list[dict]] = {}
     for line in path.read_text().splitlines():
         d = json.loads(line)

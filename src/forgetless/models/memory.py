@@ -467,7 +467,8 @@ def add_memory_layers(
     placement: MemoryPlacement | None = None,
 ) -> nn.Module:
     """Swap a product-key memory into (mode="replace") or beside (mode="parallel") the MLP
-    of the given decoder layers of any HF decoder model, in place. The placement is
+    of the given decoder layers of any HF decoder model, in place ("parallel" starts with zero
+    values: the model's output is bit-identical until the memory is trained). The placement is
     recorded in ``model.config`` so that ``save_model``/``load_model`` can rebuild it."""
     placement = placement or MemoryPlacement(layers=list(layers or [2]), mode=mode, memory=config or MemoryConfig())
     if placement.mode not in ("replace", "parallel"):
@@ -479,7 +480,11 @@ def add_memory_layers(
             raise ConfigError(f"memory layer {i} does not exist: the model has {len(blocks)} decoder layers.")
         mem = ProductKeyMemory(hidden, hidden, placement.memory)
         old = blocks[i].mlp
-        mem.to(next(old.parameters()).device)
+        ref = next(old.parameters())
+        mem.to(device=ref.device, dtype=ref.dtype)
+        if placement.mode == "parallel":  # beside a pretrained MLP: zero values, so the memory adds exactly 0 at first
+            with torch.no_grad():
+                mem.values.zero_()
         blocks[i].mlp = mem if placement.mode == "replace" else ParallelMemory(old, mem)
     setattr(model.config, CONFIG_KEY, placement.to_dict())
     if not getattr(model, "_forgetless_mask_hook", False):

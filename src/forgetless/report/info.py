@@ -38,7 +38,9 @@ def model_info(model_dir: str | os.PathLike) -> dict:
         "shape": {"hidden_size": cfg.hidden_size, "layers": cfg.num_hidden_layers,
                   "attention_heads": cfg.num_attention_heads, "context": cfg.max_position_embeddings},
         "memory_layers": [{"module": n, "slots": m.n_slots, **m.config.to_dict()} for n, m in mems.items()],
-        "tokenizer": {"type": "byte-level BPE", "vocab_size": len(tok)},
+        "tokenizer": {"type": "byte-level BPE" if type(tok).__name__ in ("TokenizersBackend", "PreTrainedTokenizerFast")
+                      else type(tok).__name__, "vocab_size": len(tok), "eos": tok.eos_token, "pad": tok.pad_token,
+                      "chat_template": bool(getattr(tok, "chat_template", None))},
     }
     split = _read_json(model_dir / "data_split.json")
     if split:
@@ -72,7 +74,9 @@ def format_info(info: dict) -> str:
         f"{s['attention_heads']} heads, context {s['context']}",
         f"parameters     {p['total']:,} total = {p['dense']:,} dense + {p['memory']:,} memory "
         f"({p['memory_values']:,} values)",
-        f"tokenizer      {info['tokenizer']['type']}, {info['tokenizer']['vocab_size']:,} tokens",
+        f"tokenizer      {info['tokenizer']['type']}, {info['tokenizer']['vocab_size']:,} tokens, eos "
+        f"{info['tokenizer'].get('eos')!r}, pad {info['tokenizer'].get('pad')!r}"
+        + (", chat template" if info["tokenizer"].get("chat_template") else ""),
     ]
     for m in info["memory_layers"]:
         lines.append(f"memory layer   {m['module']}: {m['slots']:,} slots ({m['n_keys']}x{m['n_keys']} product keys), "

@@ -36,7 +36,7 @@ def quick_runs(monkeypatch):
     import forgetless.experiments.streams as streams_mod
     import forgetless.report.runs as report_mod
 
-    read = streams_mod.read_builtin_facts
-    monkeypatch.setattr(streams_mod, "read_builtin_facts", lambda path: read(path)[:4])
+    read = streams_mod.load_known_facts
+    monkeypatch.setattr(streams_mod, "load_known_facts", lambda model_dir: read(model_dir)[:4])
     monkeypatch.setattr(report_mod, "write_run_report", lambda results, out: None)
     monkeypatch.setattr(report_mod, "compare_runs", lambda results, out: None)

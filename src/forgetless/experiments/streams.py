@@ -230,7 +230,7 @@ def facts_to_stream(tok, groups: list[list[Fact]], cfg: StreamConfig, evaluator:
 
         experiences.append(Experience(f"facts {k + 1}", batch_fn, len(group) * cfg.steps_per_fact, group,
                                       {"fact_ids": [f.id for f in group]},
-                                      lambda i, batches=batches: batches[i % len(batches)]))
+                                      lambda i, batches=batches: batches[i % len(batches)], facts=group))
     track = FactTrack([f for e in experiences for f in e.test], evaluator, cfg.steps_per_fact)
     return Stream(name="facts", kind="facts", metric="exact_match", higher_is_better=True, experiences=experiences,
                   score=lambda m, e, stage: probe_exact_match(m, tok, e.test), extra_name="retained",

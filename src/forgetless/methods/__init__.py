@@ -32,6 +32,9 @@ from .retrieval import Retrieval
 from .rl import PolicyGradient
 from .si import SynapticIntelligence
 from .smf import SparseMemoryFinetune
+from .editing import MEMIT, ROME
+from .titans import TitansMemory
+from .cartridges import Cartridges
 
 __all__ = ["METHODS", "PLUGINS", "Method", "MethodContext", "MethodOptions", "Plugin", "PluginOptions",
            "default_options", "fact_methods", "make_method", "make_plugin", "options_table"]
@@ -57,6 +60,10 @@ METHODS: dict[str, type[Method]] = {
     "rl": PolicyGradient,
     "cms": ContinuumUpdates,
     "retrieval": Retrieval,
+    "rome": ROME,
+    "memit": MEMIT,
+    "titans": TitansMemory,
+    "cartridges": Cartridges,
     **MERGE_METHODS,  # merge and its aliases task_arithmetic, ties, dare, dare_ties, stitch, stitch_learned
 }
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from .cms import CMSConfig, add_cms
+from .titans import TitansConfig, add_titans
 from .memory import MemoryConfig, MemoryPlacement, add_memory_layers
 
 
@@ -20,6 +21,7 @@ class ModelConfig:
     rope_theta: float = 10000.0
     tie_embeddings: bool = True
     cms: CMSConfig | None = None  # continuum memory system blocks (None: plain MLPs)
+    titans: TitansConfig | None = None  # Titans neural memories before some decoder layers (None: none)
 
 
 @dataclass
@@ -65,4 +67,6 @@ def build_base(model: ModelConfig, memory: MemorySection | None, vocab_size: int
         add_memory_layers(net, placement=memory.placement())
     if model.cms is not None:
         add_cms(net, config=model.cms)
+    if model.titans is not None:
+        add_titans(net, config=model.titans)
     return net

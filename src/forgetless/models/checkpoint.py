@@ -90,6 +90,9 @@ def save_model(
     return atomic_folder(out_dir, write, kind="model")
 
 
+TITANS_CONFIG_KEY = "forgetless_titans"  # models/titans.py
+
+
 def build_from_config(config_dict: dict) -> nn.Module:
     """Build an untrained HF causal LM (with its memory layers, then its CMS blocks) from a config.json dict."""
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -99,6 +102,7 @@ def build_from_config(config_dict: dict) -> nn.Module:
     d = dict(config_dict)
     placement = d.pop(CONFIG_KEY, None)
     cms = d.pop(CMS_CONFIG_KEY, None)
+    titans = d.pop(TITANS_CONFIG_KEY, None)
     model_type = d.pop("model_type", None)
     if model_type is None:
         raise CheckpointError("config.json has no model_type; this is not a Hugging Face model folder.")
@@ -119,8 +123,12 @@ def build_from_config(config_dict: dict) -> nn.Module:
             add_memory_layers(model, placement=MemoryPlacement.from_dict(placement))
         if cms is not None:
             add_cms(model, config=CMSConfig.from_dict(cms))
+        if titans is not None:
+            from .titans import TitansConfig, add_titans
+
+            add_titans(model, config=TitansConfig.from_dict(titans))
     except (TypeError, ValueError, KeyError, AttributeError, RuntimeError) as e:
-        raise CheckpointError(f"config.json: its memory or CMS section is invalid ({e}).") from None
+        raise CheckpointError(f"config.json: its memory, CMS or Titans section is invalid ({e}).") from None
     return model
 
 

@@ -48,6 +48,7 @@ class Experience:
     test: Any = None  # what the stream's scorer needs
     info: dict = field(default_factory=dict)
     valid_batch: Callable[[int], dict] | None = None
+    facts: list | None = None  # fact streams: the experience's facts (for methods that edit them directly)
 
 
 @dataclass
@@ -93,6 +94,7 @@ class FitResult:
     train_seconds: float  # the loop, without on_eval time
     eval_seconds: float  # time spent in on_eval
     loop: LoopResult | None = None
+    setup_seconds: float = 0.0  # the method's (and plugins') setup
 
 
 def fit_experience(method: Hooks, model: nn.Module, context: MethodContext, experience: Experience,
@@ -108,9 +110,11 @@ def fit_experience(method: Hooks, model: nn.Module, context: MethodContext, expe
     context.experience, context.experience_index = experience, index
     context.seen_experiences = list(seen) if seen is not None else [experience]
     plugins = list(getattr(method, "plugins", []) or [])
+    t_setup = time.time()
     model = method.setup(model, context)
     for p in plugins:
         p.setup(model, context, method)
+    setup_seconds = time.time() - t_setup
     eval_time = [0.0]
     loop = None
     t0 = time.time()
@@ -158,7 +162,7 @@ def fit_experience(method: Hooks, model: nn.Module, context: MethodContext, expe
     for p in plugins:
         p.after_experience(model, experience)
     return FitResult(model=model, trainable_params=params, steps=experience.steps if loop is not None else 0,
-                     train_seconds=train_seconds, eval_seconds=eval_time[0], loop=loop)
+                     train_seconds=train_seconds, eval_seconds=eval_time[0], loop=loop, setup_seconds=setup_seconds)
 
 
 def method_state(method) -> dict[str, torch.Tensor]:

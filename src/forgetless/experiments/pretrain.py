@@ -428,8 +428,31 @@ def finalize(cfg: PretrainConfig, model: nn.Module, tok, data_dir: Path, out: Pa
         with torch.no_grad():
             for m in memory_layers(model):
                 m.values.copy_(m.values.to(dtype).float())
-    stats = collect_all_background(model, data_dir, cfg, progress=progress)
-    evaluation = evaluate_base(model, tok, data_dir, stats, cfg.train.seq_len)
+    # the final phase is checkpointed too (out/final): a rerun after an interruption reuses what is done
+    final = out / "final"
+    stats_file, eval_file = final / "memory_stats.safetensors", final / "evaluation.json"
+    state = out / "checkpoint" / "trainer_state.json"  # the finished training's last checkpoint
+    key = {"config": hashlib.sha256(json.dumps(to_dict(cfg), sort_keys=True).encode()).hexdigest(),
+           "checkpoint": hashlib.sha256(state.read_bytes()).hexdigest() if state.is_file() else None}
+    key_file = final / "key.json"
+    if final.is_dir() and (not key_file.is_file() or json.loads(key_file.read_text()) != key):
+        shutil.rmtree(final)  # from another config or another training: not reused
+    final.mkdir(parents=True, exist_ok=True)
+    write_json(key_file, key)
+    if stats_file.is_file():
+        stats = load_file(str(stats_file))
+        log(f"reusing the background statistics in {stats_file}")
+    else:
+        stats = collect_all_background(model, data_dir, cfg, progress=progress)
+        tmp = final / ".memory_stats.tmp"
+        save_file({k: v.contiguous().cpu() for k, v in stats.items()}, str(tmp))
+        os.replace(tmp, stats_file)
+    if eval_file.is_file():
+        evaluation = json.loads(eval_file.read_text())
+        log(f"reusing the final evaluation in {eval_file}")
+    else:
+        evaluation = evaluate_base(model, tok, data_dir, stats, cfg.train.seq_len)
+        write_json(eval_file, evaluation)
     t = cfg.train
     evaluation.update({
         "train_seconds": train_seconds, "device": str(device),
@@ -446,6 +469,7 @@ def finalize(cfg: PretrainConfig, model: nn.Module, tok, data_dir: Path, out: Pa
                                        "pretrain_config.json": to_dict(cfg)},
                            extra_files={**extra_files}, values_dtype=dtype)
     (model_dir / "README.md").write_text(card)
+    shutil.rmtree(final, ignore_errors=True)  # the model folder now holds it all
     h = evaluation["memory_health"]
     log(f"finished: held-out ppl {evaluation['heldout']['ppl']:.1f}; known-fact probes "
         f"{evaluation['known_probes']['exact_match']:.1%}, new-fact probes {evaluation['new_probes']['exact_match']:.1%}; "

@@ -2,8 +2,17 @@
 
 import pytest
 
-from forgetless.data.augment import (cloze_lines, echo_question, is_probe_like, norm, question_text,
-                                     questions_from, rewordings, teaching_batch, teaching_lines)
+from forgetless.data.augment import (
+    cloze_lines,
+    echo_question,
+    is_probe_like,
+    norm,
+    question_text,
+    questions_from,
+    rewordings,
+    teaching_batch,
+    teaching_lines,
+)
 from forgetless.data.facts import Fact, teaching_sentences
 from forgetless.errors import ConfigError
 

@@ -16,7 +16,12 @@ from forgetless.evaluate.facts import FactEvaluator
 from forgetless.experiments.facts import learn_facts
 from forgetless.experiments.streams import StreamConfig
 from forgetless.methods import make_method
-from forgetless.methods.smf import keep_rows, select_read_slots, select_top_slots, tfidf_scores
+from forgetless.methods.smf import (
+    keep_rows,
+    select_read_slots,
+    select_top_slots,
+    tfidf_scores,
+)
 from forgetless.models.folder import default_model_dir, load_heldout_ids, open_model
 from forgetless.models.memory import named_memory_layers
 from forgetless.training import MethodContext

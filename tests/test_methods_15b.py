@@ -6,11 +6,23 @@ import pytest
 import torch
 
 from forgetless.methods import make_method
-from forgetless.methods.cartridges import Cartridge, CartridgeLM, cartridge_forward, distillation_loss, prefix_kv
 from forgetless.methods.adapters import Router
+from forgetless.methods.cartridges import (
+    Cartridge,
+    CartridgeLM,
+    cartridge_forward,
+    distillation_loss,
+    prefix_kv,
+)
 from forgetless.methods.editing import memit_delta, rome_update
-from forgetless.models.titans import (NeuralMemory, TitansConfig, add_titans, associative_loss, memory_apply,
-                                      memory_update)
+from forgetless.models.titans import (
+    NeuralMemory,
+    TitansConfig,
+    add_titans,
+    associative_loss,
+    memory_apply,
+    memory_update,
+)
 
 
 def tiny(seed=0, layers=2):

@@ -4,7 +4,13 @@ import pytest
 import torch
 
 from forgetless.errors import ConfigError
-from forgetless.models.precision import autocast_dtype, choose_precision, cpu_flags, cpu_has_native_bf16, describe
+from forgetless.models.precision import (
+    autocast_dtype,
+    choose_precision,
+    cpu_flags,
+    cpu_has_native_bf16,
+    describe,
+)
 
 EPYC_AVX2 = "processor\t: 0\nvendor_id\t: AuthenticAMD\nflags\t\t: fpu sse sse2 avx avx2 fma bmi2 sha_ni\n"
 XEON_SPR = "processor\t: 0\nflags\t\t: avx avx2 avx512f avx512bw avx512_bf16 avx512_fp16 amx_bf16 amx_tile\n"

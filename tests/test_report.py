@@ -12,6 +12,7 @@ from html.parser import HTMLParser
 
 import pytest
 
+from forgetless.experiments.results import RunResult
 from forgetless.report.html import (
     fig_to_data_uri,
     frontier_plot,
@@ -19,7 +20,6 @@ from forgetless.report.html import (
     pareto_front,
     write_csv,
 )
-from forgetless.experiments.results import RunResult
 from forgetless.report.runs import write_run_report
 
 

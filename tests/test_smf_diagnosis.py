@@ -5,9 +5,19 @@ import math
 import pytest
 import torch
 
-from forgetless.evaluate.smf_diagnosis import (ablation_effect, changed_rows, direct_logit, heavy_rows,
-                                               overlap_vs_forgetting, reads_per_row, row_overlap, steps_to_learn,
-                                               union_rows, weight_per_row, weight_share_on)
+from forgetless.evaluate.smf_diagnosis import (
+    ablation_effect,
+    changed_rows,
+    direct_logit,
+    heavy_rows,
+    overlap_vs_forgetting,
+    reads_per_row,
+    row_overlap,
+    steps_to_learn,
+    union_rows,
+    weight_per_row,
+    weight_share_on,
+)
 
 N = 8
 # three tokens of a known-fact probe: (tokens, heads=1, k=2)

@@ -12,10 +12,10 @@ import signal
 import sys
 from pathlib import Path
 
-from .serve.cli import add_commands as add_serve_commands
 from .errors import ForgetlessError
 from .files import check_output
 from .models.folder import default_model_dir
+from .serve.cli import add_commands as add_serve_commands
 
 
 def _model_arg(p: argparse.ArgumentParser) -> None:
@@ -346,7 +346,12 @@ def format_metrics(res: dict) -> str:
 def cmd_report(args: argparse.Namespace) -> int:
     from .experiments.results import load_results
     from .report.html import write_csv
-    from .report.runs import compare_runs, fact_runs, write_metrics_csv, write_run_report
+    from .report.runs import (
+        compare_runs,
+        fact_runs,
+        write_metrics_csv,
+        write_run_report,
+    )
 
     loaded = []
     for d in args.run_dirs:

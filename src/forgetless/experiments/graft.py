@@ -26,7 +26,13 @@ from ..errors import DataSourceError
 from ..evaluate.slots import collect_background
 from ..models.checkpoint import MIX_PREFIX, save_model
 from ..models.folder import eval_file, load_background_ids, open_model
-from ..models.memory import MemoryConfig, MemoryPlacement, add_memory_layers, decoder_layers, memory_layers
+from ..models.memory import (
+    MemoryConfig,
+    MemoryPlacement,
+    add_memory_layers,
+    decoder_layers,
+    memory_layers,
+)
 
 
 @dataclass

@@ -38,7 +38,13 @@ from ..evaluate.answers import heldout_nll
 from ..evaluate.facts import FactEvaluator, FactScores, probe_exact_match
 from ..evaluate.known import known_facts
 from ..models.checkpoint import load_model
-from ..models.folder import encode_texts, eval_file, load_heldout_ids, load_topics, open_model
+from ..models.folder import (
+    encode_texts,
+    eval_file,
+    load_heldout_ids,
+    load_topics,
+    open_model,
+)
 from ..models.memory import freeze_query_stats
 from ..training.lifecycle import Experience
 

@@ -14,17 +14,19 @@ from ..errors import ConfigError
 from .adapters import TaskAdapters
 from .agem import AGEM
 from .base import Method, MethodContext, MethodOptions, Plugin, PluginOptions
+from .cartridges import Cartridges
 from .cms import ContinuumUpdates
 from .distill import Distillation, LwF
 from .eaft import EAFT
+from .editing import MEMIT, ROME
 from .ewc import EWC, OnlineEWC
 from .full import FullFinetune
 from .generative_replay import GenerativeReplay
 from .lora import LoRA
 from .mas import MAS
 from .merging import MERGE_METHODS
-from .packnet import PackNet
 from .onpolicy_distill import OnPolicyDistillation
+from .packnet import PackNet
 from .plasticity import ContinualBackprop, make_plasticity
 from .progressive import ProgressiveNetworks
 from .replay import Replay
@@ -32,9 +34,7 @@ from .retrieval import Retrieval
 from .rl import PolicyGradient
 from .si import SynapticIntelligence
 from .smf import SparseMemoryFinetune
-from .editing import MEMIT, ROME
 from .titans import TitansMemory
-from .cartridges import Cartridges
 
 __all__ = ["METHODS", "PLUGINS", "Method", "MethodContext", "MethodOptions", "Plugin", "PluginOptions",
            "default_options", "fact_methods", "make_method", "make_plugin", "options_table"]

@@ -49,7 +49,16 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from .base import Method, MethodContext, MethodOptions, freeze_all, nest, shifted_cross_entropy, unnest, unnest_list
+from .base import (
+    Method,
+    MethodContext,
+    MethodOptions,
+    freeze_all,
+    nest,
+    shifted_cross_entropy,
+    unnest,
+    unnest_list,
+)
 from .lora import LLAMA_LINEAR, lora_config
 
 ROUTERS = ("hidden", "tfidf")

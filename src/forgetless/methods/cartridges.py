@@ -33,7 +33,6 @@ training the cartridge for more steps than the stream's budget.
 from __future__ import annotations
 
 import inspect
-import random
 from dataclasses import dataclass
 from typing import Any
 

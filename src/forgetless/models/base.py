@@ -7,8 +7,8 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from .cms import CMSConfig, add_cms
-from .titans import TitansConfig, add_titans
 from .memory import MemoryConfig, MemoryPlacement, add_memory_layers
+from .titans import TitansConfig, add_titans
 
 
 @dataclass

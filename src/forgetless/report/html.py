@@ -13,7 +13,6 @@ Agg), never through ``pyplot``: no global backend switch, no figure registry to 
 from __future__ import annotations
 
 import csv
-import html
 import io
 import json
 import math

@@ -24,7 +24,6 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..data.factfile import facts_from_objects
 from ..errors import ConfigError, ForgetlessError
 from ..methods import METHODS
-from .gate import GateThresholds
 from .service import FALLBACK_DEFAULTS, METHOD_DEFAULTS, Service
 
 

@@ -32,8 +32,17 @@ from ..methods import make_method
 from ..models.folder import load_heldout_ids, open_model
 from ..models.memory import freeze_query_stats, memory_layers
 from ..training.lifecycle import Experience, MethodContext, fit_experience
-from .deltas import apply_delta, delta_kind, full_delta, lora_delta, lora_with_rest, model_state, row_delta
-from .deltas import tensors_hash, tie_aware_load
+from .deltas import (
+    apply_delta,
+    delta_kind,
+    full_delta,
+    lora_delta,
+    lora_with_rest,
+    model_state,
+    row_delta,
+    tensors_hash,
+    tie_aware_load,
+)
 from .gate import GateThresholds, RetentionSet, decide
 from .metrics import Metrics
 from .store import Store

@@ -11,7 +11,7 @@ demo: setup
 	@echo "open runs/quickstart/domain/report.html and runs/quickstart/facts/report.html"
 
 test: setup
-	.venv/bin/python -m pytest -q
+	.venv/bin/python -m pytest -q --durations=15
 
 test-fast:
 	.venv/bin/python -m pytest -q -m "not e2e"

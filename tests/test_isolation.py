@@ -246,7 +246,7 @@ experiments:
       - {name: packnet, lr: 1.0e-3, keep: 0.5, retrain_fraction: 0.5}
       - {name: adapters, lr: 1.0e-3, rank: 4, router_batches: 2}
   - name: facts
-    stream: {kind: facts, experiences: 2, facts_per_experience: 2, steps_per_fact: 1, batch_size: 4, eval_every: 0,
+    stream: {kind: facts, material: statements, experiences: 2, facts_per_experience: 2, steps_per_fact: 1, batch_size: 4, eval_every: 0,
              general_tokens: 256}
     methods:
       - {name: packnet, lr: 1.0e-3}

@@ -116,10 +116,26 @@ def greedy_answers(model: nn.Module, tokenizer, prompts: list[str], max_new_toke
     for i in range(0, len(prompts), batch_size):
         chunk = prompts[i:i + batch_size]
         enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=not chat).to(device)
-        out += [cut_answer(t) for t in _greedy_rows(model, tokenizer, enc["input_ids"], enc["attention_mask"],
-                                                    max_new_tokens, eos)]
+        if _steps_with_a_cache(model):
+            rows = _greedy_rows(model, tokenizer, enc["input_ids"], enc["attention_mask"], max_new_tokens, eos)
+        else:  # a wrapper model (router, retrieval front end, ...): its own generate
+            gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=sorted(eos))
+            rows = tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+        out += [cut_answer(t) for t in rows]
     model.train(was_training)
     return out
+
+
+def _steps_with_a_cache(model: nn.Module) -> bool:
+    """Whether the model is a transformers (or PEFT) model that the cached greedy loop can step."""
+    from transformers import PreTrainedModel
+
+    try:
+        from peft import PeftModel
+    except ImportError:  # peft is a dependency; a broken install only loses the fast path
+        PeftModel = ()
+    return isinstance(model, (PreTrainedModel, PeftModel))
 
 
 def _greedy_rows(model: nn.Module, tokenizer, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int,

@@ -22,6 +22,7 @@ Order and splits are fixed by the seed and recorded in the results.
 
 from __future__ import annotations
 
+import json
 import random
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -218,9 +219,26 @@ def fact_stream(model_dir: Path, tok, cfg: StreamConfig, seed: int, facts_file: 
     evaluator = FactEvaluator(tok, known,
                               load_heldout_ids(model_dir, tok, 4 * cfg.heldout_tokens), replace(cfg, seed=seed))
     stream = facts_to_stream(tok, [facts[k * per:(k + 1) * per] for k in range(n_exp)], cfg, evaluator, seed)
+    _check_context(stream, model_dir)
     stream.info["facts_file"] = str(facts_file or cfg.facts_file or eval_file(model_dir, "facts_new.jsonl")) \
         if given is None else "(given)"
     return stream
+
+
+def _check_context(stream: "Stream", model_dir: Path) -> None:
+    """Teaching text longer than the model's context is refused before anything is trained."""
+    try:
+        limit = json.loads((Path(model_dir) / "config.json").read_text()).get("max_position_embeddings")
+    except (OSError, ValueError, AttributeError):
+        return
+    if not isinstance(limit, int):
+        return
+    for e in stream.experiences:
+        for step in range(e.steps):
+            width = e.train_batch(step)["input_ids"].shape[1]
+            if width > limit:
+                raise DataSourceError(f"the teaching text of {e.name} is {width} tokens long, more than the model's "
+                                      f"context of {limit}; shorten the fact's statement.")
 
 
 def facts_to_stream(tok, groups: list[list[Fact]], cfg: StreamConfig, evaluator: FactEvaluator, seed: int) -> Stream:

@@ -302,7 +302,7 @@ def create_app(service: Service, start_worker: bool = True) -> FastAPI:
         if name == "smf" and not service.has_memory:
             raise ApiError(400, "method smf needs a model with memory layers; this one has none (use lora).")
         defaults = METHOD_DEFAULTS.get(name, FALLBACK_DEFAULTS)
-        options = dict(body.options)
+        options = {**defaults.get("options", {}), **body.options}
         if "lr" not in options and "lr" in defaults:
             options["lr"] = defaults["lr"]
         try:

@@ -220,8 +220,9 @@ def cmd_learn(args: argparse.Namespace) -> int:
     model, tok = open_model(model_dir)
     ctx = MethodContext.for_folder(model_dir, tok)
     cfg = _stream_config(args)
-    if args.retained:  # a fixed sample of known facts before and after (0: every known fact)
-        cfg.retained_sample, cfg.final_all_known = args.retained, False
+    retained = args.retained if args.retained is not None else min(200, max(40, 10 * len(facts)))  # fits the job
+    if retained:  # a fixed sample of known facts before and after (0: every known fact)
+        cfg.retained_sample, cfg.final_all_known = retained, False
     known = known_facts(model, tok, model_dir, exclude={f.id for f in facts})  # any model: see evaluate/known.py
     evaluator = FactEvaluator(tok, known, load_heldout_ids(model_dir, tok, 4 * cfg.heldout_tokens), cfg)
     import time
@@ -483,8 +484,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", default=None, help="folder for the updated model (a new folder, or a model folder to replace)")
     sp.add_argument("--overwrite", action="store_true", help="replace --out even if it holds something other than a model")
     sp.add_argument("--no-progress", action="store_true")
-    sp.add_argument("--retained", type=NON_NEGATIVE_INT, default=200,
-                    help="known facts probed before and after, a fixed sample (0: all of them; default 200)")
+    sp.add_argument("--retained", type=NON_NEGATIVE_INT, default=None,
+                    help="known facts probed before and after, a fixed sample (0: all of them; default: 10 per "
+                         "taught fact, between 40 and 200, so that evaluation fits the size of the job)")
     _stream_args(sp, eval_every=0)
     sp.set_defaults(func=cmd_learn, resumable=False)
 

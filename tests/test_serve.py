@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from forgetless.errors import CheckpointError, ConfigError
+from forgetless.evaluate.answers import cut_answer
 from forgetless.serve.deltas import (
     SEP,
     apply_delta,
@@ -155,8 +156,6 @@ class Server:
         return r.json()
 
     def answer(self, prompt: str) -> str:
-        from forgetless.evaluate.answers import cut_answer
-
         return cut_answer(self.ask(prompt)["choices"][0]["text"])
 
     def wait_update(self, uid: str, timeout: float = 240) -> dict:
@@ -187,7 +186,8 @@ def new_fact(i: int = 0) -> dict:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    srv = Server(tmp_path_factory.mktemp("serve") / "store")
+    """The shipped base served twice: as 'forgetless-tiny' (the default) and as the specialist 'b'."""
+    srv = Server(tmp_path_factory.mktemp("serve") / "store", args=("--model", f"b={MODEL}"))
     yield srv
     srv.stop()
 
@@ -230,8 +230,8 @@ def test_teach_promote_answers_then_rollback_restores_hash(server):
     assert r.status_code == 200 and r.json()["served"]["hash"] == u["hash"]
     assert server.answer(fact["question"]) == fact["answer"]
     metrics = server.call("GET", "/metrics").text
-    assert f'forgetless_version_retention{{version="{u["version"]}"}}' in metrics
-    assert 'forgetless_updates_total{outcome="accepted"}' in metrics
+    assert f'forgetless_version_retention{{model="forgetless-tiny",version="{u["version"]}"}}' in metrics
+    assert 'forgetless_updates_total{model="forgetless-tiny",outcome="accepted"}' in metrics
 
 
 @pytest.mark.e2e
@@ -278,6 +278,8 @@ def test_bad_requests_get_4xx_json_errors(server):
         ("POST", "/v1/completions", {"prompt": "x", "temperature": -1}),
         ("POST", "/v1/completions", {"prompt": "x", "stream": True}),
         ("POST", "/v1/completions", {"prompt": "x", "n": 3}),
+        ("POST", "/v1/completions", {"prompt": "x", "model": "gpt-4"}),  # a model this server does not have
+        ("GET", "/versions?model=gpt-4", None),
         ("POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}),  # no chat template
         ("POST", "/learn", {}),  # nothing to learn
         ("POST", "/learn", {"facts": [{"statement": "A is B.", "question": "A?"}]}),  # no answer
@@ -306,6 +308,32 @@ def test_bad_requests_get_4xx_json_errors(server):
     assert [r.status_code for r in raw] == [400, 413]
     assert all(r.json()["error"]["message"] for r in raw)
     assert len(cases) + len(raw) >= 15
+
+
+@pytest.mark.e2e
+def test_specialists_learn_and_roll_back_apart(server):
+    """Two models on one server: an update of 'b' is served by 'b' only, with its own version log."""
+    names = [m["id"] for m in server.call("GET", "/v1/models").json()["data"]]
+    assert names == ["forgetless-tiny", "b"]
+    fact = new_fact(6)
+    ask = {"prompt": fact["question"], "max_tokens": 8, "temperature": 0}
+    base_b = server.call("POST", "/v1/completions", {**ask, "model": "b"}).json()
+    assert base_b["model"] == "b" and base_b["forgetless_version"] == 0
+    r = server.call("POST", "/learn", {"model": "b", "facts": [fact]})
+    assert r.status_code == 202 and r.json()["model"] == "b", r.text
+    u = server.wait_update(r.json()["update"])
+    assert u["model"] == "b" and u["status"] == "promoted", u
+    got_b = server.call("POST", "/v1/completions", {**ask, "model": "b"}).json()
+    assert (got_b["forgetless_version"], got_b["forgetless_hash"]) == (u["version"], u["hash"])
+    assert cut_answer(got_b["choices"][0]["text"]) == fact["answer"]
+    other = server.call("POST", "/v1/completions", {**ask, "model": "forgetless-tiny"}).json()
+    assert other["forgetless_hash"] != u["hash"] and cut_answer(other["choices"][0]["text"]) != fact["answer"]
+    assert all(v["update"] != u["id"] for v in server.call("GET", "/versions").json()["versions"])
+    health = server.call("GET", "/health?model=b").json()
+    assert health["model"] == "b" and health["hash"] == u["hash"] and set(health["models"]) == {"forgetless-tiny", "b"}
+    r = server.call("POST", "/rollback", {"model": "b"})
+    assert r.status_code == 200 and r.json()["served"]["hash"] == base_b["forgetless_hash"]
+    assert 'forgetless_served_version{model="b"} 0.0' in server.call("GET", "/metrics").text
 
 
 @pytest.mark.e2e

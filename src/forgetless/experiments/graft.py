@@ -33,6 +33,7 @@ from ..models.memory import (
     decoder_layers,
     memory_layers,
 )
+from ..training.optim import LazyAdam, adamw
 
 
 @dataclass
@@ -78,9 +79,9 @@ def graft_memory(model_dir: str | Path, out_dir: str | Path, cfg: GraftConfig, t
         raise DataSourceError(f"{text_path} is shorter than one window of {cfg.seq_len} tokens.")
     values = [p for n, p in mem.items() if n.endswith(".values")]
     dense = [p for n, p in mem.items() if not n.endswith(".values")]
-    opts = [torch.optim.AdamW(dense, lr=cfg.lr, weight_decay=0.0)]
+    opts = [adamw(dense, lr=cfg.lr, weight_decay=0.0)]
     sparse = any(m.config.sparse_values for m in memory_layers(model))
-    opts.append(torch.optim.SparseAdam(values, lr=cfg.values_lr) if sparse else torch.optim.AdamW(values, lr=cfg.values_lr))
+    opts.append(LazyAdam(values, lr=cfg.values_lr) if sparse else adamw(values, lr=cfg.values_lr))
     model.train()
     losses, t0 = [], time.time()
     use_bf16 = cfg.bf16 and cfg.device.startswith("cuda")

@@ -48,6 +48,7 @@ from ..models.precision import autocast_dtype
 from ..models.tokenizer import EOS, load_tokenizer, train_tokenizer
 from ..report.modelcard import memory_health, write_model_card
 from ..training.loop import load_training_state, save_training_state, train_loop
+from ..training.optim import LazyAdam, adamw
 
 
 @dataclass
@@ -249,13 +250,13 @@ def make_optimizers(model: nn.Module, t: TrainConfig) -> list[torch.optim.Optimi
                   {"params": no_decay, "weight_decay": 0.0}]
     if groups["keys"]:
         opt_groups.append({"params": groups["keys"], "weight_decay": 0.0, "lr": t.keys_lr or t.lr})
-    opts: list[torch.optim.Optimizer] = [torch.optim.AdamW(opt_groups, lr=t.lr, betas=(t.beta1, t.beta2))]
+    opts: list[torch.optim.Optimizer] = [adamw(opt_groups, lr=t.lr, betas=(t.beta1, t.beta2))]
     if groups["values"]:
         sparse = [p for p in groups["values"]]
         if any(m.config.sparse_values for m in memory_layers(model)):
-            opts.append(torch.optim.SparseAdam(sparse, lr=t.values_lr, betas=(t.beta1, t.beta2)))
+            opts.append(LazyAdam(sparse, lr=t.values_lr, betas=(t.beta1, t.beta2)))
         else:
-            opts.append(torch.optim.AdamW(sparse, lr=t.values_lr, betas=(t.beta1, t.beta2), weight_decay=0.0))
+            opts.append(adamw(sparse, lr=t.values_lr, betas=(t.beta1, t.beta2), weight_decay=0.0))
     return opts
 
 

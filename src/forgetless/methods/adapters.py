@@ -49,6 +49,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
+from ..training.optim import adamw
 from .base import (
     Method,
     MethodContext,
@@ -345,7 +346,7 @@ class TaskAdapters(Method):
         wrapper.training_adapter = f"e{k}"
         wrapper._activate(f"e{k}")
         params = wrapper.adapter_params(f"e{k}")
-        self._optimizers = [torch.optim.AdamW(params, lr=self.lr, weight_decay=0.0)]
+        self._optimizers = [adamw(params, lr=self.lr, weight_decay=0.0)]
         self._wrapper = wrapper
         exp = context.experience if context is not None else None
         self._seen = list(context.seen_experiences) if context is not None else []

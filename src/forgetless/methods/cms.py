@@ -59,6 +59,7 @@ from ..models.memory import (
     decoder_layers,
     memory_layers,
 )
+from ..training.optim import adamw
 from .base import Method, MethodContext, MethodOptions
 
 
@@ -186,7 +187,7 @@ class ContinuumUpdates(Method):
         if not params:
             raise ConfigError("cms trains nothing: every level is frozen and others is 'freeze'.")
         if self.optimizer == "adamw":
-            opt = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay, betas=self.betas)
+            opt = adamw(params, lr=self.lr, weight_decay=self.weight_decay, betas=self.betas)
         else:
             opt = torch.optim.SGD(params, lr=self.lr, weight_decay=self.weight_decay)
         self._optimizers = [opt]

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from ..models.memory import memory_layers
+from ..training.optim import adamw
 from .base import Method, MethodContext, MethodOptions
 
 
@@ -35,6 +36,6 @@ class FullFinetune(Method):
             p.requires_grad_(True)
         for mem in memory_layers(model):
             mem.config.sparse_values = False  # AdamW needs dense gradients on the value table
-        self._optimizers = [torch.optim.AdamW(model.parameters(), lr=self.lr, weight_decay=self.weight_decay,
+        self._optimizers = [adamw(model.parameters(), lr=self.lr, weight_decay=self.weight_decay,
                                               betas=self.betas)]
         return model

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
+from ..training.optim import adamw
 from .base import Method, MethodContext, MethodOptions
 
 LLAMA_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -61,7 +62,7 @@ class LoRA(Method):
 
         peft_model = get_peft_model(model, lora_config(model, self.targets, self.rank, self.alpha, self.dropout))
         params = [p for p in peft_model.parameters() if p.requires_grad]
-        self._optimizers = [torch.optim.AdamW(params, lr=self.lr, weight_decay=0.0)]
+        self._optimizers = [adamw(params, lr=self.lr, weight_decay=0.0)]
         return peft_model
 
     def export(self, model: nn.Module) -> nn.Module:

@@ -51,6 +51,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..training.loop import train_loop
+from ..training.optim import adamw
 from . import rollouts as R
 from .base import MethodContext, lm_loss_masked
 from .full import FullFinetune
@@ -110,7 +111,7 @@ def finetune_teacher(model: nn.Module, batch_fn, steps: int, lr: float, weight_d
     params = list(teacher.parameters())
     for p in params:
         p.requires_grad_(True)
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=betas)
+    opt = adamw(params, lr=lr, weight_decay=weight_decay, betas=betas)
     train_loop(teacher, [opt], batch_fn, lm_loss_masked, steps, grad_clip=grad_clip, progress=False)
     teacher.eval()
     for p in params:

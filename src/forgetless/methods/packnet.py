@@ -53,6 +53,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
+from ..training.optim import adamw
 from .base import Method, MethodContext, MethodOptions, freeze_all, nest, unnest
 from .lora import LLAMA_LINEAR
 
@@ -199,7 +200,7 @@ class PackNet(Method):
         steps = getattr(exp, "steps", None)
         self._prune_at = max(1, min(steps, math.ceil((1.0 - self.retrain_fraction) * steps))) if steps else None
         self._pruned = False
-        self._optimizers = [torch.optim.AdamW(list(weights.values()), lr=self.lr, weight_decay=self.weight_decay,
+        self._optimizers = [adamw(list(weights.values()), lr=self.lr, weight_decay=self.weight_decay,
                                               betas=self.betas)]
         return model
 

@@ -48,6 +48,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
+from ..training.optim import adamw
 from .adapters import ROUTERS, Router, pooled_representation, spread_steps, token_counts
 from .base import (
     Method,
@@ -282,7 +283,7 @@ class ProgressiveNetworks(Method):
         params = list(wrapper.columns[k].parameters())
         for p in params:
             p.requires_grad_(True)
-        self._optimizers = [torch.optim.AdamW(params, lr=self.lr, weight_decay=0.0)]
+        self._optimizers = [adamw(params, lr=self.lr, weight_decay=0.0)]
         self._wrapper, self._training = wrapper, k
         exp = context.experience if context is not None else None
         self._seen = list(context.seen_experiences) if context is not None else []

@@ -29,6 +29,7 @@ from torch import nn
 from ..errors import ConfigError
 from ..models.memory import memory_layers
 from ..models.titans import TITANS_CONFIG_KEY, TitansConfig, add_titans, titans_memories
+from ..training.optim import adamw
 from .base import Method, MethodContext, MethodOptions, freeze_all
 
 
@@ -78,7 +79,7 @@ class TitansMemory(Method):
             params = list(model.parameters())
         for p in params:
             p.requires_grad_(True)
-        self._optimizers = [torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)]
+        self._optimizers = [adamw(params, lr=self.lr, weight_decay=self.weight_decay)]
         return model
 
     def memory_params(self, model: nn.Module) -> int:

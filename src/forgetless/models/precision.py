@@ -1,9 +1,13 @@
-"""Training precision by hardware: bf16 autocast only where bf16 is computed natively.
+"""Training precision by hardware: bf16 autocast only where bf16 matrix products are native and fast.
 
-On a CPU without native bf16 instructions (no ``avx512_bf16`` and no ``amx_bf16`` in
-/proc/cpuinfo, e.g. an AVX2-only EPYC) PyTorch emulates bf16 matmuls by converting to fp32
-and back, which is slower than plain fp32; there fp32 is chosen. On a CUDA GPU bf16 is
-native from compute capability 8.0 (Ampere) on.
+On a CPU, bf16 autocast is chosen only with AMX (``amx_bf16`` in /proc/cpuinfo: Sapphire Rapids
+and later Xeons). Without AMX, PyTorch converts to and from bf16 around every autocast op; on an
+AVX2-only EPYC the matmuls are emulated, and on a Xeon with AVX512-BF16 but no AMX (the machine
+this project is developed on) it was measured slower than fp32 too: a training step of the
+shipped base (16x256 tokens, 2 threads, idle) took 1,907 ms with bf16 autocast and 1,263 ms in
+fp32 for the dense-MLP model, 2,224 and 1,650 ms for the memory model (docs/performance.md).
+So AVX512-BF16 alone does not count. On a CUDA GPU bf16 is native from compute capability 8.0
+(Ampere) on.
 
 Override with the environment variable ``FORGETLESS_PRECISION`` = ``auto`` (default),
 ``bf16`` or ``fp32``, or with the ``override`` argument.
@@ -20,7 +24,7 @@ from ..errors import ConfigError
 
 ENV_VAR = "FORGETLESS_PRECISION"
 PRECISIONS = ("auto", "bf16", "fp32")
-BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
+BF16_CPU_FLAGS = ("amx_bf16",)  # AVX512-BF16 without AMX measured slower than fp32 (see above)
 SHOWN_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_tile")
 
 
@@ -39,7 +43,7 @@ def cpu_flags(cpuinfo: str | None = None) -> set[str]:
 
 
 def cpu_has_native_bf16(flags: set[str] | str) -> bool:
-    """True when the CPU computes bf16 dot products in hardware (AVX512-BF16 or AMX-BF16)."""
+    """True when the CPU has AMX-BF16 tiles (AVX512-BF16 alone measured slower than fp32)."""
     flags = set(flags.split()) if isinstance(flags, str) else flags
     return any(f in flags for f in BF16_CPU_FLAGS)
 

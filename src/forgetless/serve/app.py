@@ -94,6 +94,7 @@ class GateIn(Strict):
 
 
 class LearnRequest(Strict):
+    model: str | None = None
     facts: list[FactIn] = []
     texts: list[str] = []
     method: str | None = None
@@ -106,24 +107,47 @@ class LearnRequest(Strict):
 
 
 class VersionRef(Strict):
+    model: str | None = None
     version: int = Field(ge=0)
 
 
 class RollbackRequest(Strict):
+    model: str | None = None
     version: int | None = Field(None, ge=0)
 
 
 # --------------------------------------------------------------------------- the app
-def create_app(service: Service, start_worker: bool = True) -> FastAPI:
-    cfg = service.cfg
-    gen_lock = threading.Lock()  # one generation at a time (the memory layer's mask hooks are per model)
+def create_app(services: Service | list[Service], start_worker: bool = True) -> FastAPI:
+    """The app of one served model, or of several specialists (each with its own store, versions,
+    gate and learning worker), chosen by the ``model`` field of a request (default: the first)."""
+    listed = [services] if isinstance(services, Service) else list(services)
+    if not listed:
+        raise ConfigError("create_app needs at least one service.")
+    by_name = {s.name: s for s in listed}
+    if len(by_name) != len(listed):
+        raise ConfigError("two served models have the same name: " + ", ".join(s.name for s in listed) + ".")
+    default = listed[0]
+    cfg = default.cfg  # the server-wide settings (token, body limit) are the same for every model
+    app_metrics = default.metrics.all
+    gen_locks = {name: threading.Lock() for name in by_name}  # one generation at a time per model
+
+    def pick(name: str | None) -> Service:
+        if name is None or name == "":
+            return default
+        s = by_name.get(name)
+        if s is None:
+            raise ApiError(404, f"there is no model {name!r} on this server; it serves {', '.join(by_name)}.",
+                           code="model_not_found")
+        return s
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         if start_worker:
-            service.start()
+            for s in listed:
+                s.start()
         yield
-        service.stop()
+        for s in listed:
+            s.stop()
 
     app = FastAPI(title="forgetless serve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
 
@@ -143,8 +167,8 @@ def create_app(service: Service, start_worker: bool = True) -> FastAPI:
             resp = _err(400, "the Content-Length header is not a number.")
         route = request.scope.get("route")
         endpoint = route.path if route is not None else "other"
-        service.metrics.requests.labels(endpoint=endpoint, status=str(resp.status_code)).inc()
-        service.metrics.latency.labels(endpoint=endpoint).observe(time.time() - t0)
+        app_metrics.requests.labels(endpoint=endpoint, status=str(resp.status_code)).inc()
+        app_metrics.latency.labels(endpoint=endpoint).observe(time.time() - t0)
         return resp
 
     @app.exception_handler(ApiError)
@@ -192,7 +216,7 @@ def create_app(service: Service, start_worker: bool = True) -> FastAPI:
                 "forgetless_version": served.version, "forgetless_hash": served.weights_hash}
 
     # ------------------------------------------------------------------ generation
-    def generate(prompts: list[str], max_tokens: int, temperature: float, top_p: float, stop, seed):
+    def generate(service: Service, prompts: list[str], max_tokens: int, temperature: float, top_p: float, stop, seed):
         if max_tokens > cfg.max_new_tokens:
             raise ApiError(400, f"max_tokens {max_tokens} exceeds the limit of {cfg.max_new_tokens}.")
         stops = [stop] if isinstance(stop, str) else list(stop or [])
@@ -217,7 +241,7 @@ def create_app(service: Service, start_worker: bool = True) -> FastAPI:
                 kw.update(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
             else:
                 kw.update(do_sample=False)
-            with gen_lock, torch.no_grad():
+            with gen_locks[service.name], torch.no_grad():
                 if seed is not None:
                     torch.manual_seed(seed)
                 gen = served.model.generate(**ids, **kw)
@@ -238,10 +262,11 @@ def create_app(service: Service, start_worker: bool = True) -> FastAPI:
             raise ApiError(400, "stream=true is not supported by this server.", code="unsupported")
         if body.echo or body.logprobs:
             raise ApiError(400, "echo and logprobs are not supported by this server.", code="unsupported")
+        service = pick(body.model)
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
-        served, out = generate(prompts, body.max_tokens, body.temperature, body.top_p, body.stop, body.seed)
+        served, out = generate(service, prompts, body.max_tokens, body.temperature, body.top_p, body.stop, body.seed)
         return {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion", "created": int(time.time()),
-                "model": body.model or cfg.model_dir.name,
+                "model": service.name,
                 "choices": [{"text": t, "index": i, "logprobs": None, "finish_reason": f}
                             for i, (t, f, _, _) in enumerate(out)],
                 "usage": {"prompt_tokens": sum(o[2] for o in out), "completion_tokens": sum(o[3] for o in out),
@@ -251,32 +276,34 @@ def create_app(service: Service, start_worker: bool = True) -> FastAPI:
     @app.post("/v1/chat/completions")
     def chat(body: ChatRequest, request: Request):
         who(request, write=False)
+        service = pick(body.model)
         tok = service.tok
         if not getattr(tok, "chat_template", None):
-            raise ApiError(400, f"the model {cfg.model_dir.name} has no chat template; use /v1/completions.",
+            raise ApiError(400, f"the model {service.name} has no chat template; use /v1/completions.",
                            code="no_chat_template")
         if body.stream:
             raise ApiError(400, "stream=true is not supported by this server.", code="unsupported")
         prompt = tok.apply_chat_template([m.model_dump() for m in body.messages], tokenize=False,
                                          add_generation_prompt=True)
-        served, out = generate([prompt], body.max_completion_tokens or body.max_tokens or 64, body.temperature,
+        served, out = generate(service, [prompt], body.max_completion_tokens or body.max_tokens or 64, body.temperature,
                                body.top_p, body.stop, body.seed)
         t, f, pn, cn = out[0]
         return {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "object": "chat.completion", "created": int(time.time()),
-                "model": body.model or cfg.model_dir.name,
+                "model": service.name,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": t}, "finish_reason": f}],
                 "usage": {"prompt_tokens": pn, "completion_tokens": cn, "total_tokens": pn + cn},
                 **version_fields(served)}
 
     @app.get("/v1/models")
     def models():
-        return {"object": "list", "data": [{"id": cfg.model_dir.name, "object": "model", "owned_by": "forgetless",
-                                            **version_fields(service.current)}]}
+        return {"object": "list", "data": [{"id": s.name, "object": "model", "owned_by": "forgetless",
+                                            **version_fields(s.current)} for s in listed]}
 
     # ------------------------------------------------------------------ learning
     @app.post("/learn", status_code=202)
     def learn(body: LearnRequest, request: Request):
         by = who(request, write=True)
+        service = pick(body.model)
         if not body.facts and not body.texts:
             raise ApiError(400, "give 'facts' or 'texts' to learn.")
         if len(body.facts) > cfg.max_facts:
@@ -325,15 +352,17 @@ def create_app(service: Service, start_worker: bool = True) -> FastAPI:
             uid = service.submit(req, by)
         except OverflowError as e:
             raise ApiError(429, str(e), "rate_limit_error") from None
-        return {"update": uid, "state": "queued", "url": f"/updates/{uid}"}
+        return {"update": uid, "model": service.name, "state": "queued", "url": f"/updates/{uid}"}
 
     @app.get("/updates/{uid}")
     def update(uid: str):
-        u = service.store.update(uid)
-        if u is None:
+        found = [(s, s.store.update(uid)) for s in listed]
+        found = [(s, u) for s, u in found if u is not None]
+        if not found:
             raise ApiError(404, f"there is no update {uid!r}.", code="not_found")
+        service, u = found[0]
         out = {k: u[k] for k in ("id", "state", "version", "error", "attempts", "created", "started", "finished")}
-        out.update(method=u["request"]["method"], facts=len(u["request"]["facts"]))
+        out.update(model=service.name, method=u["request"]["method"], facts=len(u["request"]["facts"]))
         if u["version"] is not None:
             v = service.store.version(u["version"])
             out.update(status=v["status"], figures=v["figures"], gate=v["gate"], hash=v["weights_hash"],
@@ -342,7 +371,8 @@ def create_app(service: Service, start_worker: bool = True) -> FastAPI:
 
     # ------------------------------------------------------------------ versions
     @app.get("/versions")
-    def versions():
+    def versions(model: str | None = None):
+        service = pick(model)
         cur = service.current
         rows = []
         for v in service.store.versions():
@@ -352,7 +382,7 @@ def create_app(service: Service, start_worker: bool = True) -> FastAPI:
                          "taught": [f["statement"] for f in taught.get("facts", [])] if isinstance(taught, dict) else [],
                          "figures": {k: x for k, x in (v["figures"] or {}).items() if k != "answers"},
                          "gate": v["gate"], "who": v["who"], "created": v["created"], "served": v["id"] == cur.version})
-        return {"served": cur.info(), "versions": rows, "events": service.store.events()}
+        return {"model": service.name, "served": cur.info(), "versions": rows, "events": service.store.events()}
 
     def change(fn, *args):
         try:
@@ -367,25 +397,31 @@ def create_app(service: Service, start_worker: bool = True) -> FastAPI:
     @app.post("/promote")
     def promote(body: VersionRef, request: Request):
         by = who(request, write=True)
-        return {"served": change(service.promote, body.version, by)}
+        service = pick(body.model)
+        return {"model": service.name, "served": change(service.promote, body.version, by)}
 
     @app.post("/rollback")
     def rollback(request: Request, body: RollbackRequest | None = None):
         by = who(request, write=True)
+        service = pick(body.model if body else None)
         t0 = time.time()
         served = change(service.rollback, body.version if body else None, by)
-        return {"served": served, "seconds": time.time() - t0}
+        return {"model": service.name, "served": served, "seconds": time.time() - t0}
 
     # ------------------------------------------------------------------ health and metrics
     @app.get("/health")
-    def health():
-        return {"status": "ok", "model": cfg.model_dir.name, **service.current.info(),
-                "pending_updates": service.store.pending(), "learning": cfg.token is not None,
-                "requeued_at_start": service.requeued}
+    def health(model: str | None = None):
+        def one(s: Service) -> dict:
+            return {**s.current.info(), "pending_updates": s.store.pending(), "requeued_at_start": s.requeued}
+
+        service = pick(model)
+        return {"status": "ok", "model": service.name, **one(service), "learning": cfg.token is not None,
+                "models": {s.name: one(s) for s in listed}}
 
     @app.get("/metrics")
     def metrics():
-        service._refresh_gauges()
-        return PlainTextResponse(generate_latest(service.metrics.registry).decode(), media_type=CONTENT_TYPE_LATEST)
+        for s in listed:
+            s._refresh_gauges()
+        return PlainTextResponse(generate_latest(app_metrics.registry).decode(), media_type=CONTENT_TYPE_LATEST)
 
     return app

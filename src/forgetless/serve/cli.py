@@ -13,36 +13,72 @@ def _default_model_dir() -> Path:
     return Path(env) if env else Path(__file__).resolve().parents[1] / "assets" / "forgetless-tiny"
 
 
+def served_models(positional: str | None, named: list[str]) -> list[tuple[str, Path]]:
+    """(name, folder) of every model to serve: MODEL (named after its folder) and each --model NAME=DIR,
+    in that order; the shipped base when neither is given."""
+    from ..errors import ConfigError
+
+    out: list[tuple[str, Path]] = []
+    if positional:
+        out.append((Path(positional).name, Path(positional)))
+    for item in named:
+        name, sep, folder = item.partition("=")
+        if not sep or not name.strip() or not folder.strip():
+            raise ConfigError(f"--model takes NAME=DIR, got {item!r}.")
+        if not all(c.isalnum() or c in "-_." for c in name):
+            raise ConfigError(f"a model name takes letters, digits, '-', '_' and '.', got {name!r}.")
+        out.append((name, Path(folder)))
+    if not out:
+        d = _default_model_dir()
+        out.append((d.name, d))
+    names = [n for n, _ in out]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ConfigError(f"two served models are named {dup[0]!r}; name them apart with --model NAME=DIR.")
+    return out
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from .app import create_app
     from .client import read_token
     from .gate import GateThresholds
+    from .metrics import Metrics
     from .service import ServeConfig, Service
 
-    model_dir = Path(args.model or _default_model_dir())
-    cfg = ServeConfig(model_dir=model_dir, store_dir=Path(args.store or Path("runs") / "serve" / model_dir.name),
-                      token=read_token(args.token_file), protect_generation=args.protect_generation,
-                      auto_promote=not args.manual_promote, method=args.method,
-                      gate=GateThresholds(args.min_learned, args.max_retention_drop, args.max_nll_increase),
-                      retention_facts=args.retention_facts, heldout_tokens=args.heldout_tokens,
-                      max_body_bytes=args.max_body_bytes, max_facts=args.max_facts, max_steps=args.max_steps,
-                      max_new_tokens=args.max_new_tokens, max_queue=args.max_queue, threads=args.threads,
-                      seed=args.seed)
-    service = Service(cfg)
-    v = service.current
-    print(f"forgetless serve: {model_dir.name} version {v.version} ({v.weights_hash[:12]}) on "
-          f"http://{args.host}:{args.port}; store {cfg.store_dir}; learning "
-          f"{'on' if cfg.token else 'off (no token)'}", flush=True)
-    uvicorn.run(create_app(service), host=args.host, port=args.port, log_level=args.log_level)
+    models = served_models(args.model, args.models or [])
+    store_root = Path(args.store) if args.store else None
+    metrics = Metrics()
+    services = []
+    for name, model_dir in models:
+        if store_root is None:
+            store = Path("runs") / "serve" / name
+        else:  # one model: the store is the folder given; several: a sub-folder each
+            store = store_root if len(models) == 1 else store_root / name
+        cfg = ServeConfig(model_dir=model_dir, store_dir=store, name=name,
+                          token=read_token(args.token_file), protect_generation=args.protect_generation,
+                          auto_promote=not args.manual_promote, method=args.method,
+                          gate=GateThresholds(args.min_learned, args.max_retention_drop, args.max_nll_increase),
+                          retention_facts=args.retention_facts, heldout_tokens=args.heldout_tokens,
+                          max_body_bytes=args.max_body_bytes, max_facts=args.max_facts, max_steps=args.max_steps,
+                          max_new_tokens=args.max_new_tokens, max_queue=args.max_queue, threads=args.threads,
+                          seed=args.seed)
+        service = Service(cfg, metrics)
+        v = service.current
+        print(f"forgetless serve: model {name!r} ({model_dir}) version {v.version} ({v.weights_hash[:12]}); "
+              f"store {cfg.store_dir}", flush=True)
+        services.append(service)
+    print(f"forgetless serve: {len(services)} model{'s' if len(services) > 1 else ''} on http://{args.host}:{args.port}; "
+          f"learning {'on' if services[0].cfg.token else 'off (no token)'}", flush=True)
+    uvicorn.run(create_app(services), host=args.host, port=args.port, log_level=args.log_level)
     return 0
 
 
 def _client(args: argparse.Namespace):
     from .client import ServeClient, read_token
 
-    return ServeClient(args.url, read_token(args.token_file))
+    return ServeClient(args.url, read_token(args.token_file), model=args.model)
 
 
 def cmd_client(args: argparse.Namespace) -> int:
@@ -92,10 +128,15 @@ def add_commands(sub) -> None:
     sp = sub.add_parser("serve", help="serve a model over HTTP that keeps learning (versions, rollback, gate)",
                         description="Serve MODEL with an OpenAI-compatible API; POST /learn teaches it facts in a "
                                     "background worker, every update becomes a gated, versioned delta. See docs/serve.md.")
-    sp.add_argument("model", nargs="?", default=None, help="model folder (default: the shipped base)")
+    sp.add_argument("model", nargs="?", default=None, help="model folder (default: the shipped base unless "
+                    "--model is given)")
+    sp.add_argument("--model", dest="models", action="append", default=[], metavar="NAME=DIR",
+                    help="serve the model folder DIR as NAME (repeat for a set of specialists; requests choose one "
+                         "with their 'model' field, the first is the default)")
     sp.add_argument("--host", default="127.0.0.1")
     sp.add_argument("--port", type=int, default=8000)
-    sp.add_argument("--store", default=None, help="version store folder (default runs/serve/<model name>)")
+    sp.add_argument("--store", default=None, help="version store folder (default runs/serve/<model name>; with "
+                    "several models, one sub-folder per name)")
     sp.add_argument("--token-file", default=None, help="file holding the bearer token (else env FORGETLESS_TOKEN; "
                     "with neither, learning, promotion and rollback are off)")
     sp.add_argument("--protect-generation", action="store_true", help="completions need the token too")
@@ -121,6 +162,7 @@ def add_commands(sub) -> None:
     cp.add_argument("--url", default=os.environ.get("FORGETLESS_URL", "http://127.0.0.1:8000"))
     cp.add_argument("--token-file", default=None, help="bearer token file (else env FORGETLESS_TOKEN)")
     cp.add_argument("--json", action="store_true", help="print the server's JSON answers")
+    cp.add_argument("--model", default=None, help="the served model to talk to (default: the server's first)")
     csub = cp.add_subparsers(dest="action", metavar="ACTION", required=True)
     p = csub.add_parser("ask", help="complete a prompt (greedy)")
     p.add_argument("prompt")

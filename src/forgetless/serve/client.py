@@ -14,13 +14,21 @@ from ..errors import ForgetlessError
 
 
 class ServeClient:
-    def __init__(self, url: str = "http://127.0.0.1:8000", token: str | None = None, timeout: float = 120.0):
+    def __init__(self, url: str = "http://127.0.0.1:8000", token: str | None = None, timeout: float = 120.0,
+                 model: str | None = None):
+        self.model = model  # None: the server's default model
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self.http = httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=timeout)
 
     def _call(self, method: str, path: str, body: Any = None) -> dict:
+        params = None
+        if self.model is not None:
+            if isinstance(body, dict):
+                body = {"model": self.model, **body}
+            elif method == "GET":
+                params = {"model": self.model}
         try:
-            r = self.http.request(method, path, json=body)
+            r = self.http.request(method, path, json=body, params=params)
         except httpx.HTTPError as e:
             raise ForgetlessError(f"cannot reach the server at {self.http.base_url} ({e}).") from None
         try:

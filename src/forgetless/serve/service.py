@@ -60,6 +60,7 @@ FALLBACK_DEFAULTS = {"steps": 8}
 class ServeConfig:
     model_dir: Path
     store_dir: Path
+    name: str | None = None  # the model's name in the API (default: the folder's name)
     token: str | None = None
     protect_generation: bool = False
     auto_promote: bool = True
@@ -105,8 +106,10 @@ def teaching_batch(tok, fact: Fact, n: int, questions: bool) -> dict[str, torch.
 
 
 class Service:
-    def __init__(self, cfg: ServeConfig):
+    def __init__(self, cfg: ServeConfig, metrics: Metrics | None = None):
         self.cfg = cfg
+        self.name = cfg.name or cfg.model_dir.name
+        self.metrics = (metrics or Metrics()).of(self.name)
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         torch.manual_seed(cfg.seed)
@@ -121,7 +124,6 @@ class Service:
         self.store = Store(cfg.store_dir)
         self.store.init_base(tensors_hash(self.base_state), str(cfg.model_dir))
         self.requeued = self.store.recover()
-        self.metrics = Metrics()
         self.max_positions = int(getattr(base.config, "max_position_embeddings", 1024))
         self._retention(base)
         vid = self.store.served()
@@ -130,10 +132,10 @@ class Service:
         self._submit_lock = threading.Lock()
         self._wake = threading.Event()
         self._stop = False
-        self.worker = threading.Thread(target=self._work, name="forgetless-learner", daemon=True)
+        self.worker = threading.Thread(target=self._work, name=f"forgetless-learner-{self.name}", daemon=True)
         for v in self.store.versions():
             if v["status"] in ("base", "promoted") and "retained" in (v["figures"] or {}):
-                self.metrics.retention.labels(version=str(v["id"])).set(v["figures"]["retained"])
+                self.metrics.retention(v["id"], v["figures"]["retained"])
         self._refresh_gauges()
 
     # ------------------------------------------------------------------ set-up
@@ -205,7 +207,7 @@ class Service:
         self.current = Served(model, vid, v["weights_hash"] if v else self.store.version(vid)["weights_hash"])
         fig = (self.store.version(vid)["figures"] or {})
         if "retained" in fig:
-            self.metrics.retention.labels(version=str(vid)).set(fig["retained"])
+            self.metrics.retention(vid, fig["retained"])
         self.metrics.served.set(vid)
         return self.current.info()
 
@@ -220,7 +222,7 @@ class Service:
                 raise PermissionError(f"version {vid} is not a candidate (it is {v['status']}); "
                                       "use /rollback to serve an earlier version again.")
             out = self._serve(vid, "promote", who)
-            self.metrics.updates.labels(outcome="promoted").inc()
+            self.metrics.update("promoted")
             return out
 
     def rollback(self, vid: int | None, who: str) -> dict:
@@ -246,7 +248,7 @@ class Service:
                 raise OverflowError(f"the learning queue is full ({self.cfg.max_queue} updates); try again later.")
             uid = uuid.uuid4().hex[:16]
             self.store.add_update(uid, request, who)
-        self.metrics.updates.labels(outcome="accepted").inc()
+        self.metrics.update("accepted")
         self._refresh_gauges()
         self._wake.set()
         return uid
@@ -267,7 +269,7 @@ class Service:
                 msg = str(e) if isinstance(e, ForgetlessError) else f"{type(e).__name__}: {e}"
                 self.store.tx([("UPDATE updates SET state = 'failed', error = ?, finished = ? WHERE id = ?",
                                 (msg, time.time(), u["id"]))])
-                self.metrics.updates.labels(outcome="failed").inc()
+                self.metrics.update("failed")
             self._refresh_gauges()
 
     def _learn(self, u: dict) -> None:
@@ -326,11 +328,11 @@ class Service:
         if status == "promoted":
             with self._promote_lock:
                 self._serve(vid, "promote", u["who"], model=cand, extra=stmts)
-            self.metrics.updates.labels(outcome="promoted").inc()
+            self.metrics.update("promoted")
         else:
             self.store.tx(stmts)
             if status == "rejected":
-                self.metrics.updates.labels(outcome="rejected").inc()
+                self.metrics.update("rejected")
 
     # ------------------------------------------------------------------ gauges
     def _refresh_gauges(self) -> None:

@@ -55,6 +55,7 @@ import torch
 from torch import nn
 
 from ...errors import ConfigError
+from ...training.optim import adamw
 from ..base import Method, MethodContext, MethodOptions, nest, unnest
 from .index import INDEX_KINDS, PassageIndex
 
@@ -275,7 +276,7 @@ def train_reader(model: nn.Module, tok, known: list, steps: int, lr: float = 1e-
         p.requires_grad_(False)
     for p in params:
         p.requires_grad_(True)
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    opt = adamw(params, lr=lr, weight_decay=0.0)
     device = next(model.parameters()).device
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     losses = []

@@ -31,12 +31,15 @@ def interrupt_run(monkeypatch):
 
 @pytest.fixture
 def quick_runs(monkeypatch):
-    """Shorter end-to-end runs: the fact stream probes 4 of the base's known facts (not 100), and no
-    report or comparison page is drawn."""
+    """Shorter end-to-end runs: the fact stream probes 4 of the base's known facts (not 100), held-out
+    text is at most 1,024 tokens (the fact stream's default scores 16,384, and 65,536 at its start and
+    end: most of a tiny run's time), and no report or comparison page is drawn."""
+    import forgetless.experiments.runner as runner_mod
     import forgetless.experiments.streams as streams_mod
-    import forgetless.report.runs as report_mod
 
     read = streams_mod.load_known_facts
     monkeypatch.setattr(streams_mod, "load_known_facts", lambda model_dir: read(model_dir)[:4])
-    monkeypatch.setattr(report_mod, "write_run_report", lambda results, out: None)
-    monkeypatch.setattr(report_mod, "compare_runs", lambda results, out: None)
+    heldout = streams_mod.load_heldout_ids
+    monkeypatch.setattr(streams_mod, "load_heldout_ids", lambda model_dir, tok, n: heldout(model_dir, tok, min(n, 1024)))
+    monkeypatch.setattr(runner_mod, "write_run_report", lambda results, out: None)
+    monkeypatch.setattr(runner_mod, "compare_runs", lambda results, out: None)

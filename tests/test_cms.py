@@ -288,7 +288,7 @@ HEAD = "name: tiny-cms\nseed: 3\nexperiments:\n"
 
 
 @pytest.mark.e2e
-def test_forgetless_run_with_cms_end_to_end_and_resumed(tmp_path, interrupt_run):
+def test_forgetless_run_with_cms_end_to_end_and_resumed(tmp_path, quick_runs, interrupt_run):
     p = tmp_path / "run.yaml"
     p.write_text(HEAD + DOMAIN + FACTS)
     full = run(load_run_config(p), tmp_path / "full", progress=False, log=lambda s: None)

@@ -223,7 +223,7 @@ RESUME = "name: tiny\nseed: 1\nexperiments:" + DOMAIN + STITCH  # same stream an
 
 
 @pytest.mark.e2e
-def test_merge_runs_end_to_end_and_resumes_to_the_same_matrix(tmp_path, interrupt_run):
+def test_merge_runs_end_to_end_and_resumes_to_the_same_matrix(tmp_path, quick_runs, interrupt_run):
     from safetensors.torch import load_file
 
     from forgetless.models.checkpoint import load_model

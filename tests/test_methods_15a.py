@@ -312,20 +312,8 @@ experiments:
 """
 
 
-@pytest.fixture
-def short_runs(monkeypatch):
-    """The fact stream probes 4 of the base's known facts (not all), and no report page is drawn."""
-    import forgetless.experiments.runner as runner_mod
-    import forgetless.experiments.streams as streams_mod
-
-    known = streams_mod.load_known_facts
-    monkeypatch.setattr(streams_mod, "load_known_facts", lambda model_dir: known(model_dir)[:4])
-    monkeypatch.setattr(runner_mod, "write_run_report", lambda results, out: None)
-    monkeypatch.setattr(runner_mod, "compare_runs", lambda results, out: None)
-
-
 @pytest.mark.e2e
-def test_methods_15a_run_end_to_end_and_resume_to_the_same_matrix(tmp_path, short_runs, interrupt_run):
+def test_methods_15a_run_end_to_end_and_resume_to_the_same_matrix(tmp_path, quick_runs, interrupt_run):
     from forgetless.experiments.runner import load_run_config, run
 
     p = tmp_path / "run.yaml"

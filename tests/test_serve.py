@@ -107,6 +107,18 @@ def test_store_blobs_are_content_addressed_and_verified(tmp_path):
     assert [p.name for p in s.blobs.iterdir()] == [f"{digest}.safetensors"]  # unnamed blobs are gone
     assert [v["id"] for v in s.chain(1)] == [0, 1]
 
+def test_served_models_names_each_folder_and_refuses_bad_or_twice_used_names():
+    from forgetless.serve.cli import served_models
+
+    assert served_models(str(MODEL), ["b=/x/y"]) == [("forgetless-tiny", MODEL), ("b", Path("/x/y"))]
+    assert served_models(None, [])[0][0] == "forgetless-tiny"  # the shipped base
+    for bad in (["b"], ["=dir"], ["b="], ["a b=dir"]):
+        with pytest.raises(ConfigError):
+            served_models(None, bad)
+    with pytest.raises(ConfigError, match="named 'forgetless-tiny'"):
+        served_models(str(MODEL), [f"forgetless-tiny={MODEL}"])
+
+
 # --------------------------------------------------------------------------- servers
 def free_port() -> int:
     with socket.socket() as s:

@@ -184,6 +184,34 @@ def test_commands_on_a_transformers_folder(tiny, tmp_path, capsys):
 
 
 @pytest.mark.e2e
+def test_no_chat_asks_plain_probes_in_learn_and_run(tiny, tmp_path, monkeypatch):
+    import forgetless.evaluate.answers as answers
+
+    calls = []
+    real = answers.chat_prompt
+    monkeypatch.setattr(answers, "chat_prompt", lambda tok, p: calls.append(p) or real(tok, p))
+    facts = tmp_path / "f.jsonl"
+    facts.write_text(json.dumps({"statement": "The capital of Zembla is Onhava.", "answer": "Onhava",
+                                 "question": "Question: What is the capital of Zembla? Answer:"}) + "\n")
+    args = ["learn", "--model", str(tiny), "--facts", str(facts), "--method", "full", "--batch-size", "2",
+            "--steps-per-fact", "1", "--retained", "4", "--no-progress"]
+    assert main(args + ["--no-chat"]) == 0 and calls == []
+    assert main(args) == 0 and "Question: What is the capital of Zembla? Answer:" in calls
+    calls.clear()
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(f"""name: tiny-plain
+model: {tiny}
+experiments:
+  - name: facts
+    stream: {{kind: facts, experiences: 1, facts_per_experience: 1, steps_per_fact: 1, batch_size: 2, eval_every: 0,
+             retained_sample: 4, heldout_tokens: 128, final_all_known: false, chat: false}}
+    methods:
+      - {{name: full, lr: 1.0e-4}}
+""")
+    assert main(["run", str(cfg), "--out", str(tmp_path / "run"), "--no-progress"]) == 0 and calls == []
+
+
+@pytest.mark.e2e
 def test_run_on_a_transformers_folder(tiny, tmp_path, capsys):
     cfg = tmp_path / "run.yaml"
     cfg.write_text(f"""name: tiny-hf

@@ -146,7 +146,7 @@ def _stream_config(args: argparse.Namespace):
     return StreamConfig(kind="facts", batch_size=args.batch_size, steps_per_fact=args.steps_per_fact,
                         eval_every=args.eval_every * args.steps_per_fact, loss_on=args.loss_on,
                         material="questions" if args.questions else args.material, seed=args.seed,
-                        retained_sample=200)
+                        retained_sample=200, chat=not args.no_chat)
 
 
 # `forgetless learn` flags that set a method option (flag dest -> option name)
@@ -217,7 +217,7 @@ def cmd_learn(args: argparse.Namespace) -> int:
         weights = model_dir / "model.safetensors"
         need = int(2.2 * weights.stat().st_size) if weights.is_file() else 0  # the new folder + the old one during the swap
         check_output(args.out, "model", overwrite=args.overwrite, need_bytes=need)
-    model, tok = open_model(model_dir)
+    model, tok = open_model(model_dir, chat=not args.no_chat)
     ctx = MethodContext.for_folder(model_dir, tok)
     cfg = _stream_config(args)
     retained = args.retained if args.retained is not None else min(200, max(40, 10 * len(facts)))  # fits the job
@@ -384,6 +384,8 @@ def _stream_args(sp: argparse.ArgumentParser, eval_every: int = 25) -> None:
     sp.add_argument("--questions", action="store_true",
                     help="also train on question/answer lines (training templates, never the probe wording)")
     sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--no-chat", action="store_true",
+                    help="ask question probes as plain text even when the tokenizer has a chat template")
 
 
 # --------------------------------------------------------------------------- parser

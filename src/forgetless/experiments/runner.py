@@ -232,7 +232,7 @@ def learn_stream(stream: Stream, model, ctx: MethodContext, method, rec: dict, l
 def run_sequential(stream: Stream, model_dir: Path, label: str, spec: dict, out: Path, progress: bool,
                    log: Callable[[str], None]) -> dict:
     _, base, opts = _method_args(spec)
-    model, tok = open_model(model_dir)
+    model, tok = open_model(model_dir, chat=stream.chat)
     ctx = MethodContext.for_folder(model_dir, tok)
     state_dir = out / _state_name(label) / "state"
     method = make_method(base, **opts)  # one method object for the whole stream
@@ -258,7 +258,7 @@ def run_joint(stream: Stream, model_dir: Path, label: str, spec: dict, out: Path
         rec = new_record(model, stream, model_dir)
     for k in range(len(rec["R"]), T):
         t0 = time.time()
-        model, tok = open_model(model_dir)
+        model, tok = open_model(model_dir, chat=stream.chat)
         ctx = MethodContext.for_folder(model_dir, tok)
         seen = stream.experiences[: k + 1]
         steps = sum(e.steps for e in seen)
@@ -307,7 +307,7 @@ def method_result(rec: dict, spec: dict) -> MethodResult:
 # --------------------------------------------------------------------------- a whole run
 def run_experiment(exp_cfg: ExperimentConfig, model_dir: Path, seed: int, out: Path, progress: bool = True,
                    log: Callable[[str], None] = print, command: str = "", machine: dict | None = None) -> dict:
-    tok = load_tokenizer(model_dir)
+    tok = load_tokenizer(model_dir, chat=exp_cfg.stream.chat)
     torch.manual_seed(seed)
     stream = build_stream(model_dir, tok, exp_cfg.stream, seed)
     out.mkdir(parents=True, exist_ok=True)

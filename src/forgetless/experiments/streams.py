@@ -81,6 +81,7 @@ class StreamConfig:
     topics_per_experience: int = 2  # task_il / class_il
     text_chars: int = 200  # task_il / class_il: characters of each summary shown to the model
     seed: int = 0  # facts: fact order and known-fact sample when built without a run seed (learn)
+    chat: bool = True  # question probes through the tokenizer's chat template when it has one (false: plain text)
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -96,6 +97,9 @@ class StreamConfig:
                     "heldout_tokens"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"stream.{key} must be at least 1, got {getattr(self, key)}.")
+        if self.kind == "facts" and self.heldout_tokens < 128:
+            raise ConfigError(f"stream.heldout_tokens must be at least 128 (one scoring window of the fact "
+                              f"evaluation), got {self.heldout_tokens}.")
         if self.experiences is not None and self.experiences < 1:
             raise ConfigError(f"stream.experiences must be at least 1, got {self.experiences}.")
         if self.eval_every < 0:
@@ -116,6 +120,7 @@ class Stream:
     info: dict
     eval_every: int = 0  # steps between curve points within an experience (0: only at its end)
     facts: "FactTrack | None" = None  # fact streams: the taught facts and the one fact evaluator
+    chat: bool = True  # the models of the stream are opened with this chat setting (StreamConfig.chat)
 
     @property
     def task_given(self) -> bool:
@@ -349,7 +354,10 @@ def topic_stream(model_dir: Path, tok, cfg: StreamConfig, seed: int) -> Stream:
 
 def build_stream(model_dir: Path, tok, cfg: StreamConfig, seed: int) -> Stream:
     if cfg.kind == "domain":
-        return domain_stream(model_dir, tok, cfg, seed)
-    if cfg.kind == "facts":
-        return fact_stream(model_dir, tok, cfg, seed)
-    return topic_stream(model_dir, tok, cfg, seed)
+        stream = domain_stream(model_dir, tok, cfg, seed)
+    elif cfg.kind == "facts":
+        stream = fact_stream(model_dir, tok, cfg, seed)
+    else:
+        stream = topic_stream(model_dir, tok, cfg, seed)
+    stream.chat = cfg.chat
+    return stream

@@ -141,3 +141,32 @@ def test_fact_stream_run_carries_fact_scores_consistent_with_its_matrix(tmp_path
     assert f.final.learned == pytest.approx(sum(m.R[-1]) / 2)  # two groups of two facts
     assert f.base.learned == pytest.approx(sum(m.b) / 2) and f.steps == 4
     assert m.metrics["retained"] == m.extra[-1] == f.curve[-1].retained  # the known-fact sample, both ways
+
+
+def test_sentence_answers_score_under_contains_beside_exact_match(monkeypatch):
+    """A chat model answers in sentences: learned/retained by exact match stay 0, by contains they count,
+    and `bench facts`' table shows the contains figures only when they differ."""
+    import torch
+
+    import forgetless.evaluate.facts as facts_mod
+    from forgetless.data.facts import Fact
+    from forgetless.experiments.bench import format_table
+
+    def answers(model, tok, prompts, **kw):
+        return [f"The answer is {p.split('|')[1]}." if "|" in p else "no idea" for p in prompts]
+
+    monkeypatch.setattr(facts_mod, "greedy_answers", answers)
+    monkeypatch.setattr(facts_mod, "heldout_nll", lambda model, ids, **kw: {"nll": 3.0})
+    taught = [Fact(id="t1", relation="capital", subject="Zembla", statement="Zembla's capital is Onhava.", question="Q|Onhava|", answer="Onhava")]
+    known = [Fact(id="k1", relation="capital", subject="France", statement="France's capital is Paris.", question="Q|Paris|", answer="Paris"),
+             Fact(id="k2", relation="capital", subject="Peru", statement="Peru's capital is Lima.", question="Q", answer="Lima")]
+    cfg = StreamConfig(kind="facts", retained_sample=10, heldout_tokens=128, final_all_known=False)
+    ev = facts_mod.FactEvaluator(None, known, torch.zeros(300, dtype=torch.long), cfg)
+    s = ev(None, taught, 1)
+    assert (s.learned, s.learned_contains, s.retained, s.retained_contains) == (0.0, 1.0, 0.0, 0.5)
+    rec = FactRecord(base=FactScores(), final=s, curve=[], steps=1, seconds_per_step=0.1)
+    results = {"methods": {"full lr=1e-05": {"spec": {"name": "full", "lr": 1e-5}, "facts": rec.to_dict()}}}
+    table = format_table(results)
+    assert "| full lr=1e-05 | 100.0% | 50.0% |" in table
+    same = FactRecord(base=FactScores(), final=FactScores(learned=0.5, learned_contains=0.5), curve=[], steps=1)
+    assert "Contains" not in format_table({"methods": {"x": {"spec": {"name": "full"}, "facts": same.to_dict()}}})

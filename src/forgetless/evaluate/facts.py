@@ -41,6 +41,8 @@ class FactScores:
     reliability: float = 0.0  # EasyEdit: exact match on each taught fact's first training question
     portability: float = 0.0  # EasyEdit: two-hop questions (data.facts.portability_probe)
     portability_n: int = 0  # taught facts that have a two-hop question
+    learned_contains: float = 0.0  # the answer stated in the first sentence (evaluate.answers.contains_match)
+    retained_contains: float = 0.0  # the same rule on the known facts (chat models answer in sentences)
 
 
 class FactEvalConfig(Protocol):  # the fields of experiments.streams.StreamConfig the evaluator reads
@@ -84,7 +86,8 @@ class FactEvaluator:
     def __call__(self, model: nn.Module, taught: list[Fact], facts_seen: int, final: bool = False) -> FactScores:
         t0 = time.time()
         learned = score_answers(greedy_answers(model, self.tok, [f.question for f in taught]),
-                                [f.answer for f in taught]) if taught else {"exact_match": 0.0, "f1": 0.0}
+                                [f.answer for f in taught]) if taught else {"exact_match": 0.0, "f1": 0.0,
+                                                                            "contains": 0.0}
         st = [(statement_prompt(f), f.answer) for f in taught]
         st = [(p, a) for p, a in st if p]
         stmt = score_answers(greedy_answers(model, self.tok, [p for p, _ in st], chat=False),
@@ -101,5 +104,6 @@ class FactEvaluator:
         n_tok = self.heldout.numel() - 1 if full else min(self.cfg.heldout_tokens, self.heldout.numel() - 1)
         nll = heldout_nll(model, self.heldout[: n_tok + 1], seq_len=128, batch_size=32)["nll"]
         return FactScores(facts_seen=facts_seen, learned=learned["exact_match"], learned_f1=learned["f1"],
+                          learned_contains=learned.get("contains", 0.0), retained_contains=ret["contains"],
                           statement_acc=stmt, retained=ret["exact_match"], heldout_nll=nll,
                           seconds=time.time() - t0, reliability=rel_em, portability=port_em, portability_n=len(port))

@@ -169,4 +169,11 @@ def format_table(results: dict) -> str:
     for label, e in [("base", b)] + [(r["label"], r) for r in view["runs"]]:
         cells = [e.get(k) or 0.0 for k in ("reliability", "learned", "retained", "portability")]
         lines.append("| " + label + " | " + " | ".join(f"{c:.1%}" for c in cells) + " |")
+    rows = [("base", b)] + [(r["label"], r) for r in view["runs"]]
+    if any((e.get("learned_contains") or 0.0) != (e.get("learned") or 0.0) or
+           (e.get("retained_contains") or 0.0) != (e.get("retained") or 0.0) for _, e in rows):
+        lines += ["", "Contains (the gold answer stated in the answer's first sentence; chat models answer in sentences)",
+                  "| run | learned (contains) | retained (contains) |", "|---|---|---|"]
+        for label, e in rows:
+            lines.append(f"| {label} | {e.get('learned_contains') or 0.0:.1%} | {e.get('retained_contains') or 0.0:.1%} |")
     return "\n".join(lines)

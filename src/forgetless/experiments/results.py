@@ -59,6 +59,9 @@ class FactRecord:
                 "retained": f.retained, "retained_base": self.base.retained, "retained_drop": self.retained_drop,
                 "heldout_nll": f.heldout_nll, "heldout_nll_delta": self.heldout_nll_delta,
                 "learned_base": self.base.learned, "heldout_nll_base": self.base.heldout_nll,
+                "learned_contains": f.learned_contains, "retained_contains": f.retained_contains,
+                "learned_contains_base": self.base.learned_contains,
+                "retained_contains_base": self.base.retained_contains,
                 "trainable_params_per_step": self.trainable_params_per_step,
                 "seconds_per_step": self.seconds_per_step, "steps": self.steps,
                 "easyedit": self.easyedit()}

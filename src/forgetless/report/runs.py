@@ -550,7 +550,8 @@ def fact_runs(results: dict) -> dict:
         spec = m.get("spec") or {}
         final = facts.get("final") or {}
         row = {k: final.get(k) for k in ("learned", "learned_f1", "statement_acc", "retained", "heldout_nll",
-                                         "reliability", "portability", "portability_n")}
+                                         "reliability", "portability", "portability_n", "learned_contains",
+                                         "retained_contains")}
         row.update(method=label.split(" lr=")[0] if " lr=" in label else label, label=label, lr=spec.get("lr"),
                    hparams={k: v for k, v in spec.items() if k not in ("name", "method", "lr", "label")},
                    retained_base=base.get("retained"), retained_drop=facts.get("retained_drop"),

@@ -48,6 +48,8 @@ def test_bench_grid_is_labelled_method_entries_of_a_run_config():
     assert grid[3] == {"name": "lora", "label": "lora lr=3e-05 rank=8", "lr": 3e-5, "rank": 8}
     assert grid[-1] == {"name": "smf", "label": "smf-tf lr=3 top_t=500", "lr": 3.0, "top_t": 500, "ranking": "tf"}
     assert parse_lrs(None, ["retrieval", "ewc"]) == {"retrieval": [0.0], "ewc": [1e-5]}  # the run's defaults
+    assert bench_grid(["ewc-base"], parse_lrs(None, ["ewc-base"]), [8]) == \
+        [{"name": "ewc", "label": "ewc-base lr=1e-05 anchor=base", "lr": 1e-5, "anchor": "base"}]
     with pytest.raises(ConfigError, match="several experiences|upper bound"):
         bench_grid(["joint"], {"joint": [1e-5]}, [8])
     with pytest.raises(ConfigError, match="unknown method 'nope'"):

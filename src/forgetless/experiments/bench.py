@@ -42,7 +42,8 @@ LR_SWEEPS: dict[str, list[float]] = {
     "eaft": [5e-6, 1e-5, 3e-5],
 }
 DEFAULT_LORA_RANKS = [8, 32]
-ALIASES = {"smf-tf": ("smf", {"ranking": "tf"}), "smf-all": ("smf", {"ranking": "all"})}
+ALIASES = {"smf-tf": ("smf", {"ranking": "tf"}), "smf-all": ("smf", {"ranking": "all"}),
+           "ewc-base": ("ewc", {"anchor": "base"})}  # EWC anchored at the base (Fisher on background text)
 
 
 def default_lr(method: str) -> float:

@@ -159,7 +159,7 @@ FACTS_ONLY = "name: tiny\nseed: 3\nexperiments:\n  - name: facts" + TINY.split("
 
 
 @pytest.mark.e2e
-def test_tiny_run_on_domain_and_facts_streams_resumes_with_the_same_index(tmp_path, interrupt_run):
+def test_tiny_run_on_domain_and_facts_streams_resumes_with_the_same_index(tmp_path, quick_runs, interrupt_run):
     p = tmp_path / "run.yaml"
     p.write_text(TINY)
     full = run(load_run_config(p), tmp_path / "full", progress=False, log=lambda s: None)

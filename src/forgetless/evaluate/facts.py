@@ -45,6 +45,9 @@ class FactScores:
     retained_contains: float = 0.0  # the same rule on the known facts (chat models answer in sentences)
 
 
+HELDOUT_WINDOW = 128  # tokens per window of the held-out NLL the fact evaluation scores
+
+
 class FactEvalConfig(Protocol):  # the fields of experiments.streams.StreamConfig the evaluator reads
     retained_sample: int
     heldout_tokens: int
@@ -102,7 +105,7 @@ class FactEvaluator:
         known = self.known_all if full else self.known_sample
         ret = score_answers(greedy_answers(model, self.tok, [f.question for f in known]), [f.answer for f in known])
         n_tok = self.heldout.numel() - 1 if full else min(self.cfg.heldout_tokens, self.heldout.numel() - 1)
-        nll = heldout_nll(model, self.heldout[: n_tok + 1], seq_len=128, batch_size=32)["nll"]
+        nll = heldout_nll(model, self.heldout[: n_tok + 1], seq_len=HELDOUT_WINDOW, batch_size=32)["nll"]
         return FactScores(facts_seen=facts_seen, learned=learned["exact_match"], learned_f1=learned["f1"],
                           learned_contains=learned.get("contains", 0.0), retained_contains=ret["contains"],
                           statement_acc=stmt, retained=ret["exact_match"], heldout_nll=nll,

@@ -36,7 +36,12 @@ from ..data.factfile import load_fact_file
 from ..data.facts import MATERIALS, Fact, load_known_facts
 from ..errors import ConfigError, DataSourceError
 from ..evaluate.answers import heldout_nll
-from ..evaluate.facts import FactEvaluator, FactScores, probe_exact_match
+from ..evaluate.facts import (
+    HELDOUT_WINDOW,
+    FactEvaluator,
+    FactScores,
+    probe_exact_match,
+)
 from ..evaluate.known import known_facts
 from ..models.checkpoint import load_model
 from ..models.folder import (
@@ -97,9 +102,9 @@ class StreamConfig:
                     "heldout_tokens"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"stream.{key} must be at least 1, got {getattr(self, key)}.")
-        if self.kind == "facts" and self.heldout_tokens < 128:
-            raise ConfigError(f"stream.heldout_tokens must be at least 128 (one scoring window of the fact "
-                              f"evaluation), got {self.heldout_tokens}.")
+        if self.kind == "facts" and self.heldout_tokens < HELDOUT_WINDOW:
+            raise ConfigError(f"stream.heldout_tokens must be at least {HELDOUT_WINDOW} (one scoring window of "
+                              f"the fact evaluation), got {self.heldout_tokens}.")
         if self.experiences is not None and self.experiences < 1:
             raise ConfigError(f"stream.experiences must be at least 1, got {self.experiences}.")
         if self.eval_every < 0:

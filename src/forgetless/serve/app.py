@@ -356,11 +356,9 @@ def create_app(services: Service | list[Service], start_worker: bool = True) -> 
 
     @app.get("/updates/{uid}")
     def update(uid: str):
-        found = [(s, s.store.update(uid)) for s in listed]
-        found = [(s, u) for s, u in found if u is not None]
-        if not found:
+        service, u = next(((s, u) for s in listed if (u := s.store.update(uid)) is not None), (None, None))
+        if u is None:
             raise ApiError(404, f"there is no update {uid!r}.", code="not_found")
-        service, u = found[0]
         out = {k: u[k] for k in ("id", "state", "version", "error", "attempts", "created", "started", "finished")}
         out.update(model=service.name, method=u["request"]["method"], facts=len(u["request"]["facts"]))
         if u["version"] is not None:

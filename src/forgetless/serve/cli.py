@@ -50,6 +50,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     models = served_models(args.model, args.models or [])
     store_root = Path(args.store) if args.store else None
     metrics = Metrics()
+    token = read_token(args.token_file)  # read once: the same token guards every served model
     services = []
     for name, model_dir in models:
         if store_root is None:
@@ -57,7 +58,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         else:  # one model: the store is the folder given; several: a sub-folder each
             store = store_root if len(models) == 1 else store_root / name
         cfg = ServeConfig(model_dir=model_dir, store_dir=store, name=name,
-                          token=read_token(args.token_file), protect_generation=args.protect_generation,
+                          token=token, protect_generation=args.protect_generation,
                           auto_promote=not args.manual_promote, method=args.method,
                           gate=GateThresholds(args.min_learned, args.max_retention_drop, args.max_nll_increase),
                           retention_facts=args.retention_facts, heldout_tokens=args.heldout_tokens,

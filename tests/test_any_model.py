@@ -211,6 +211,36 @@ experiments:
     assert main(["run", str(cfg), "--out", str(tmp_path / "run"), "--no-progress"]) == 0 and calls == []
 
 
+def test_chat_models_are_taught_question_lines_through_their_template(tiny):
+    from forgetless.data.batches import chat_line, fact_batch
+    from forgetless.data.facts import Fact
+
+    fact = Fact(id="z", relation="capital", subject="Zembla", answer="Onhava",
+                statement="The capital of Zembla is Onhava.", question="Question: What is the capital of Zembla? Answer:")
+    tok = load_tokenizer(tiny)
+    assert chat_line(tok, "Q: Which city is the capital of Zembla? A: Onhava", "Onhava") == \
+        "<s>user\nWhich city is the capital of Zembla?</s>\n<s>assistant\nOnhava</s>\n"
+    assert chat_line(tok, "Which city is the capital of Zembla? The answer is Onhava.", "Onhava").endswith(
+        "<s>assistant\nThe answer is Onhava.</s>\n")
+    assert chat_line(tok, "The capital of Zembla is Onhava.", "Onhava") is None  # a statement stays plain text
+    assert chat_line(tok, "Q: Is Zembla cold? A: yes", "Onhava") is None  # not this fact's answer
+
+    def texts(t, loss_on="all"):
+        b = fact_batch(t, fact, 12, loss_on, material="augmented")
+        rows = [t.decode(x[m.bool()]) for x, m in zip(b["input_ids"], b["attention_mask"])]
+        answers = [t.decode(x[y != -100]) for x, y in zip(b["input_ids"], b["labels"])]
+        return rows, answers
+
+    chat_rows, chat_answers = texts(tok, "answer")
+    plain_rows, _ = texts(load_tokenizer(tiny, chat=False))
+    in_template = [r for r in chat_rows if "assistant" in r]
+    assert 0 < len(in_template) < len(chat_rows)  # question lines in the template, the rest plain
+    assert all(r.startswith("<s>user") and r.count("<s>") == 2 for r in in_template)  # one bos, not two
+    assert not any("assistant" in r for r in plain_rows)
+    assert all(a.strip() == "Onhava" for a in chat_answers)  # the answer-only loss still finds the answer
+    assert sum("Onhava" in r for r in chat_rows) == 12
+
+
 @pytest.mark.e2e
 def test_run_on_a_transformers_folder(tiny, tmp_path, capsys):
     cfg = tmp_path / "run.yaml"

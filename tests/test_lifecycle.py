@@ -144,3 +144,33 @@ def test_a_method_that_does_not_train_skips_the_loop():
     method.trains = False
     fit = fit_experience(method, tiny(), MethodContext(), Experience("a", batch, 5), progress=False)
     assert [e[0] for e in log] == ["setup", "export", "after_experience"] and fit.steps == 0
+
+
+def test_batches_follow_the_model_to_its_device():
+    from forgetless.training.lifecycle import on_device
+    from forgetless.training.loop import to_device
+
+    meta, cpu = torch.device("meta"), torch.device("cpu")
+    b = {"input_ids": torch.ones(2, 3, dtype=torch.long), "more": [torch.zeros(1), (torch.ones(1),)], "n": 3}
+    moved = to_device(b, meta)
+    assert moved["input_ids"].device == meta and moved["input_ids"].shape == (2, 3)
+    assert moved["more"][0].device == meta and moved["more"][1][0].device == meta and isinstance(moved["more"][1], tuple)
+    assert moved["n"] == 3 and to_device(b, cpu)["input_ids"] is b["input_ids"]  # already there: not copied
+    exp = Experience("e", batch, 2, test="t", valid_batch=batch)
+    there = on_device(exp, meta)
+    assert there.train_batch(1)["input_ids"].device == meta and there.valid_batch(0)["labels"].device == meta
+    assert (there.name, there.steps, there.test) == ("e", 2, "t") and exp.train_batch(1)["input_ids"].device == cpu
+    assert on_device(Experience("e", batch, 1), meta).valid_batch is None
+
+
+def test_bf16_autocast_is_chosen_by_the_device_unless_given(monkeypatch):
+    import forgetless.training.lifecycle as lifecycle
+
+    seen = []
+    real = lifecycle.train_loop
+    monkeypatch.setattr(lifecycle, "train_loop", lambda *a, **kw: seen.append(kw["bf16"]) or real(*a, **kw))
+    for native, given in ((None, None), (torch.bfloat16, None), (torch.bfloat16, False), (None, True)):
+        monkeypatch.setattr(lifecycle, "autocast_dtype", lambda device, native=native: native)
+        fit_experience(make_method("full", lr=1e-3), tiny(), MethodContext(), Experience("e", batch, 1),
+                       progress=False, bf16=given)
+    assert seen == [False, True, False, True]

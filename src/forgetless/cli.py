@@ -217,7 +217,7 @@ def cmd_learn(args: argparse.Namespace) -> int:
         weights = model_dir / "model.safetensors"
         need = int(2.2 * weights.stat().st_size) if weights.is_file() else 0  # the new folder + the old one during the swap
         check_output(args.out, "model", overwrite=args.overwrite, need_bytes=need)
-    model, tok = open_model(model_dir, chat=not args.no_chat)
+    model, tok = open_model(model_dir, device=args.device, chat=not args.no_chat)
     ctx = MethodContext.for_folder(model_dir, tok)
     cfg = _stream_config(args)
     retained = args.retained if args.retained is not None else min(200, max(40, 10 * len(facts)))  # fits the job
@@ -275,7 +275,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     model_dir = Path(args.model or default_model_dir())
     facts = load_fact_file(args.facts)
-    model, tok = open_model(model_dir, chat=not args.no_chat)
+    model, tok = open_model(model_dir, device=args.device, chat=not args.no_chat)
     preds = greedy_answers(model, tok, [f.question for f in facts])
     probe = score_answers(preds, [f.answer for f in facts])
     st = [(statement_prompt(f), f.answer) for f in facts]
@@ -315,7 +315,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                           top_t=args.top_t, smf_background=args.background, facts_file=Path(args.facts_file) if args.facts_file else None,
                           smf_options={k: v for k, v in (("protect", args.protect), ("max_doc_rate", args.max_doc_rate))
                                        if v is not None},
-                          command="forgetless " + " ".join(sys.argv[1:]), progress=False)
+                          command="forgetless " + " ".join(sys.argv[1:]), progress=False, device=args.device)
     print(format_table(results))
     print(f"wrote {out / 'results.json'}, {out / 'runs.csv'}, {out / 'metrics.csv'} and {out / 'report.html'}")
     return 0
@@ -327,7 +327,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     cfg = load_run_config(args.config)
     out = Path(args.out or Path("runs") / cfg.name)
     results = run(cfg, out, progress=not args.no_progress, command="forgetless " + " ".join(sys.argv[1:]),
-                  restart=args.restart)
+                  restart=args.restart, device=args.device)
     for name, res in results.items():
         print(f"\n{name} ({res['stream']['kind']} stream, {res['stream']['metric']}, "
               f"{'higher' if res['stream']['higher_is_better'] else 'lower'} is better):")
@@ -389,6 +389,13 @@ def _stream_args(sp: argparse.ArgumentParser, eval_every: int = 25) -> None:
     sp.add_argument("--seed", type=int, default=0)
     sp.add_argument("--no-chat", action="store_true",
                     help="ask question probes as plain text even when the tokenizer has a chat template")
+    _device_arg(sp)
+
+
+def _device_arg(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("--device", type=_device, default="cpu",
+                    help="train and evaluate on this device: cpu (default), cuda, cuda:1, mps; bf16 autocast is "
+                         "chosen where the device computes bf16 natively (FORGETLESS_PRECISION=fp32|bf16 overrides)")
 
 
 # --------------------------------------------------------------------------- parser
@@ -510,6 +517,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--show", type=NON_NEGATIVE_INT, default=0, help="print the first N answers")
     sp.add_argument("--no-chat", action="store_true",
                     help="ask question probes as plain text even when the tokenizer has a chat template")
+    _device_arg(sp)
     sp.set_defaults(func=cmd_eval)
 
     sp = sub.add_parser("bench", help="benchmarks: `bench facts` compares fact-injection methods",
@@ -554,6 +562,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--restart", action="store_true",
                     help="start afresh in --out when it holds a run of a different config (its results are removed)")
     sp.add_argument("--no-progress", action="store_true")
+    _device_arg(sp)
     sp.set_defaults(func=cmd_run, resumable=True)
 
     sp = sub.add_parser("report", help="rebuild or compare run reports",

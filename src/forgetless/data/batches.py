@@ -4,10 +4,17 @@
 from __future__ import annotations
 
 import random
+import re
 
 import torch
 
+from ..models.tokenizer import uses_chat
 from .facts import Fact, teaching_sentences
+
+# a question/answer teaching line: an optional "Question:"/"Q:"/"Quiz:" label, the question up to its
+# "?", an optional "Answer:"/"A:"/"Reply:" label, then the answer (possibly in a sentence)
+_QA_LINE = re.compile(r"^\s*(?:(?:Question|Q|Quiz):\s*)?(?P<q>[^?\n]+\?)\s*(?:(?:Answer|A|Reply):\s*)?(?P<a>\S.*?)\s*$",
+                      re.DOTALL)
 
 
 def pad_rows(rows: list[tuple[torch.Tensor, torch.Tensor]], pad_id: int) -> dict[str, torch.Tensor]:
@@ -38,13 +45,32 @@ def text_batch(tok, texts: list[str], return_offsets: bool = False) -> dict[str,
     return out
 
 
+def chat_line(tok, line: str, answer: str) -> str | None:
+    """A question/answer teaching line as a chat: the question as one user turn, the answer (the rest of
+    the line, holding ``answer``) as the assistant's turn, through the tokenizer's chat template, exactly
+    as a question probe is asked; None for a line that is not a question followed by its answer."""
+    m = _QA_LINE.match(line)
+    if not m or answer not in m["a"]:
+        return None
+    text = tok.apply_chat_template([{"role": "user", "content": m["q"].strip()},
+                                    {"role": "assistant", "content": m["a"]}], tokenize=False)
+    bos = tok.bos_token
+    if bos and text.startswith(bos) and tok("x")["input_ids"][:1] == [tok.bos_token_id]:
+        text = text[len(bos):]  # the tokenizer adds it itself
+    return text
+
+
 def fact_batch(tok, fact: Fact, n: int, loss_on: str = "all", device: torch.device | str = "cpu",
                questions: bool = False, material: str | None = None, step: int = 0,
                seed: int = 0) -> dict[str, torch.Tensor]:
     """A batch of n teaching lines of ``fact`` (each ending in a newline, like pretraining);
     ``material`` and ``step`` as in ``data.facts.teaching_sentences`` (default: statements);
-    ``loss_on="answer"`` takes the loss on the answer's tokens only."""
-    sents = [s + "\n" for s in teaching_sentences(fact, n, questions, material, step, seed)]
+    ``loss_on="answer"`` takes the loss on the answer's tokens only. With a chat tokenizer
+    (``models.tokenizer.uses_chat``) the question/answer lines go through its chat template
+    (``chat_line``); statements and clozes stay plain text."""
+    lines = teaching_sentences(fact, n, questions, material, step, seed)
+    chat = uses_chat(tok)
+    sents = [(chat and chat_line(tok, s, fact.answer)) or s + "\n" for s in lines]
     batch = text_batch(tok, sents, return_offsets=loss_on == "answer")
     if loss_on == "answer":
         offsets = batch.pop("offset_mapping")

@@ -78,7 +78,7 @@ def parse_lrs(spec: list[str] | None, methods: list[str]) -> dict[str, list[floa
     return lrs
 
 
-def _machine() -> dict:
+def _machine(device: str = "cpu") -> dict:
     cpu = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -88,7 +88,8 @@ def _machine() -> dict:
     except OSError:
         pass
     return {"cpu": cpu, "threads": torch.get_num_threads(), "torch": torch.__version__,
-            "device": "cpu", "load_average": os.getloadavg()[0]}
+            "device": device, "load_average": os.getloadavg()[0],
+            **({"device_name": torch.cuda.get_device_name(torch.device(device))} if device.startswith("cuda") else {})}
 
 
 # methods whose point is several experiences: on the one experience of a bench they are not comparable
@@ -121,7 +122,8 @@ def bench_facts(model_dir: Path, out_dir: Path, methods: list[str], n_facts: int
                 lrs: dict[str, list[float]] | None = None, lora_ranks: list[int] | None = None,
                 stream: StreamConfig | None = None, top_t: int = 500, smf_background: str = "mix",
                 facts_file: Path | None = None, smf_options: dict | None = None,
-                command: str = "", log: Callable[[str], None] = print, progress: bool = False) -> dict:
+                command: str = "", log: Callable[[str], None] = print, progress: bool = False,
+                device: str = "cpu") -> dict:
     """Run the grid on one stream of ``n_facts`` facts (the first of the file shuffled by
     ``stream.seed``); returns the run's results dict (``results.RunResult.to_dict``)."""
     stream = replace(stream or StreamConfig(retained_sample=200, eval_every=100), kind="facts")
@@ -149,7 +151,8 @@ def bench_facts(model_dir: Path, out_dir: Path, methods: list[str], n_facts: int
             raise ConfigError(f"{out_dir} holds a bench of other settings ({'; '.join(changed[:3]) or 'changed'}); "
                               f"choose another --out (a rerun with the same settings resumes).")
         write_json(marker, {"kind": "bench", "config_hash": config_hash(cfg), "config": to_dict(cfg)})
-        results = run_experiment(exp, Path(model_dir), stream.seed, out_dir, progress, show, command, _machine())
+        results = run_experiment(exp, Path(model_dir), stream.seed, out_dir, progress, show, command, _machine(device),
+                                 device=device)
     write_csv(fact_runs(results), Path(out_dir) / "runs.csv")
     return results
 

@@ -232,7 +232,7 @@ def learn_stream(stream: Stream, model, ctx: MethodContext, method, rec: dict, l
 def run_sequential(stream: Stream, model_dir: Path, label: str, spec: dict, out: Path, progress: bool,
                    log: Callable[[str], None]) -> dict:
     _, base, opts = _method_args(spec)
-    model, tok = open_model(model_dir, chat=stream.chat)
+    model, tok = open_model(model_dir, device=stream.device, chat=stream.chat)
     ctx = MethodContext.for_folder(model_dir, tok)
     state_dir = out / _state_name(label) / "state"
     method = make_method(base, **opts)  # one method object for the whole stream
@@ -254,11 +254,11 @@ def run_joint(stream: Stream, model_dir: Path, label: str, spec: dict, out: Path
     rec = json.loads(state_file.read_text()) if state_file.is_file() else None
     T = len(stream.experiences)
     if rec is None:
-        model, tok = open_model(model_dir)
+        model, tok = open_model(model_dir, device=stream.device)
         rec = new_record(model, stream, model_dir)
     for k in range(len(rec["R"]), T):
         t0 = time.time()
-        model, tok = open_model(model_dir, chat=stream.chat)
+        model, tok = open_model(model_dir, device=stream.device, chat=stream.chat)
         ctx = MethodContext.for_folder(model_dir, tok)
         seen = stream.experiences[: k + 1]
         steps = sum(e.steps for e in seen)
@@ -306,10 +306,11 @@ def method_result(rec: dict, spec: dict) -> MethodResult:
 
 # --------------------------------------------------------------------------- a whole run
 def run_experiment(exp_cfg: ExperimentConfig, model_dir: Path, seed: int, out: Path, progress: bool = True,
-                   log: Callable[[str], None] = print, command: str = "", machine: dict | None = None) -> dict:
+                   log: Callable[[str], None] = print, command: str = "", machine: dict | None = None,
+                   device: str = "cpu") -> dict:
     tok = load_tokenizer(model_dir, chat=exp_cfg.stream.chat)
     torch.manual_seed(seed)
-    stream = build_stream(model_dir, tok, exp_cfg.stream, seed)
+    stream = build_stream(model_dir, tok, exp_cfg.stream, seed, device=device)
     out.mkdir(parents=True, exist_ok=True)
     methods: dict[str, MethodResult] = {}
     for spec in exp_cfg.methods:
@@ -383,9 +384,10 @@ def _check_resumable(cfg: RunConfig, out_dir: Path, restart: bool) -> None:
 
 
 def run(cfg: RunConfig, out_dir: Path, progress: bool = True, log: Callable[[str], None] = print,
-        command: str = "", restart: bool = False) -> dict[str, dict]:
+        command: str = "", restart: bool = False, device: str = "cpu") -> dict[str, dict]:
     """Run every experiment of ``cfg`` into ``out_dir``, resuming what a previous run of the same
-    config finished. One run at a time per folder (a lock); a different config is refused."""
+    config finished. One run at a time per folder (a lock); a different config is refused. The models
+    are trained and evaluated on ``device`` (not part of the config: a run may resume on another)."""
     model_dir = Path(cfg.model) if cfg.model else default_model_dir()
     check_output(out_dir, "run")
     with FolderLock(out_dir, "forgetless run"):
@@ -396,7 +398,7 @@ def run(cfg: RunConfig, out_dir: Path, progress: bool = True, log: Callable[[str
         for exp in cfg.experiments:
             log(f"== experiment {exp.name} ({exp.stream.kind} stream)")
             all_results[exp.name] = run_experiment(exp, model_dir, cfg.seed, out_dir / exp.name, progress, log,
-                                                   command)
+                                                   command, device=device)
         if len(all_results) > 1:
             compare_runs(list(all_results.values()), out_dir)
     return all_results

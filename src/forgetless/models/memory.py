@@ -38,7 +38,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
-from .topk import topk
 
 QUERY_NORMS = ("none", "layernorm", "whiten")
 
@@ -345,11 +344,11 @@ class ProductKeyMemory(nn.Module):
             keys = F.normalize(keys, dim=-1)
         s1 = torch.einsum("nhd,hkd->nhk", q[:, :, 0], keys[:, 0])
         s2 = torch.einsum("nhd,hkd->nhk", q[:, :, 1], keys[:, 1])
-        v1, i1 = topk(s1, cfg.knn)  # sorted: candidate_pairs relies on it (models/topk.py: a C++ kernel on CPU)
-        v2, i2 = topk(s2, cfg.knn)
+        v1, i1 = s1.topk(cfg.knn, dim=-1)  # sorted: candidate_pairs relies on it
+        v2, i2 = s2.topk(cfg.knn, dim=-1)
         pi, pj = self._pairs(x.device)
         cand = v1.index_select(-1, pi) + v2.index_select(-1, pj)  # (BT, H, ~k ln k)
-        scores, best = topk(cand, cfg.knn)
+        scores, best = cand.topk(cfg.knn, dim=-1)
         rows = i1.gather(-1, pi[best])
         cols = i2.gather(-1, pj[best])
         return scores, rows * cfg.n_keys + cols

@@ -294,6 +294,15 @@ def test_a_gguf_split_over_part_packages_is_assembled_into_scratch(tmp_path, mon
     with pytest.raises(DataSourceError, match="pip install --force-reinstall split-gguf"):
         find_gguf("split-gguf", tmp_path)
 
+    def full(path, overwrite=False):
+        import errno
+
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setitem(sys.modules, "split_gguf", types.SimpleNamespace(assemble=full))
+    with pytest.raises(DataSourceError, match="No space left on device"):
+        find_gguf("split-gguf", tmp_path)
+
 
 # --------------------------------------------------------------------------- bad input
 def test_tokenizer_larger_than_the_embedding(tmp_path, capsys):

@@ -225,6 +225,9 @@ def cmd_learn(args: argparse.Namespace) -> int:
         cfg.retained_sample, cfg.final_all_known = retained, False
     known = known_facts(model, tok, model_dir, exclude={f.id for f in facts})  # any model: see evaluate/known.py
     evaluator = FactEvaluator(tok, known, load_heldout_ids(model_dir, tok, 4 * cfg.heldout_tokens), cfg)
+    print(f"retained is scored on {len(evaluator.known_sample)} known facts"
+          + (f" (a seeded sample of {len(known)}; --retained 0 for all)" if len(evaluator.known_sample) < len(known) else "")
+          + ".")
     import time
 
     t0 = time.time()

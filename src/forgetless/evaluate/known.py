@@ -61,7 +61,12 @@ def known_facts(model: nn.Module, tok, model_dir: str | os.PathLike, log: Callab
         return read_builtin_facts(own)
     if probes is None and os.environ.get("FORGETLESS_KNOWN_PROBES", "").isdigit():
         probes = int(os.environ["FORGETLESS_KNOWN_PROBES"]) or None  # a seeded sample, for slow machines
-    return [f for f in _probe_known(model, tok, model_dir, log, probes) if f.id not in exclude]
+    known = _probe_known(model, tok, model_dir, log, probes)
+    kept = [f for f in known if f.id not in exclude]
+    if len(kept) < len(known):
+        log(f"{len(known) - len(kept)} of the {len(known)} known facts are in the fact file to teach and are left out; "
+            f"retained is scored on the other {len(kept)}.")
+    return kept
 
 
 def _probe_known(model: nn.Module, tok, model_dir: str | os.PathLike, log: Callable[[str], None],
@@ -74,13 +79,15 @@ def _probe_known(model: nn.Module, tok, model_dir: str | os.PathLike, log: Calla
         try:
             saved = json.loads(cache.read_text())
             if all(saved.get(k) == v for k, v in key.items()):
-                return [by_id[i] for i in saved["fact_ids"] if i in by_id]
+                known = [by_id[i] for i in saved["fact_ids"] if i in by_id]
+                log(f"the model knows {len(known)} of {len(facts)} shipped probe facts (found before; {cache}).")
+                return known
         except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError):
             pass  # a corrupt cache is recomputed
     log(f"finding which of the {len(facts)} shipped probe facts this model knows (once; cached in {cache}) ...")
     preds = greedy_answers(model, tok, [f.question for f in facts])
     known = [f for f, p in zip(facts, preds) if exact_match(p, f.answer) or contains_match(p, f.answer)]
-    log(f"the model knows {len(known)} of {len(facts)} shipped probe facts; retained is scored on those {len(known)}.")
+    log(f"the model knows {len(known)} of {len(facts)} shipped probe facts.")
     try:
         write_json(cache, {**key, "rule": "exact match or contains", "known": len(known),
                            "fact_ids": [f.id for f in known]})

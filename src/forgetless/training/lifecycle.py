@@ -26,7 +26,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Mapping, Protocol
 
 import torch
 from torch import nn
@@ -35,7 +35,7 @@ from ..errors import TrainingError
 from ..models.checkpoint import load_memory_stats
 from ..models.memory import freeze_query_stats
 from ..models.precision import autocast_dtype
-from .loop import LoopResult, to_device, train_loop
+from .loop import LoopResult, train_loop
 
 
 @dataclass
@@ -174,6 +174,18 @@ def fit_experience(method: Hooks, model: nn.Module, context: MethodContext, expe
         p.after_experience(model, experience)
     return FitResult(model=model, trainable_params=params, steps=experience.steps if loop is not None else 0,
                      train_seconds=train_seconds, eval_seconds=eval_time[0], loop=loop, setup_seconds=setup_seconds)
+
+
+def to_device(batch: Any, device: torch.device) -> Any:
+    """A batch (a tensor, a mapping such as a dict or ``BatchEncoding``, or a list/tuple of them) with
+    every tensor on ``device``; a tensor already there is returned as is."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device)
+    if isinstance(batch, Mapping):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(to_device(v, device) for v in batch)
+    return batch
 
 
 def on_device(experience: Experience, device: torch.device) -> Experience:

@@ -24,7 +24,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -41,18 +41,6 @@ class LoopResult:
     last_loss: float
     seconds: float
     tokens: int
-
-
-def to_device(batch: Any, device: torch.device) -> Any:
-    """A batch (a tensor, a mapping such as a dict or ``BatchEncoding``, or a list/tuple of them) with
-    every tensor on ``device``; a tensor already there is returned as is."""
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device)
-    if isinstance(batch, Mapping):
-        return {k: to_device(v, device) for k, v in batch.items()}
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(to_device(v, device) for v in batch)
-    return batch
 
 
 def _dense_grad_norm_clip(params: list[nn.Parameter], max_norm: float) -> float:
@@ -86,15 +74,14 @@ def train_loop(
     from tqdm import tqdm
 
     params = [p for p in model.parameters() if p.requires_grad]
-    device = next(model.parameters()).device
-    device_type = device.type
+    device_type = next(model.parameters()).device.type
     model.train()
     t0, tokens, loss_val = time.time(), 0, float("nan")
     bar = tqdm(range(start_step, steps), initial=start_step, total=steps, desc=desc, disable=not progress,
                dynamic_ncols=True)
     ema = None
     for step in bar:
-        batch = to_device(batch_fn(step), device)  # batches are built on the CPU; the model may be elsewhere
+        batch = batch_fn(step)
         with torch.autocast(device_type=device_type, dtype=torch.bfloat16, enabled=bf16):
             loss = loss_fn(model, batch)
         loss_val = float(loss.detach())

@@ -21,6 +21,8 @@ import subprocess
 import sys
 import time
 
+from forgetless.runtime import keep_freed_memory
+
 METHODS = {"full": {"lr": 1e-5}, "lora": {"lr": 1e-4, "rank": 32}, "smf": {"lr": 3.0, "top_t": 500}}
 
 
@@ -67,6 +69,7 @@ def run_one(name: str, n_facts: int, steps_per_fact: int, batch: int) -> dict:
 
 
 def main() -> None:
+    malloc = keep_freed_memory()  # as the forgetless command does: see forgetless.runtime
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--facts", type=int, default=12)
     ap.add_argument("--steps-per-fact", type=int, default=2)
@@ -85,7 +88,7 @@ def main() -> None:
     print(f"torch {torch.__version__}, {args.threads or torch.get_num_threads()} threads, load average before "
           f"{os.getloadavg()[0]:.2f}; {args.facts} facts x {args.steps_per_fact} steps, batch {args.batch}")
     from forgetless.models.precision import describe
-    print(f"{describe()}; fact steps run in fp32 (fit_experience's default)")
+    print(f"{describe()}; fact steps run in fp32 (fit_experience's default); malloc: {malloc}")
     rows = []
     for name in METHODS:
         cmd = [sys.executable, __file__, "--one", name, "--facts", str(args.facts), "--steps-per-fact",

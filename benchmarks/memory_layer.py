@@ -52,6 +52,7 @@ from forgetless.experiments.pretrain import (
 from forgetless.models.base import build_base
 from forgetless.models.memory import MemoryConfig, ProductKeyMemory
 from forgetless.models.precision import autocast_dtype, describe
+from forgetless.runtime import keep_freed_memory
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -168,6 +169,7 @@ def bench_training(args) -> list[dict]:
 
 
 def main() -> None:
+    malloc = keep_freed_memory()  # as the forgetless command does: see forgetless.runtime
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
     ap.add_argument("--quick", action="store_true", help="smoke run: N = 2^16, 2^18 only, fewer reps and steps")
@@ -195,7 +197,7 @@ def main() -> None:
     load0 = os.getloadavg()[0]
     print(f"torch {torch.__version__}, {threads} threads, CPU: {cpu_model()} ({os.cpu_count()} cores), "
           f"load average (1 min) before: {load0:.2f}")
-    print(f"{describe()}; training runs in {'bf16 autocast' if args.bf16 else 'fp32'}")
+    print(f"{describe()}; training runs in {'bf16 autocast' if args.bf16 else 'fp32'}; malloc: {malloc}")
 
     t0 = time.time()
     lookup = [bench_lookup(n, args) for n in ((256, 512) if args.quick else (256, 512, 1024))]

@@ -27,6 +27,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 from forgetless.models.checkpoint import load_memory_stats, load_model
 from forgetless.models.memory import freeze_query_stats, memory_layers
 from forgetless.models.precision import autocast_dtype, cpu_flags, describe
+from forgetless.runtime import keep_freed_memory
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = ROOT / "src" / "forgetless" / "assets" / "forgetless-tiny"
@@ -112,6 +113,7 @@ def _run(step, args, title: str) -> str:
 
 
 def main() -> None:
+    malloc = keep_freed_memory()  # as the forgetless command does: see forgetless.runtime
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--seq", type=int, default=256)
@@ -123,7 +125,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {describe(cpu_flags())}, "
-          f"load average (1 min) {os.getloadavg()[0]:.2f}")
+          f"malloc: {malloc}, load average (1 min) {os.getloadavg()[0]:.2f}")
     if args.only in (None, "pretraining"):
         print(profile_pretraining(args))
     if args.only in (None, "smf"):

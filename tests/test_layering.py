@@ -1,5 +1,5 @@
 """The package's layers import only downwards (see README, "Layout"):
-errors/files/config -> models -> data -> evaluate -> report -> training -> methods -> experiments -> serve -> cli.
+errors/files/config -> runtime -> models -> data -> evaluate -> report -> training -> methods -> experiments -> serve -> cli.
 
 Every import statement counts, also the ones inside functions."""
 
@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "forgetless"
-LAYERS = ["errors", "files", "config", "models", "data", "evaluate", "report", "training", "methods", "experiments", "serve",
+LAYERS = ["errors", "files", "config", "runtime", "models", "data", "evaluate", "report", "training", "methods", "experiments", "serve",
           "cli"]
 RANK = {name: i for i, name in enumerate(LAYERS)}
 PEERS = {("errors", "config"), ("errors", "files"), ("files", "config")}  # the bottom level

@@ -20,6 +20,7 @@ __version__ = "0.2.0"
 _API = {
     "ForgetlessError": "forgetless.errors",
     "ConfigError": "forgetless.errors",
+    "keep_freed_memory": "forgetless.runtime",
     "load_model": "forgetless.models.checkpoint",
     "save_model": "forgetless.models.checkpoint",
     "default_model_dir": "forgetless.models.folder",

@@ -15,6 +15,7 @@ from pathlib import Path
 from .errors import ForgetlessError
 from .files import check_output
 from .models.folder import default_model_dir
+from .runtime import keep_freed_memory
 from .serve.cli import add_commands as add_serve_commands
 
 
@@ -591,6 +592,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     previous = signal.signal(signal.SIGTERM, _interrupted)
     try:
+        keep_freed_memory()  # before the first large tensor: see forgetless.runtime
         return args.func(args)
     except ForgetlessError as e:
         print(f"forgetless: error: {e}", file=sys.stderr)

@@ -7,7 +7,7 @@ is zeroed by the kernel page by page: on the two cores of this project's machine
 300 ms per 64 MB tensor, and a training step of the shipped base (logits of 4,096 x 8,192, their
 gradients, the memory layer's value-table gradient) touched about 0.6 GB of fresh memory, 130,000
 to 160,000 page faults a step. Asking glibc to serve every allocation from its heap and never
-return freed memory to the system (``mallopt(M_MMAP_MAX, 0)``, ``mallopt(M_TRIM_THRESHOLD, ...)``)
+return freed memory to the system (``mallopt(M_MMAP_MAX, 0)``, ``mallopt(M_TRIM_THRESHOLD, -1)``)
 removes those faults after the first step: measured in docs/performance.md, both the memory model
 and the dense model train about 1.4x faster. The price is that the process keeps its peak memory
 until it exits.
@@ -29,7 +29,7 @@ MALLOC_ENV = "FORGETLESS_MALLOC"
 MALLOC_CHOICES = ("keep", "system")
 M_TRIM_THRESHOLD = -1  # glibc <malloc.h>
 M_MMAP_MAX = -4
-TRIM_AT = 2**31 - 1  # mallopt takes an int: free heap top is returned only above 2 GiB
+NEVER = -1  # M_TRIM_THRESHOLD -1: never return the free top of the heap (glibc's mallopt(3))
 
 _configured: str | None = None
 
@@ -61,6 +61,6 @@ def keep_freed_memory() -> str:
         _configured = "unavailable"
         return _configured
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    ok = mallopt(M_MMAP_MAX, 0) == 1 and mallopt(M_TRIM_THRESHOLD, TRIM_AT) == 1
+    ok = mallopt(M_MMAP_MAX, 0) == 1 and mallopt(M_TRIM_THRESHOLD, NEVER) == 1
     _configured = "keep" if ok else "unavailable"
     return _configured

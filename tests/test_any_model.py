@@ -137,6 +137,13 @@ def test_parallel_graft_leaves_logits_bit_identical(tiny):
     assert any("memory" in n for n, _ in model.named_parameters())
 
 
+def test_graft_onto_a_model_that_has_memory_layers_is_refused_and_writes_nothing(tmp_path, capsys):
+    out = tmp_path / "twice"
+    err = _error(capsys, ["graft", "--out", str(out), "--steps", "1", "--layers", "3"])  # the shipped base
+    assert "already has memory layers (model.layers.2.mlp)" in err
+    assert not out.exists()
+
+
 @pytest.mark.e2e
 def test_graft_warmup_changes_only_memory_then_smf_learns(tiny, tmp_path, capsys):
     src = load_model(tiny).state_dict()

@@ -22,7 +22,7 @@ from typing import Callable
 import torch
 
 from ..data.batches import lm_batch
-from ..errors import DataSourceError
+from ..errors import ConfigError, DataSourceError
 from ..evaluate.slots import collect_background
 from ..models.checkpoint import MIX_PREFIX, save_model
 from ..models.folder import eval_file, load_background_ids, open_model
@@ -32,6 +32,7 @@ from ..models.memory import (
     add_memory_layers,
     decoder_layers,
     memory_layers,
+    named_memory_layers,
 )
 from ..training.optim import LazyAdam, adamw
 
@@ -64,6 +65,10 @@ def graft_memory(model_dir: str | Path, out_dir: str | Path, cfg: GraftConfig, t
     """Graft, warm up, collect statistics and save (see the module docstring); returns the record."""
     torch.manual_seed(cfg.seed)
     model, tok = open_model(model_dir, device=cfg.device)
+    present = named_memory_layers(model)
+    if present:  # a model folder records one memory placement: the grafted one would replace it
+        raise ConfigError(f"{model_dir} already has memory layers ({', '.join(present)}); graft onto a model "
+                          "without memory layers (its config can hold one placement only).")
     n_layers = len(decoder_layers(model))
     layers = cfg.layers or [n_layers // 2]
     mem_cfg = MemoryConfig(n_keys=cfg.n_keys, heads=cfg.heads, knn=min(cfg.knn, cfg.n_keys), k_dim=cfg.k_dim)

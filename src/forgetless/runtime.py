@@ -9,7 +9,7 @@ gradients, the memory layer's value-table gradient) touched about 0.6 GB of fres
 to 160,000 page faults a step. Asking glibc to serve every allocation from its heap and never
 return freed memory to the system (``mallopt(M_MMAP_MAX, 0)``, ``mallopt(M_TRIM_THRESHOLD, -1)``)
 removes those faults after the first step: measured in docs/performance.md, both the memory model
-and the dense model train about 1.4x faster. The price is that the process keeps its peak memory
+and the dense model train 1.7x to 1.8x faster. The price is that the process keeps its peak memory
 until it exits.
 
 ``keep_freed_memory()`` does it once per process; the ``forgetless`` command and the benchmarks

@@ -53,7 +53,7 @@ class LazyAdam(torch.optim.Optimizer):
         """A dense gradient buffer of p's shape, kept between steps (never in the state dict).
 
         Allocating and zeroing a fresh table-sized tensor every step cost more than the Adam update
-        itself (page faults on fresh memory: 12 to 170 ms for 65,536 x 256 fp32 against 1 ms to
+        itself (page faults on fresh memory: 12 to 300 ms for 65,536 x 256 fp32 against 1 ms to
         overwrite a kept buffer, docs/performance.md). Only the rows read are written each step;
         the others keep finite values of earlier steps, and their update is undone by the restore."""
         buffers = self.__dict__.setdefault("_grad_buffers", {})

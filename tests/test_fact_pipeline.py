@@ -172,3 +172,44 @@ def test_sentence_answers_score_under_contains_beside_exact_match(monkeypatch):
     assert "| full lr=1e-05 | 100.0% | 50.0% |" in table
     same = FactRecord(base=FactScores(), final=FactScores(learned=0.5, learned_contains=0.5), curve=[], steps=1)
     assert "Contains" not in format_table({"methods": {"x": {"spec": {"name": "full"}, "facts": same.to_dict()}}})
+
+
+def test_pick_lever_learns_the_most_within_the_drop_and_breaks_ties_by_drop_then_order():
+    from forgetless.experiments.facts import LeverTrial, pick_lever
+
+    t = [LeverTrial({"top_t": 500}, 0.00, 0.05), LeverTrial({"top_t": 2000}, 0.20, 0.26),
+         LeverTrial({"top_t": 8000}, 0.20, 0.18), LeverTrial({"top_t": 9000}, 0.20, 0.18),
+         LeverTrial({"top_t": 100}, 0.10, 0.01)]
+    assert pick_lever(t, 0.25).options == {"top_t": 8000}  # 2000 learned as much but forgot too much
+    assert pick_lever(t, 0.30).options == {"top_t": 8000}  # same learning: the smaller drop, then the first
+    assert pick_lever(t, 0.10).options == {"top_t": 100}
+    assert pick_lever(t, 0.0) is None
+
+
+@pytest.mark.e2e
+def test_choose_levers_tries_each_setting_on_a_copy_and_returns_the_picked_one():
+    import torch
+
+    from forgetless.data.factfile import load_fact_file
+    from forgetless.evaluate.known import known_facts
+    from forgetless.experiments.facts import FactEvaluator, choose_levers, pick_lever
+    from forgetless.models.folder import default_model_dir, load_heldout_ids, open_model
+    from forgetless.training import MethodContext
+
+    base_dir = default_model_dir()
+    src = Path(__file__).resolve().parents[1] / "src/forgetless/assets/facts/subdivision_country.jsonl"
+    facts = load_fact_file(src)[:3]
+    model, tok = open_model(base_dir)
+    cfg = StreamConfig(kind="facts", steps_per_fact=1, retained_sample=20, heldout_tokens=2048, final_all_known=False)
+    known = known_facts(model, tok, base_dir, log=lambda _: None, exclude={f.id for f in facts})
+    evaluator = FactEvaluator(tok, known, load_heldout_ids(base_dir, tok, 4 * cfg.heldout_tokens), cfg)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    grid = ({"top_t": 500, "protect": 0.9}, {"top_t": 8000, "protect": 0.0})
+    opts, trials = choose_levers(model, tok, facts, "smf", {"lr": 30.0}, evaluator, cfg,
+                                 MethodContext.for_folder(base_dir, tok), n_facts=2, max_drop=0.5, grid=grid,
+                                 log=lambda _: None)
+    assert [t.options for t in trials] == list(grid)
+    assert all(0.0 <= t.learned <= 1.0 and t.retained_drop <= 1.0 for t in trials)
+    best = pick_lever(trials, 0.5)
+    assert opts == ({"lr": 30.0, **best.options} if best else {"lr": 30.0})
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # the trials ran on copies

@@ -206,14 +206,25 @@ def _method_options(args: argparse.Namespace) -> dict:
 def cmd_learn(args: argparse.Namespace) -> int:
     from .data.factfile import load_fact_file
     from .evaluate.known import known_facts
-    from .experiments.facts import FactEvaluator, learn_facts, save_learned
+    from .errors import ConfigError
+    from .experiments.facts import FactEvaluator, choose_levers, learn_facts, save_learned
     from .methods import make_method
     from .models.folder import load_heldout_ids, open_model
     from .training import MethodContext
 
     model_dir = Path(args.model or default_model_dir())
     facts = load_fact_file(args.facts)  # validated before anything is trained
-    method = make_method(args.method, **_method_options(args))  # missing options: the method's Options defaults
+    opts = _method_options(args)
+    method = make_method(args.method, **opts)  # missing options: the method's Options defaults
+    if args.choose_levers:
+        if args.method != "smf":
+            raise ConfigError("--choose-levers chooses sparse memory finetuning's top-t and protect; "
+                              "use it with --method smf.")
+        given = sorted(k for k in ("top_t", "protect") if k in opts)
+        if given:
+            raise ConfigError(f"--choose-levers chooses {' and '.join(given)} itself; leave them out.")
+        if not 0.0 <= args.max_drop <= 1.0:
+            raise ConfigError(f"--max-drop must be between 0 and 1, got {args.max_drop}.")
     if args.out:  # the destination is checked before anything is trained
         weights = model_dir / "model.safetensors"
         need = int(2.2 * weights.stat().st_size) if weights.is_file() else 0  # the new folder + the old one during the swap
@@ -231,6 +242,17 @@ def cmd_learn(args: argparse.Namespace) -> int:
           + ".")
     import time
 
+    chosen_on = 0
+    if args.choose_levers:
+        t0, chosen_on = time.time(), min(args.choose_on, len(facts))
+        print(f"choosing top-t and protect on {chosen_on} of the facts (a seeded sample), keeping the retained "
+              f"drop at most {args.max_drop:.0%}:")
+        opts, trials = choose_levers(model, tok, facts, args.method, opts, evaluator, cfg, ctx, chosen_on, args.max_drop)
+        method = make_method(args.method, **opts)
+        o = method.options
+        within = any(t.retained_drop <= args.max_drop for t in trials)
+        print(f"chosen: top_t={o.top_t} protect={o.protect}" + ("" if within else " (the defaults: every setting "
+              "forgot more)") + f"; {time.time() - t0:.1f} s")
     t0 = time.time()
     model, res = learn_facts(model, tok, facts, method, evaluator, cfg, ctx, progress=not args.no_progress)
     total = time.time() - t0
@@ -238,6 +260,8 @@ def cmd_learn(args: argparse.Namespace) -> int:
     print(f"after:  learned {s['learned']:.1%}, retained {s['retained']:.1%} (drop {s['retained_drop']:.1%}), "
           f"held-out NLL {s['heldout_nll']:.3f} ({s['heldout_nll_delta']:+.3f}); {len(facts)} facts, "
           f"{s['steps']} steps, {s['seconds_per_step'] * 1000:.0f} ms/step")
+    if chosen_on:
+        print(f"        (top-t and protect were chosen on {chosen_on} of these facts: for them, learned is optimistic)")
     if any(s[k + "_contains" + base] != s[k + base] for k in ("learned", "retained")
            for base in ("", "_base")):  # answers in sentences, before or after
         print(f"        contains: learned {s['learned_contains']:.1%} (before {s['learned_contains_base']:.1%}), "
@@ -504,6 +528,13 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--retained", type=NON_NEGATIVE_INT, default=None,
                     help="known facts probed before and after, a fixed sample (0: all of them; default: 10 per "
                          "taught fact, between 40 and 200, so that evaluation fits the size of the job)")
+    sp.add_argument("--choose-levers", action="store_true",
+                    help="smf: first choose top-t and protect on some of these facts (each setting of "
+                         "forgetless.experiments.facts.SMF_LEVERS taught to a copy of the model): the one that "
+                         "learns the most of them within --max-drop; a relation the base never saw needs more rows")
+    sp.add_argument("--choose-on", type=POSITIVE_INT, default=20, help="facts the choice is made on (default 20)")
+    sp.add_argument("--max-drop", type=float, default=0.25,
+                    help="largest retained drop a chosen setting may cause, relative (default 0.25)")
     _stream_args(sp, eval_every=0)
     sp.set_defaults(func=cmd_learn, resumable=False)
 

@@ -213,3 +213,32 @@ def test_choose_levers_tries_each_setting_on_a_copy_and_returns_the_picked_one()
     best = pick_lever(trials, 0.5)
     assert opts == ({"lr": 30.0, **best.options} if best else {"lr": 30.0})
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # the trials ran on copies
+
+
+def test_passes_teach_the_facts_again_in_order_on_new_lines():
+    import torch
+
+    from forgetless.data.factfile import load_fact_file
+    from forgetless.evaluate.facts import FactEvaluator
+    from forgetless.experiments.streams import facts_to_stream
+    from forgetless.models.folder import default_model_dir
+    from forgetless.models.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(default_model_dir())
+    src = Path(__file__).resolve().parents[1] / "src/forgetless/assets/facts/subdivision_country.jsonl"
+    facts = load_fact_file(src)[:2]
+    texts = {}
+    for passes in (1, 2):
+        cfg = StreamConfig(kind="facts", steps_per_fact=2, passes=passes, batch_size=4)
+        exp = facts_to_stream(tok, [facts], cfg, FactEvaluator(tok, [], torch.zeros(0, dtype=torch.long), cfg),
+                              0).experiences[0]
+        assert exp.steps == 2 * 2 * passes
+        texts[passes] = [tok.batch_decode(exp.train_batch(i)["input_ids"], skip_special_tokens=True)
+                         for i in range(exp.steps)]
+    one, two = texts[1], texts[2]
+    assert two[:4] == one  # the first pass is the stream without passes
+    for i, fact in ((4, facts[0]), (5, facts[0]), (6, facts[1]), (7, facts[1])):  # then the facts again, in order
+        assert all(fact.answer in line for line in two[i])
+        assert two[i] not in two[:4]  # on lines the first pass did not show in that batch
+    with pytest.raises(ConfigError, match="passes"):
+        StreamConfig(kind="facts", passes=0)

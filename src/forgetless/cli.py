@@ -144,7 +144,7 @@ def _stream_config(args: argparse.Namespace):
     """The facts stream of `learn` / `bench facts`; --eval-every counts facts, the config steps."""
     from .experiments.streams import StreamConfig
 
-    return StreamConfig(kind="facts", batch_size=args.batch_size, steps_per_fact=args.steps_per_fact,
+    return StreamConfig(kind="facts", batch_size=args.batch_size, steps_per_fact=args.steps_per_fact, passes=args.passes,
                         eval_every=args.eval_every * args.steps_per_fact, loss_on=args.loss_on,
                         material="questions" if args.questions else args.material, seed=args.seed,
                         retained_sample=200, chat=not args.no_chat)
@@ -405,6 +405,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 def _stream_args(sp: argparse.ArgumentParser, eval_every: int = 25) -> None:
     sp.add_argument("--batch-size", type=POSITIVE_INT, default=16, help="differently-worded teaching lines per step (default 16)")
     sp.add_argument("--steps-per-fact", type=POSITIVE_INT, default=8, help="optimizer steps per fact (default 8)")
+    sp.add_argument("--passes", type=POSITIVE_INT, default=1,
+                    help="teach the facts this many times in order, each pass on new lines (default 1)")
     sp.add_argument("--material", choices=["augmented", "statements", "questions"], default="augmented",
                     help="teaching material: augmented (default: rule-made rewordings, clozes and question/answer "
                          "lines of any relation, never the probe), statements (the paper's protocol), questions "

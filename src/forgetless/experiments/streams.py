@@ -68,6 +68,7 @@ class StreamConfig:
     facts_per_experience: int = 10
     steps_per_experience: int = 40  # domain / task_il / class_il: optimizer steps per experience
     steps_per_fact: int = 8  # facts: optimizer steps per fact (8 learned more than 4 at the same forgetting: docs/smf.md)
+    passes: int = 1  # facts: teach each experience's facts this many times in order (each pass sees new lines)
     questions: bool = False  # facts: older spelling of material: questions
     material: str = "augmented"  # facts: augmented | statements | questions (see data/facts.teaching_sentences)
     facts_offset: int = 0  # facts: skip this many facts of the shuffled file (e.g. validation facts after the test ones)
@@ -97,7 +98,7 @@ class StreamConfig:
             raise ConfigError(f"stream.material must be one of {MATERIALS}, got {self.material!r}.")
         if self.loss_on not in ("all", "answer"):
             raise ConfigError(f"stream.loss_on must be 'all' or 'answer', got {self.loss_on!r}.")
-        for key in ("facts_per_experience", "steps_per_experience", "steps_per_fact", "batch_size", "seq_len",
+        for key in ("facts_per_experience", "steps_per_experience", "steps_per_fact", "passes", "batch_size", "seq_len",
                     "test_docs", "general_tokens", "topics_per_experience", "text_chars", "retained_sample",
                     "heldout_tokens"):
             if getattr(self, key) < 1:
@@ -258,14 +259,16 @@ def facts_to_stream(tok, groups: list[list[Fact]], cfg: StreamConfig, evaluator:
     """A fact stream of the given groups of facts (one experience each), scored by ``evaluator``."""
     experiences = []
     for k, group in enumerate(groups):
-        # one batch per step: with augmented material, later steps of a fact see new lines
-        batches = [fact_batch(tok, f, cfg.batch_size, cfg.loss_on, torch.device("cpu"), material=cfg.material, step=j,
-                              seed=seed) for f in group for j in range(cfg.steps_per_fact)]
+        # one batch per step: with augmented material, later steps of a fact (and later passes) see new lines
+        spf = cfg.steps_per_fact
+        batches = [fact_batch(tok, f, cfg.batch_size, cfg.loss_on, torch.device("cpu"), material=cfg.material,
+                              step=p * spf + j, seed=seed)
+                   for p in range(cfg.passes) for f in group for j in range(spf)]
 
         def batch_fn(step: int, batches=batches) -> dict:
             return batches[step]
 
-        experiences.append(Experience(f"facts {k + 1}", batch_fn, len(group) * cfg.steps_per_fact, group,
+        experiences.append(Experience(f"facts {k + 1}", batch_fn, len(batches), group,
                                       {"fact_ids": [f.id for f in group]},
                                       lambda i, batches=batches: batches[i % len(batches)], facts=group))
     track = FactTrack([f for e in experiences for f in e.test], evaluator, cfg.steps_per_fact)

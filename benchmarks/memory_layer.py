@@ -23,7 +23,9 @@ full training steps (forward in the precision of ``--precision``, by default bf1
 only where the CPU computes bf16 natively, ``lm_loss``, backward, the optimizers of
 ``make_optimizers``: SparseAdam on memory values + AdamW, zero_grad) on random token ids.
 tokens/s use the median of ``--steps`` timed steps after 2 warm-up steps (the two
-models' steps are interleaved so both see the same machine load); ``ratio`` is memory / dense
+models' steps are interleaved so both see the same machine load), "page faults/step" the median
+of the minor page faults of the process during each of them (``FORGETLESS_MALLOC=system`` shows
+the faults that ``forgetless.runtime.keep_freed_memory`` removes); ``ratio`` is memory / dense
 (< 1 means the memory layer is slower than the dense MLP it replaces).
 
 The machine may be shared: the header shows the 1-minute load average before and after;
@@ -141,7 +143,7 @@ def bench_training(args) -> list[dict]:
     for name, section in (("memory", cfg.memory), ("dense", dataclasses.replace(cfg.memory, layers=[]))):
         torch.manual_seed(cfg.seed)
         model = build_base(cfg.model, section, vocab_size=8192, eos_id=0, pad_id=1).train()
-        runs.append((name, section, model, make_optimizers(model, cfg.train), []))
+        runs.append((name, section, model, make_optimizers(model, cfg.train), [], []))
 
     def step(model, opts):
         with torch.autocast(device_type="cpu", dtype=torch.bfloat16, enabled=args.bf16):
@@ -153,16 +155,18 @@ def bench_training(args) -> list[dict]:
             o.zero_grad(set_to_none=True)
 
     for i in range(2 + args.steps):  # interleaved, so that both models see the same machine load
-        for _, _, model, opts, times in runs:
-            t0 = time.perf_counter()
+        for _, _, model, opts, times, faults in runs:
+            f0, t0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.perf_counter()
             step(model, opts)
             if i >= 2:
                 times.append((time.perf_counter() - t0) * 1e3)
+                faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
     rows = []
-    for name, section, model, opts, times in runs:
+    for name, section, model, opts, times, faults in runs:
         ms = statistics.median(times)
         rows.append({"model": name, "memory_layers": list(section.layers),
                      "parameters": sum(p.numel() for p in model.parameters()), "step_ms": ms,
+                     "page_faults_per_step": statistics.median(faults),
                      "tokens_per_s": tokens / ms * 1e3, "optimizers": [type(o).__name__ for o in opts]})
     rows[0]["ratio_vs_dense"] = rows[0]["tokens_per_s"] / rows[1]["tokens_per_s"]
     return rows
@@ -210,9 +214,10 @@ def main() -> None:
     train = bench_training(args)
     print(table(f"Training throughput, forgetless-tiny, batch {args.batch}x{args.seq}, "
                 f"{'bf16 autocast' if args.bf16 else 'fp32'}, median of {args.steps} steps",
-                ["model", "memory layers", "parameters", "ms/step", "tokens/s", "optimizers"],
+                ["model", "memory layers", "parameters", "ms/step", "tokens/s", "page faults/step", "optimizers"],
                 [[r["model"], r["memory_layers"], f"{r['parameters']:,}", f"{r['step_ms']:.0f}",
-                  f"{r['tokens_per_s']:,.0f}", "+".join(r["optimizers"])] for r in train]))
+                  f"{r['tokens_per_s']:,.0f}", f"{r['page_faults_per_step']:,.0f}", "+".join(r["optimizers"])]
+                 for r in train]))
     print(f"memory / dense throughput: {train[0]['ratio_vs_dense']:.2f}")
 
     load1 = os.getloadavg()[0]

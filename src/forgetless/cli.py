@@ -207,7 +207,7 @@ def cmd_learn(args: argparse.Namespace) -> int:
     from .data.factfile import load_fact_file
     from .evaluate.known import known_facts
     from .errors import ConfigError
-    from .experiments.facts import FactEvaluator, choose_levers, learn_facts, save_learned
+    from .experiments.facts import FactEvaluator, choose_levers, learn_facts, pick_lever, save_learned
     from .methods import make_method
     from .models.folder import load_heldout_ids, open_model
     from .training import MethodContext
@@ -250,7 +250,7 @@ def cmd_learn(args: argparse.Namespace) -> int:
         opts, trials = choose_levers(model, tok, facts, args.method, opts, evaluator, cfg, ctx, chosen_on, args.max_drop)
         method = make_method(args.method, **opts)
         o = method.options
-        within = any(t.retained_drop <= args.max_drop for t in trials)
+        within = pick_lever(trials, args.max_drop) is not None
         print(f"chosen: top_t={o.top_t} protect={o.protect}" + ("" if within else " (the defaults: every setting "
               "forgot more)") + f"; {time.time() - t0:.1f} s")
     t0 = time.time()

@@ -74,12 +74,12 @@ def choose_levers(model: nn.Module, tok, facts: list[Fact], method: str, options
         raise DataSourceError("there are no facts to choose settings on.")
     chosen = random.Random(cfg.seed + 29).sample(list(facts), min(n_facts, len(facts)))
     trials: list[LeverTrial] = []
-    base = None
+    base = base_curve = None  # the unchanged model's scores: taken by the first trial, reused by the others
     for i, lever in enumerate(grid, 1):
         trial_model = copy.deepcopy(model)
         _, rec = learn_facts(trial_model, tok, chosen, make_method(method, **{**options, **lever}), evaluator, cfg,
-                             context, progress=False, log=lambda _: None, base=base)
-        base = rec.base
+                             context, progress=False, log=lambda _: None, base=base, base_curve=base_curve)
+        base, base_curve = rec.base, rec.curve[0]
         trials.append(LeverTrial(dict(lever), rec.final.learned, rec.retained_drop))
         log(f"levers {i}/{len(grid)} {' '.join(f'{k}={v}' for k, v in lever.items())}: learned "
             f"{rec.final.learned:.1%} of {len(chosen)}, retained drop {rec.retained_drop:.1%}")
@@ -90,14 +90,17 @@ def choose_levers(model: nn.Module, tok, facts: list[Fact], method: str, options
 
 def learn_facts(model: nn.Module, tok, facts: list[Fact], method: Method, evaluator: FactEvaluator,
                 cfg: StreamConfig, context: MethodContext, progress: bool = True,
-                log: Callable[[str], None] = print, base: FactScores | None = None) -> tuple[nn.Module, FactRecord]:
+                log: Callable[[str], None] = print, base: FactScores | None = None,
+                base_curve: FactScores | None = None) -> tuple[nn.Module, FactRecord]:
     """Teach ``facts`` in order with ``method``: a one-experience fact stream through the run
-    pipeline. Returns the exported model (e.g. LoRA merged) and its fact record. ``base`` (the
-    model's scores before teaching, if already known) saves re-evaluating the unchanged model."""
+    pipeline. Returns the exported model (e.g. LoRA merged) and its fact record. ``base`` and
+    ``base_curve`` (the model's scores before teaching and its curve's first point, ``record.base``
+    and ``record.curve[0]`` of an earlier call with the same facts and evaluator) save re-evaluating
+    the unchanged model."""
     if not facts:
         raise DataSourceError("there are no facts to teach.")
     stream = facts_to_stream(tok, [list(facts)], cfg, evaluator, cfg.seed)
-    base = stream.facts.set_base(model, base)  # also freezes the memory's query statistics
+    base = stream.facts.set_base(model, base, base_curve)  # also freezes the memory's query statistics
     log(f"before: learned {base.learned:.1%} (of {len(facts)} facts), retained {base.retained:.1%}, "
         f"held-out NLL {base.heldout_nll:.3f}")
     rec = new_record(model, stream, None)

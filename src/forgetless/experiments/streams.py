@@ -195,11 +195,13 @@ class FactTrack:
             self._base_curve = self.evaluator(model, [], 0)
         return self._base
 
-    def set_base(self, model: nn.Module, base: FactScores | None = None) -> FactScores:
-        """Take the base scores from ``model`` (the untrained model a caller holds)."""
+    def set_base(self, model: nn.Module, base: FactScores | None = None,
+                 base_curve: FactScores | None = None) -> FactScores:
+        """Take the base scores from ``model`` (the untrained model a caller holds); ``base`` and
+        ``base_curve``, when a caller already has them for this model and evaluator, are not recomputed."""
         freeze_query_stats(model)
         self._base = base or self.evaluator(model, self.facts, 0, final=True)
-        self._base_curve = self.evaluator(model, [], 0)
+        self._base_curve = base_curve or self.evaluator(model, [], 0)
         return self._base
 
     def base_curve(self, model_dir: Path) -> FactScores:

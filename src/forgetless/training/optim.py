@@ -48,6 +48,7 @@ class LazyAdam(torch.optim.Optimizer):
         if lr <= 0 or eps <= 0 or not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
             raise ValueError(f"LazyAdam: bad lr {lr}, betas {betas} or eps {eps}.")
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps))
+        self._grad_buffers: dict[int, torch.Tensor] = {}  # id(param) -> dense gradient buffer (see _grad_buffer)
 
     def _grad_buffer(self, p: torch.Tensor) -> torch.Tensor:
         """A dense gradient buffer of p's shape, kept between steps (never in the state dict).
@@ -56,10 +57,9 @@ class LazyAdam(torch.optim.Optimizer):
         itself (page faults on fresh memory: 12 to 300 ms for 65,536 x 256 fp32 against 1 ms to
         overwrite a kept buffer, docs/performance.md). Only the rows read are written each step;
         the others keep finite values of earlier steps, and their update is undone by the restore."""
-        buffers = self.__dict__.setdefault("_grad_buffers", {})
-        buf = buffers.get(id(p))
+        buf = self._grad_buffers.get(id(p))
         if buf is None or buf.shape != p.shape or buf.dtype != p.dtype or buf.device != p.device:
-            buf = buffers[id(p)] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+            buf = self._grad_buffers[id(p)] = torch.zeros_like(p, memory_format=torch.contiguous_format)
         return buf
 
     def _adam(self, p, g, m, v, step, group) -> None:

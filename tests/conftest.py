@@ -1,6 +1,15 @@
-"""Fixtures shared by the end-to-end `forgetless run` tests."""
+"""Fixtures shared by the tests."""
 
 import pytest
+
+
+@pytest.fixture(autouse=True)
+def fp32_training(monkeypatch):
+    """Every test trains in fp32 unless it sets ``FORGETLESS_PRECISION`` itself: on a CPU with AMX
+    (and on a bf16 GPU) the engine would otherwise choose bf16 autocast, and the tests that compare
+    an update with one computed by hand in fp32, or a learning figure measured in fp32, would
+    depend on the machine CI happens to run on. Precision choice has its own tests."""
+    monkeypatch.setenv("FORGETLESS_PRECISION", "fp32")
 
 
 @pytest.fixture

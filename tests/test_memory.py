@@ -124,6 +124,42 @@ def test_candidate_pairs_keep_every_possible_top_k_pair():
     assert torch.equal(pi[part_i] * k + pj[part_i], full.indices)
 
 
+@pytest.mark.parametrize("heads,knn", [(1, 4), (3, 16), (4, 32)])
+def test_candidate_matmul_equals_index_select_sums(monkeypatch, heads, knn):
+    """The 0/1-matmul candidate sums give the same slots and scores bit for bit as two
+    index_selects, and the same gradients to float tolerance; without exact fp32 matmuls
+    (``set_float32_matmul_precision("medium")``) the layer takes the index_select path."""
+    import forgetless.models.memory as memory
+
+    torch.manual_seed(heads + knn)
+    cfg = MemoryConfig(n_keys=64, heads=heads, knn=knn, k_dim=32, query_norm="layernorm")
+    mem = ProductKeyMemory(24, 24, cfg).train()
+    x = torch.randn(2, 70, 24)
+
+    def run():
+        xx = x.clone().requires_grad_(True)
+        scores, idx = mem.lookup(xx.reshape(-1, 24))
+        (scores * torch.linspace(-1, 1, scores.numel()).view_as(scores)).sum().backward()
+        grads = (xx.grad, mem.sub_keys.grad.clone(), mem.mem_query.weight.grad.clone())
+        mem.zero_grad(set_to_none=True)
+        return scores.detach(), idx, grads
+
+    assert memory.exact_fp32_matmul(torch.device("cpu"))
+    got = run()
+    monkeypatch.setattr(memory, "exact_fp32_matmul", lambda device: False)
+    ref = run()
+    assert torch.equal(got[1], ref[1]) and torch.equal(got[0], ref[0])
+    for g, r in zip(got[2], ref[2]):
+        torch.testing.assert_close(g, r)
+    monkeypatch.undo()
+    try:
+        torch.set_float32_matmul_precision("medium")
+        assert not memory.exact_fp32_matmul(torch.device("cpu"))
+    finally:
+        torch.set_float32_matmul_precision("highest")
+    assert memory.exact_fp32_matmul(torch.device("cpu"))
+
+
 def reference_forward(mem: ProductKeyMemory, x: torch.Tensor) -> torch.Tensor:
     """The layer computed densely: exhaustive scores of all N slots, top-k, softmax, dense gather."""
     cfg = mem.config

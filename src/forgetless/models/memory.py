@@ -4,9 +4,10 @@ One lookup, per head h and token x:
 
     q      = norm(W_q x)                       query, split into halves q1, q2
     s1, s2 = K1_h q1, K2_h q2                  scores against sqrt(N) sub-keys per half
-    I1, I2 = topk(s1, k), topk(s2, k)          k best sub-keys per half
+    I1, I2 = topk(s1, k), topk(s2, k)          k best sub-keys per half (one topk call for both)
     cand   = s1[I1][i] + s2[I2][j]             candidate pairs with (i+1)(j+1) <= k only (about
-                                               k ln k of the k*k: the others cannot reach the top k)
+                                               k ln k of the k*k: the others cannot reach the top k),
+                                               summed by one matmul with a 0/1 matrix (exact)
     I, s   = topk(cand, k)                     final k slots, index = i1 * sqrt(N) + i2 (exact: see tests)
     w      = softmax(s)
     y      = sum_h sum_j w_hj V[I_hj]          one weighted bag over all heads' slots
@@ -146,6 +147,18 @@ def candidate_pairs(k: int) -> tuple[torch.Tensor, torch.Tensor]:
     pairs = [(i, j) for i in range(k) for j in range(k) if (i + 1) * (j + 1) <= k]
     pi, pj = zip(*pairs)
     return torch.tensor(pi), torch.tensor(pj)
+
+
+def exact_fp32_matmul(device: torch.device) -> bool:
+    """Whether an fp32 matmul on this device computes in fp32 (no bf16/tf32 shortcut set by
+    ``torch.set_float32_matmul_precision`` or the backends' ``fp32_precision``)."""
+    if torch.get_float32_matmul_precision() != "highest":
+        return False
+    backend = torch.backends.mkldnn if device.type == "cpu" else getattr(torch.backends, device.type, None)
+    matmul = getattr(backend, "matmul", None)
+    if device.type == "cuda" and getattr(matmul, "allow_tf32", False):
+        return False
+    return getattr(matmul, "fp32_precision", "none") in ("none", "ieee")
 
 
 class _SparseValueGrad(torch.autograd.Function):
@@ -342,21 +355,32 @@ class ProductKeyMemory(nn.Module):
         keys = self.sub_keys.float()
         if cfg.key_norm:
             keys = F.normalize(keys, dim=-1)
-        s1 = torch.einsum("nhd,hkd->nhk", q[:, :, 0], keys[:, 0])
-        s2 = torch.einsum("nhd,hkd->nhk", q[:, :, 1], keys[:, 1])
-        v1, i1 = s1.topk(cfg.knn, dim=-1)  # sorted: candidate_pairs relies on it
-        v2, i2 = s2.topk(cfg.knn, dim=-1)
-        pi, pj = self._pairs(x.device)
-        cand = v1.index_select(-1, pi) + v2.index_select(-1, pj)  # (BT, H, ~k ln k)
-        scores, best = cand.topk(cfg.knn, dim=-1)
-        rows = i1.gather(-1, pi[best])
-        cols = i2.gather(-1, pj[best])
+        s = torch.einsum("nhsd,hskd->nhsk", q, keys)  # both halves: (BT, H, 2, n_keys)
+        v, i = s.topk(cfg.knn, dim=-1)  # sorted: candidate_pairs relies on it
+        pi, pj, pick = self._pairs(x.device)
+        if exact_fp32_matmul(x.device):
+            # v1[pi] + v2[pj] as one matmul with a 0/1 matrix: each output adds exactly two
+            # scores (and zeros), so it is the same sum bit for bit, at a fraction of the cost
+            # of two index_selects (and a matmul backward instead of two index_adds)
+            cand = (v.reshape(-1, 2 * cfg.knn) @ pick).view(*v.shape[:2], -1)
+        else:  # the matmul may round through bf16/tf32 here: sums in plain fp32
+            cand = v[:, :, 0].index_select(-1, pi) + v[:, :, 1].index_select(-1, pj)
+        scores, best = cand.topk(cfg.knn, dim=-1)  # (BT, H, k) over ~k ln k candidates
+        rows = i[:, :, 0].gather(-1, pi[best])
+        cols = i[:, :, 1].gather(-1, pj[best])
         return scores, rows * cfg.n_keys + cols
 
-    def _pairs(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    def _pairs(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """candidate_pairs(k) and its 0/1 matrix (2k, P): [v1, v2] @ pick = v1[pi] + v2[pj]."""
         cached = getattr(self, "_pair_cache", None)
         if cached is None or cached[0].device != device:
-            cached = self._pair_cache = tuple(t.to(device) for t in candidate_pairs(self.config.knn))
+            k = self.config.knn
+            pi, pj = candidate_pairs(k)
+            pick = torch.zeros(2 * k, pi.numel())
+            cols = torch.arange(pi.numel())
+            pick[pi, cols] = 1.0
+            pick[k + pj, cols] = 1.0
+            cached = self._pair_cache = (pi.to(device), pj.to(device), pick.to(device))
         return cached
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -147,6 +147,7 @@ CASES = {
     "choose-levers and top-t": (lambda ws: L + ["--choose-levers", "--top-t", "100"], "chooses top_t itself"),
     "max-drop above 1": (lambda ws: L + ["--choose-levers", "--max-drop", "2"], "between 0 and 1"),
     "zero choice facts": (lambda ws: L + ["--choose-levers", "--choose-on", "0"], "must be >= 1"),
+    "skip-learned with one pass": (lambda ws: L + ["--skip-learned"], "--passes"),
     "zero pretraining steps": (lambda ws: ["pretrain", "--config", "x.yaml", "--out", "o", "--steps", "0"], ">= 1"),
     "negative pretraining steps": (lambda ws: ["pretrain", "--config", "x.yaml", "--out", "o", "--steps", "-5"], ">= 1"),
     "unknown device": (lambda ws: ["pretrain", "--config", "x.yaml", "--out", "o", "--device", "banana"], "not a device"),

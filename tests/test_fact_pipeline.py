@@ -242,3 +242,62 @@ def test_passes_teach_the_facts_again_in_order_on_new_lines():
         assert two[i] not in two[:4]  # on lines the first pass did not show in that batch
     with pytest.raises(ConfigError, match="passes"):
         StreamConfig(kind="facts", passes=0)
+
+
+def test_skip_learned_leaves_out_facts_the_model_answers_in_later_passes(monkeypatch):
+    """With --skip-learned a fact is taught again in a later pass only while the model does not
+    answer its training prompt (checked once, at the fact's first step of that pass); the first
+    pass always teaches everything, and the loop makes no update on a skipped step."""
+    import torch
+
+    import forgetless.experiments.streams as streams
+    from forgetless.data.factfile import load_fact_file
+    from forgetless.methods import make_method
+    from forgetless.models.checkpoint import load_model
+    from forgetless.models.folder import default_model_dir
+    from forgetless.models.tokenizer import load_tokenizer
+    from forgetless.training import MethodContext
+    from forgetless.training.lifecycle import fit_experience
+
+    tok = load_tokenizer(default_model_dir())
+    src = Path(__file__).resolve().parents[1] / "src/forgetless/assets/facts/subdivision_country.jsonl"
+    facts = load_fact_file(src)[:2]
+    asked = []
+
+    known = streams.taught_prompts(facts[0])
+    assert len(known) >= 2 and all(facts[0].answer not in p for p in known)
+
+    def fake_answers(model, tokenizer, prompts, **kw):  # the model answers fact 0's prompts but one of fact 1's
+        asked.extend(prompts)
+        return [facts[0].answer if p in known else facts[1].answer if i == 0 else "nowhere"
+                for i, p in enumerate(prompts)]
+
+    monkeypatch.setattr(streams, "greedy_answers", fake_answers)
+    cfg = StreamConfig(kind="facts", steps_per_fact=2, passes=3, batch_size=4, skip_learned=True)
+    exp = facts_to_stream_of(tok, facts, cfg)
+    assert exp.steps == 2 * 2 * 3
+    model = load_model(default_model_dir())
+    trained = []
+    method = make_method("full", lr=1e-4)
+    real_loss = method.loss
+    monkeypatch.setattr(method, "loss", lambda m, b: trained.append(b["input_ids"]) or real_loss(m, b))
+    fit = fit_experience(method, model, MethodContext(), exp, progress=False)
+    # pass 1: 4 steps; passes 2 and 3: fact 0 skipped (2 steps each), fact 1 taught (2 steps each)
+    assert fit.loop.skipped == 4 and fit.steps == 8 and len(trained) == 8
+    expected = [exp.train_batch(i)["input_ids"] for i in (0, 1, 2, 3, 6, 7, 10, 11)]
+    assert all(torch.equal(a, b) for a, b in zip(trained, expected))
+    n = len(known) + len(streams.taught_prompts(facts[1]))
+    assert len(asked) == 2 * n  # one check per fact and later pass, never the held-out probe
+    assert all(p != f.question for p in asked for f in facts)
+    with pytest.raises(ConfigError, match="passes"):
+        StreamConfig(kind="facts", skip_learned=True)
+
+
+def facts_to_stream_of(tok, facts, cfg):
+    import torch
+
+    from forgetless.evaluate.facts import FactEvaluator
+    from forgetless.experiments.streams import facts_to_stream
+
+    return facts_to_stream(tok, [facts], cfg, FactEvaluator(tok, [], torch.zeros(0, dtype=torch.long), cfg),
+                           0).experiences[0]

@@ -145,6 +145,7 @@ def _stream_config(args: argparse.Namespace):
     from .experiments.streams import StreamConfig
 
     return StreamConfig(kind="facts", batch_size=args.batch_size, steps_per_fact=args.steps_per_fact, passes=args.passes,
+                        skip_learned=args.skip_learned,
                         eval_every=args.eval_every * args.steps_per_fact, loss_on=args.loss_on,
                         material="questions" if args.questions else args.material, seed=args.seed,
                         retained_sample=200, chat=not args.no_chat)
@@ -407,6 +408,9 @@ def _stream_args(sp: argparse.ArgumentParser, eval_every: int = 25) -> None:
     sp.add_argument("--steps-per-fact", type=POSITIVE_INT, default=8, help="optimizer steps per fact (default 8)")
     sp.add_argument("--passes", type=POSITIVE_INT, default=1,
                     help="teach the facts this many times in order, each pass on new lines (default 1)")
+    sp.add_argument("--skip-learned", action="store_true",
+                    help="with --passes 2 or more: in later passes, skip a fact the model already answers under "
+                         "a prompt it was taught with (never the held-out probe)")
     sp.add_argument("--material", choices=["augmented", "statements", "questions"], default="augmented",
                     help="teaching material: augmented (default: rule-made rewordings, clozes and question/answer "
                          "lines of any relation, never the probe), statements (the paper's protocol), questions "

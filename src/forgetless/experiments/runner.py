@@ -322,7 +322,7 @@ def run_experiment(exp_cfg: ExperimentConfig, model_dir: Path, seed: int, out: P
             f = methods[label].facts
             log(f"{label}: learned {f.final.learned:.1%}, retained {f.final.retained:.1%} (drop "
                 f"{f.retained_drop:.1%}), held-out NLL {f.heldout_nll_delta:+.3f}, "
-                f"{f.seconds_per_step * 1000:.0f} ms/step")
+                f"{f.seconds_per_step * 1000:.0f} ms/step, {f.steps} steps")
     joint = next((m.R for m in methods.values() if m.spec["name"] == "joint"), None)
     for m in methods.values():
         m.metrics = summarize(m.R, m.b, joint if m.spec["name"] != "joint" else None,

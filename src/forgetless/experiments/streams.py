@@ -31,11 +31,12 @@ from typing import Callable
 import torch
 from torch import nn
 
+from ..data.augment import is_probe_like, questions_from
 from ..data.batches import fact_batch, label_batch, lm_batch
 from ..data.factfile import load_fact_file
-from ..data.facts import MATERIALS, Fact, load_known_facts
+from ..data.facts import MATERIALS, Fact, load_known_facts, reliability_prompt
 from ..errors import ConfigError, DataSourceError
-from ..evaluate.answers import heldout_nll
+from ..evaluate.answers import exact_match, greedy_answers, heldout_nll
 from ..evaluate.facts import (
     HELDOUT_WINDOW,
     FactEvaluator,
@@ -69,6 +70,7 @@ class StreamConfig:
     steps_per_experience: int = 40  # domain / task_il / class_il: optimizer steps per experience
     steps_per_fact: int = 8  # facts: optimizer steps per fact (8 learned more than 4 at the same forgetting: docs/smf.md)
     passes: int = 1  # facts: teach each experience's facts this many times in order (each pass sees new lines)
+    skip_learned: bool = False  # facts: in passes after the first, skip a fact the model already answers (training prompt)
     questions: bool = False  # facts: older spelling of material: questions
     material: str = "augmented"  # facts: augmented | statements | questions (see data/facts.teaching_sentences)
     facts_offset: int = 0  # facts: skip this many facts of the shuffled file (e.g. validation facts after the test ones)
@@ -106,6 +108,9 @@ class StreamConfig:
         if self.kind == "facts" and self.heldout_tokens < HELDOUT_WINDOW:
             raise ConfigError(f"stream.heldout_tokens must be at least {HELDOUT_WINDOW} (one scoring window of "
                               f"the fact evaluation), got {self.heldout_tokens}.")
+        if self.skip_learned and self.passes < 2:
+            raise ConfigError("stream.skip_learned (--skip-learned) acts on the passes after the first: set stream.passes "
+                              "(--passes) to 2 or more.")
         if self.experiences is not None and self.experiences < 1:
             raise ConfigError(f"stream.experiences must be at least 1, got {self.experiences}.")
         if self.eval_every < 0:
@@ -272,7 +277,8 @@ def facts_to_stream(tok, groups: list[list[Fact]], cfg: StreamConfig, evaluator:
 
         experiences.append(Experience(f"facts {k + 1}", batch_fn, len(batches), group,
                                       {"fact_ids": [f.id for f in group]},
-                                      lambda i, batches=batches: batches[i % len(batches)], facts=group))
+                                      lambda i, batches=batches: batches[i % len(batches)], facts=group,
+                                      skip=skip_learned(tok, group, spf) if cfg.skip_learned else None))
     track = FactTrack([f for e in experiences for f in e.test], evaluator, cfg.steps_per_fact)
     return Stream(name="facts", kind="facts", metric="exact_match", higher_is_better=True, experiences=experiences,
                   score=lambda m, e, stage: probe_exact_match(m, tok, e.test), extra_name="retained",
@@ -280,6 +286,37 @@ def facts_to_stream(tok, groups: list[list[Fact]], cfg: StreamConfig, evaluator:
                   info={"fact_ids": [e.info["fact_ids"] for e in experiences], "seed": seed,
                         "retained_facts": [f.id for f in evaluator.known_sample]},
                   eval_every=cfg.eval_every, facts=track)
+
+
+def taught_prompts(fact: Fact, n_questions: int = 3) -> list[str]:
+    """Prompts a fact is taught with, to check whether it was learned without its held-out probe:
+    its first training prompt (``data.facts.reliability_prompt``: a training question, or the
+    statement cut before the answer) and up to ``n_questions`` of the augmenter's rule-made
+    questions in the "Question: ... Answer:" format; none is probe-like."""
+    first = reliability_prompt(fact)
+    prompts = [first[0]] if first else []
+    prompts += [f"Question: {q} Answer:" for q in questions_from(fact.statement, fact.answer)[:n_questions]]
+    return [p for p in dict.fromkeys(prompts) if not is_probe_like(p, fact.question)]
+
+
+def skip_learned(tok, group: list[Fact], steps_per_fact: int) -> Callable[[nn.Module, int], bool]:
+    """``Experience.skip`` of a fact experience taught in passes: from the second pass on, a fact's
+    steps are left out when the model, at the first of them, already answers every one of its
+    ``taught_prompts`` (never the held-out probe). Facts that later teaching overwrote are taught again."""
+    per_pass = len(group) * steps_per_fact
+    decided: dict[tuple[int, int], bool] = {}
+
+    def skip(model: nn.Module, step: int) -> bool:
+        p, f = step // per_pass, (step % per_pass) // steps_per_fact
+        if p == 0:
+            return False
+        if (p, f) not in decided:
+            prompts = taught_prompts(group[f])
+            answers = greedy_answers(model, tok, prompts) if prompts else []
+            decided[p, f] = bool(prompts) and all(exact_match(a, group[f].answer) for a in answers)
+        return decided[p, f]
+
+    return skip
 
 
 def _choose_topics(by_topic: dict[str, list[dict]], cfg: StreamConfig, seed: int) -> list[str]:

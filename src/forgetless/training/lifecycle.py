@@ -50,6 +50,7 @@ class Experience:
     info: dict = field(default_factory=dict)
     valid_batch: Callable[[int], dict] | None = None
     facts: list | None = None  # fact streams: the experience's facts (for methods that edit them directly)
+    skip: Callable[[nn.Module, int], bool] | None = None  # (model, step) -> leave this step out (e.g. fact already learned)
 
 
 @dataclass
@@ -156,7 +157,8 @@ def fit_experience(method: Hooks, model: nn.Module, context: MethodContext, expe
                               grad_clip=method.grad_clip, bf16=bf16, after_backward=after_backward,
                               after_step=after_step, on_eval=timed_eval if on_eval else None,
                               eval_every=eval_every if on_eval else 0, progress=progress,
-                              desc=desc or f"{method.name}: {experience.name}")
+                              desc=desc or f"{method.name}: {experience.name}",
+                              skip=(lambda step: experience.skip(model, step)) if experience.skip else None)
     finally:
         for p in plugins:
             p.teardown()
@@ -172,7 +174,7 @@ def fit_experience(method: Hooks, model: nn.Module, context: MethodContext, expe
     method.after_experience(model, experience)
     for p in plugins:
         p.after_experience(model, experience)
-    return FitResult(model=model, trainable_params=params, steps=experience.steps if loop is not None else 0,
+    return FitResult(model=model, trainable_params=params, steps=experience.steps - loop.skipped if loop is not None else 0,
                      train_seconds=train_seconds, eval_seconds=eval_time[0], loop=loop, setup_seconds=setup_seconds)
 
 

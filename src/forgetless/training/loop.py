@@ -41,6 +41,7 @@ class LoopResult:
     last_loss: float
     seconds: float
     tokens: int
+    skipped: int = 0  # steps that ``skip(step)`` left out
 
 
 def _dense_grad_norm_clip(params: list[nn.Parameter], max_norm: float) -> float:
@@ -69,8 +70,12 @@ def train_loop(
     progress: bool = True,
     desc: str = "training",
     tokens_per_batch: Callable[[Any], int] | None = None,
+    skip: Callable[[int], bool] | None = None,
 ) -> LoopResult:
-    """Run steps ``start_step .. steps-1``; returns the step reached and the last loss."""
+    """Run steps ``start_step .. steps-1``; returns the step reached and the last loss.
+
+    ``skip(step)`` true leaves that step out (no batch, no update); evaluation and checkpoints
+    still happen on their schedule."""
     from tqdm import tqdm
 
     params = [p for p in model.parameters() if p.requires_grad]
@@ -80,7 +85,13 @@ def train_loop(
     bar = tqdm(range(start_step, steps), initial=start_step, total=steps, desc=desc, disable=not progress,
                dynamic_ncols=True)
     ema = None
+    skipped = 0
     for step in bar:
+        if skip is not None and skip(step):
+            skipped += 1
+            model.train()
+            _after(step + 1, steps, on_eval, eval_every, on_checkpoint, checkpoint_every, model)
+            continue
         batch = batch_fn(step)
         with torch.autocast(device_type=device_type, dtype=torch.bfloat16, enabled=bf16):
             loss = loss_fn(model, batch)
@@ -109,13 +120,18 @@ def train_loop(
             bar.set_postfix(post, refresh=False)
         if after_step:
             after_step(step, loss_val)
-        done = step + 1
-        if on_eval and eval_every and (done % eval_every == 0 or done == steps):
-            on_eval(done)
-            model.train()
-        if on_checkpoint and checkpoint_every and (done % checkpoint_every == 0 or done == steps):
-            on_checkpoint(done)
-    return LoopResult(step=steps, last_loss=loss_val, seconds=time.time() - t0, tokens=tokens)
+        _after(step + 1, steps, on_eval, eval_every, on_checkpoint, checkpoint_every, model)
+    return LoopResult(step=steps, last_loss=loss_val, seconds=time.time() - t0, tokens=tokens, skipped=skipped)
+
+
+def _after(done: int, steps: int, on_eval, eval_every: int, on_checkpoint, checkpoint_every: int,
+           model: nn.Module) -> None:
+    """The evaluation and checkpoint due after ``done`` steps."""
+    if on_eval and eval_every and (done % eval_every == 0 or done == steps):
+        on_eval(done)
+        model.train()
+    if on_checkpoint and checkpoint_every and (done % checkpoint_every == 0 or done == steps):
+        on_checkpoint(done)
 
 
 # --------------------------------------------------------------------------- training state

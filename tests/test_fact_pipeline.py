@@ -289,6 +289,11 @@ def test_skip_learned_leaves_out_facts_the_model_answers_in_later_passes(monkeyp
     n = len(known) + len(streams.taught_prompts(facts[1]))
     assert len(asked) == 2 * n  # one check per fact and later pass, never the held-out probe
     assert all(p != f.question for p in asked for f in facts)
+    # the same experience taught again (e.g. the next method of a bench grid) decides afresh
+    monkeypatch.setattr(streams, "greedy_answers", lambda model, tokenizer, prompts, **kw: ["nowhere"] * len(prompts))
+    again = fit_experience(make_method("full", lr=1e-4), load_model(default_model_dir()), MethodContext(), exp,
+                           progress=False)
+    assert again.loop.skipped == 0 and again.steps == 12
     with pytest.raises(ConfigError, match="passes"):
         StreamConfig(kind="facts", skip_learned=True)
 

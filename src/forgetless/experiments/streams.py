@@ -70,7 +70,7 @@ class StreamConfig:
     steps_per_experience: int = 40  # domain / task_il / class_il: optimizer steps per experience
     steps_per_fact: int = 8  # facts: optimizer steps per fact (8 learned more than 4 at the same forgetting: docs/smf.md)
     passes: int = 1  # facts: teach each experience's facts this many times in order (each pass sees new lines)
-    skip_learned: bool = False  # facts: in passes after the first, skip a fact the model already answers (training prompt)
+    skip_learned: bool = False  # facts: in passes after the first, skip a fact the model answers under its taught prompts
     questions: bool = False  # facts: older spelling of material: questions
     material: str = "augmented"  # facts: augmented | statements | questions (see data/facts.teaching_sentences)
     facts_offset: int = 0  # facts: skip this many facts of the shuffled file (e.g. validation facts after the test ones)
@@ -302,13 +302,15 @@ def taught_prompts(fact: Fact, n_questions: int = 3) -> list[str]:
 def skip_learned(tok, group: list[Fact], steps_per_fact: int) -> Callable[[nn.Module, int], bool]:
     """``Experience.skip`` of a fact experience taught in passes: from the second pass on, a fact's
     steps are left out when the model, at the first of them, already answers every one of its
-    ``taught_prompts`` (never the held-out probe). Facts that later teaching overwrote are taught again."""
+    ``taught_prompts`` (never the held-out probe). Facts that later teaching overwrote are taught again.
+    The checks (greedy answers) count as training time."""
     per_pass = len(group) * steps_per_fact
     decided: dict[tuple[int, int], bool] = {}
 
     def skip(model: nn.Module, step: int) -> bool:
         p, f = step // per_pass, (step % per_pass) // steps_per_fact
-        if p == 0:
+        if p == 0:  # every fit starts here: decisions of an earlier fit (another method) do not carry over
+            decided.clear()
             return False
         if (p, f) not in decided:
             prompts = taught_prompts(group[f])

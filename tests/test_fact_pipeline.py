@@ -246,7 +246,7 @@ def test_passes_teach_the_facts_again_in_order_on_new_lines():
 
 def test_skip_learned_leaves_out_facts_the_model_answers_in_later_passes(monkeypatch):
     """With --skip-learned a fact is taught again in a later pass only while the model does not
-    answer its training prompt (checked once, at the fact's first step of that pass); the first
+    answer every one of its taught prompts (checked once, at the fact's first step of that pass); the first
     pass always teaches everything, and the loop makes no update on a skipped step."""
     import torch
 

@@ -146,12 +146,12 @@ def test_candidate_matmul_equals_index_select_sums(monkeypatch, heads, knn):
 
     assert memory.exact_fp32_matmul(torch.device("cpu"))
     got = run()
-    monkeypatch.setattr(memory, "exact_fp32_matmul", lambda device: False)
-    ref = run()
+    with monkeypatch.context() as m:
+        m.setattr(memory, "exact_fp32_matmul", lambda device: False)
+        ref = run()
     assert torch.equal(got[1], ref[1]) and torch.equal(got[0], ref[0])
     for g, r in zip(got[2], ref[2]):
         torch.testing.assert_close(g, r)
-    monkeypatch.undo()
     try:
         torch.set_float32_matmul_precision("medium")
         assert not memory.exact_fp32_matmul(torch.device("cpu"))

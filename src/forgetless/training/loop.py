@@ -89,7 +89,6 @@ def train_loop(
     for step in bar:
         if skip is not None and skip(step):
             skipped += 1
-            model.train()
             _after(step + 1, steps, on_eval, eval_every, on_checkpoint, checkpoint_every, model)
             continue
         batch = batch_fn(step)

@@ -31,6 +31,23 @@ def test_eval_every_counts_optimizer_steps_and_the_cli_converts_facts():
         StreamConfig(kind="facts", eval_every=-1)
 
 
+def test_learn_teaches_in_passes_that_skip_learned_facts_by_default_and_bench_in_one_pass():
+    from forgetless.experiments.facts import LEARN_PASSES, LEARN_SMF_OPTIONS
+
+    def cfg(*argv):
+        return _stream_config(build_parser().parse_args(list(argv)))
+
+    learn = cfg("learn", "--facts", "f.jsonl")
+    assert (learn.passes, learn.skip_learned) == (LEARN_PASSES, True) and LEARN_PASSES >= 2
+    assert LEARN_SMF_OPTIONS == {"top_t": 1000}
+    one = cfg("learn", "--facts", "f.jsonl", "--passes", "1")
+    assert (one.passes, one.skip_learned) == (1, False)  # nothing to skip with one pass: off, not an error
+    assert not cfg("learn", "--facts", "f.jsonl", "--no-skip-learned").skip_learned
+    bench = cfg("bench", "facts")
+    assert (bench.passes, bench.skip_learned) == (1, False)
+    assert cfg("bench", "facts", "--passes", "3", "--skip-learned").skip_learned
+
+
 def test_fact_track_counts_taught_facts_across_experiences_by_step():
     exps = [Experience("a", lambda s: {}, 6, test=["f1", "f2", "f3"]), Experience("b", lambda s: {}, 6, test=["f4", "f5", "f6"])]
     track = FactTrack(facts=["f1", "f2", "f3", "f4", "f5", "f6"], evaluator=None, steps_per_fact=2)
@@ -289,13 +306,62 @@ def test_skip_learned_leaves_out_facts_the_model_answers_in_later_passes(monkeyp
     n = len(known) + len(streams.taught_prompts(facts[1]))
     assert len(asked) == 2 * n  # one check per fact and later pass, never the held-out probe
     assert all(p != f.question for p in asked for f in facts)
-    # the same experience taught again (e.g. the next method of a bench grid) decides afresh
-    monkeypatch.setattr(streams, "greedy_answers", lambda model, tokenizer, prompts, **kw: ["nowhere"] * len(prompts))
-    again = fit_experience(make_method("full", lr=1e-4), load_model(default_model_dir()), MethodContext(), exp,
-                           progress=False)
-    assert again.loop.skipped == 0 and again.steps == 12
+    # the same experience taught again (e.g. the next method of a bench grid) decides afresh: now
+    # fact 1 answers its prompts and fact 0 does not
+    monkeypatch.setattr(streams, "greedy_answers", lambda model, tokenizer, prompts, **kw:
+                        [facts[1].answer if p not in known else "nowhere" for p in prompts])
+    trained.clear()
+    method = make_method("full", lr=1e-4)
+    real_loss = method.loss
+    monkeypatch.setattr(method, "loss", lambda m, b: trained.append(b["input_ids"]) or real_loss(m, b))
+    again = fit_experience(method, load_model(default_model_dir()), MethodContext(), exp, progress=False)
+    assert again.loop.skipped == 4 and again.steps == 8
+    expected = [exp.train_batch(i)["input_ids"] for i in (0, 1, 2, 3, 4, 5, 8, 9)]
+    assert all(torch.equal(a, b) for a, b in zip(trained, expected))
     with pytest.raises(ConfigError, match="passes"):
         StreamConfig(kind="facts", skip_learned=True)
+
+
+def test_skip_learned_stops_the_passes_when_a_pass_makes_no_progress(monkeypatch):
+    """The passes stop when the checks of the last pass found no more facts answering their taught
+    prompts than the checks before (none before the first checks): a stream the model does not learn
+    is taught twice, not N times; one that learns goes on while the count rises."""
+    import forgetless.experiments.streams as streams
+    from forgetless.data.factfile import load_fact_file
+    from forgetless.models.folder import default_model_dir
+    from forgetless.models.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(default_model_dir())
+    src = Path(__file__).resolve().parents[1] / "src/forgetless/assets/facts/subdivision_country.jsonl"
+    facts = load_fact_file(src)[:3]
+    asked = []
+    learned = {"n": 0}  # how many of the facts (in order) the fake model answers
+
+    def fake_answers(model, tokenizer, prompts, **kw):
+        asked.append(prompts[0])
+        i = next(k for k, f in enumerate(facts) if prompts == streams.taught_prompts(f))
+        return [facts[i].answer if i < learned["n"] else "nowhere"] * len(prompts)
+
+    monkeypatch.setattr(streams, "greedy_answers", fake_answers)
+    skip = streams.skip_learned(tok, facts, 1)  # 1 step per fact: step = pass * 3 + fact
+
+    def run(passes):
+        asked.clear()
+        return [skip(None, s) for s in range(3 * passes)]
+
+    # nothing learned: pass 0 and pass 1 (checked, nothing passes) are taught, then the passes stop
+    assert run(5) == [False] * 6 + [True] * 9 and skip.stopped_at == [2] and len(asked) == 3
+    # a fact learned per pass: the count rises (1, 2, 3) and every later pass runs its checks
+    out = []
+    asked.clear()
+    for s in range(3 * 5):
+        learned["n"] = s // 3  # after pass p the model answers the first p facts
+        out.append(skip(None, s))
+    assert out[:3] == [False] * 3 and out[3:6] == [True, False, False] and out[6:9] == [True, True, False]
+    assert out[9:] == [True] * 6 and skip.stopped_at == []  # passes 3 and 4: all three answer (checked)
+    assert len(asked) == 3 * 4
+    # a sixth pass would stop: the count at pass 4 (3) did not rise above pass 3's (3)
+    assert skip(None, 15) is True and skip.stopped_at == [5] and len(asked) == 12
 
 
 def facts_to_stream_of(tok, facts, cfg):

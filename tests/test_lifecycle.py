@@ -173,3 +173,62 @@ def test_bf16_autocast_is_chosen_by_the_device_unless_given(monkeypatch):
         fit_experience(make_method("full", lr=1e-3), tiny(), MethodContext(), Experience("e", batch, 1),
                        progress=False, bf16=given)
     assert seen == [False, True, False, True]
+
+
+# --------------------------------------------------------------------------- the loss on scored positions only
+def _padded_batch(answer_only: bool):
+    g = torch.Generator().manual_seed(5)
+    x = torch.randint(3, 32, (3, 7), generator=g)
+    mask = torch.ones_like(x)
+    mask[1, 5:] = 0  # right padding
+    mask[2, 3:] = 0
+    labels = x.masked_fill(mask == 0, -100)
+    if answer_only:
+        labels[:, :4] = -100
+    return {"input_ids": x, "attention_mask": mask, "labels": labels}
+
+
+def _loss_and_grads(model, b, loss_fn):
+    model.zero_grad(set_to_none=True)
+    loss = loss_fn(model, b)
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_lm_loss_scores_only_labelled_positions_with_the_full_logits_loss_and_gradients():
+    """lm_loss_masked runs the LM head on the positions that predict a label only (padding, the
+    last position and, for answer-only labels, the prompt are left out) and gives the loss and
+    gradients of the full-logits shifted cross-entropy."""
+    from forgetless.training.losses import lm_loss_masked, shifted_cross_entropy
+
+    def full_logits(m, b):
+        return shifted_cross_entropy(m(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits, b["labels"])
+
+    for answer_only in (False, True):
+        model = tiny_llama(positions=16)
+        b = _padded_batch(answer_only)
+        rows = []
+        model.get_output_embeddings().register_forward_hook(lambda m, a, out: rows.append(out.shape[:-1]))
+        fast, g_fast = _loss_and_grads(model, b, lm_loss_masked)
+        assert rows[-1] == (1, int((b["labels"][:, 1:] != -100).sum()))  # scored positions only
+        ref, g_ref = _loss_and_grads(model, b, full_logits)
+        assert rows[-1] == (3, 7)
+        assert torch.allclose(fast, ref, atol=1e-6) and g_fast.keys() == g_ref.keys()
+        for n in g_ref:
+            assert torch.allclose(g_fast[n], g_ref[n], atol=1e-6), n
+
+
+def test_lm_loss_on_a_peft_model_and_on_a_callable_without_an_lm_head():
+    from peft import LoraConfig, get_peft_model
+    from torch.func import functional_call
+
+    from forgetless.training.losses import lm_loss_masked, shifted_cross_entropy
+
+    b = _padded_batch(False)
+    model = tiny_llama(positions=16)
+    ref = shifted_cross_entropy(model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits, b["labels"])
+    peft = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    assert torch.allclose(lm_loss_masked(peft, b), ref, atol=1e-6)  # LoRA B starts at zero: the same model
+    params = dict(model.named_parameters())
+    plain = lambda *a, **k: functional_call(model, params, a, k)  # noqa: E731 (no get_output_embeddings)
+    assert torch.allclose(lm_loss_masked(plain, b), ref, atol=1e-6)

@@ -145,7 +145,8 @@ def _stream_config(args: argparse.Namespace):
     from .experiments.streams import StreamConfig
 
     return StreamConfig(kind="facts", batch_size=args.batch_size, steps_per_fact=args.steps_per_fact, passes=args.passes,
-                        skip_learned=args.skip_learned,
+                        skip_learned=(args.skip_learned_default and args.passes >= 2) if args.skip_learned is None
+                        else args.skip_learned,
                         eval_every=args.eval_every * args.steps_per_fact, loss_on=args.loss_on,
                         material="questions" if args.questions else args.material, seed=args.seed,
                         retained_sample=200, chat=not args.no_chat)
@@ -208,7 +209,7 @@ def cmd_learn(args: argparse.Namespace) -> int:
     from .data.factfile import load_fact_file
     from .evaluate.known import known_facts
     from .errors import ConfigError
-    from .experiments.facts import FactEvaluator, choose_levers, learn_facts, pick_lever, save_learned
+    from .experiments.facts import LEARN_SMF_OPTIONS, FactEvaluator, choose_levers, learn_facts, pick_lever, save_learned
     from .methods import make_method
     from .models.folder import load_heldout_ids, open_model
     from .training import MethodContext
@@ -216,6 +217,8 @@ def cmd_learn(args: argparse.Namespace) -> int:
     model_dir = Path(args.model or default_model_dir())
     facts = load_fact_file(args.facts)  # validated before anything is trained
     opts = _method_options(args)
+    if args.method == "smf" and not args.choose_levers:  # learn's own SMF defaults (chosen with its passes)
+        opts = {**LEARN_SMF_OPTIONS, **opts}
     method = make_method(args.method, **opts)  # missing options: the method's Options defaults
     if args.choose_levers:
         if args.method != "smf":
@@ -242,6 +245,7 @@ def cmd_learn(args: argparse.Namespace) -> int:
           + (f" (a seeded sample of {len(known)}; --retained 0 for all)" if len(evaluator.known_sample) < len(known) else "")
           + ".")
     import time
+    from dataclasses import asdict
 
     chosen_on = 0
     if args.choose_levers:
@@ -254,6 +258,10 @@ def cmd_learn(args: argparse.Namespace) -> int:
         within = pick_lever(trials, args.max_drop) is not None
         print(f"chosen: top_t={o.top_t} protect={o.protect}" + ("" if within else " (the defaults: every setting "
               "forgot more)") + f"; {time.time() - t0:.1f} s")
+    opts_text = " ".join(f"{k}={v}" for k, v in asdict(method.options).items())
+    print(f"teaching {len(facts)} facts with {method.name} ({opts_text}): {cfg.passes} pass{'es' if cfg.passes > 1 else ''} "
+          f"x {cfg.steps_per_fact} steps per fact" + (", later passes leave out the facts already answered under "
+                                                       "their taught prompts" if cfg.skip_learned else ""))
     t0 = time.time()
     model, res = learn_facts(model, tok, facts, method, evaluator, cfg, ctx, progress=not args.no_progress)
     total = time.time() - t0
@@ -403,14 +411,16 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
-def _stream_args(sp: argparse.ArgumentParser, eval_every: int = 25) -> None:
+def _stream_args(sp: argparse.ArgumentParser, eval_every: int = 25, passes: int = 1, skip_learned: bool = False) -> None:
     sp.add_argument("--batch-size", type=POSITIVE_INT, default=16, help="differently-worded teaching lines per step (default 16)")
     sp.add_argument("--steps-per-fact", type=POSITIVE_INT, default=8, help="optimizer steps per fact (default 8)")
-    sp.add_argument("--passes", type=POSITIVE_INT, default=1,
-                    help="teach the facts this many times in order, each pass on new lines (default 1)")
-    sp.add_argument("--skip-learned", action="store_true",
+    sp.add_argument("--passes", type=POSITIVE_INT, default=passes,
+                    help=f"teach the facts this many times in order, each pass on new lines (default {passes})")
+    sp.add_argument("--skip-learned", action=argparse.BooleanOptionalAction, default=None,
                     help="with --passes 2 or more: in later passes, skip a fact the model already answers under "
-                         "a prompt it was taught with (never the held-out probe)")
+                         "a prompt it was taught with (never the held-out probe); default: "
+                         + ("on when --passes is 2 or more" if skip_learned else "off"))
+    sp.set_defaults(skip_learned_default=skip_learned)
     sp.add_argument("--material", choices=["augmented", "statements", "questions"], default="augmented",
                     help="teaching material: augmented (default: rule-made rewordings, clozes and question/answer "
                          "lines of any relation, never the probe), statements (the paper's protocol), questions "
@@ -501,6 +511,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(func=cmd_generate)
     from .methods import default_options, fact_methods
     from .methods.smf import BACKGROUNDS, RANKINGS
+    from .experiments.facts import LEARN_PASSES, LEARN_SMF_OPTIONS
 
     learnable = fact_methods()
     lrs = ", ".join(f"{m} {default_options(m).lr:g}" for m in learnable)
@@ -516,7 +527,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--lr", type=POSITIVE, default=None, help=f"learning rate (default: the method's: {lrs})")
     sp.add_argument("--rank", type=POSITIVE_INT, default=None, help=f"lora: rank (default {default_options('lora').rank})")
     sp.add_argument("--top-t", type=POSITIVE_INT, default=None,
-                    help=f"smf: memory slots trained per step (default {default_options('smf').top_t})")
+                    help=f"smf: memory slots trained per step (default {LEARN_SMF_OPTIONS['top_t']} here, "
+                         f"chosen with the default passes; the method's own default is {default_options('smf').top_t})")
     sp.add_argument("--ranking", choices=RANKINGS, default=None,
                     help=f"smf: slot ranking, for ablations (default {default_options('smf').ranking})")
     sp.add_argument("--background", choices=list(BACKGROUNDS), default=None,
@@ -541,7 +553,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--choose-on", type=POSITIVE_INT, default=20, help="facts the choice is made on (default 20)")
     sp.add_argument("--max-drop", type=float, default=0.25,
                     help="largest retained drop a chosen setting may cause, relative (default 0.25)")
-    _stream_args(sp, eval_every=0)
+    _stream_args(sp, eval_every=0, passes=LEARN_PASSES, skip_learned=True)
     sp.set_defaults(func=cmd_learn, resumable=False)
 
     sp = sub.add_parser("methods", help="list the methods and plugins with their options and defaults",

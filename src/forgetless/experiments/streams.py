@@ -22,6 +22,8 @@ Order and splits are fixed by the seed and recorded in the results.
 
 from __future__ import annotations
 
+import functools
+
 import json
 import random
 from dataclasses import dataclass, replace
@@ -267,17 +269,20 @@ def facts_to_stream(tok, groups: list[list[Fact]], cfg: StreamConfig, evaluator:
     experiences = []
     for k, group in enumerate(groups):
         # one batch per step: with augmented material, later steps of a fact (and later passes) see new lines
-        spf = cfg.steps_per_fact
-        batches = [fact_batch(tok, f, cfg.batch_size, cfg.loss_on, torch.device("cpu"), material=cfg.material,
+        # built when asked for (a fact's lines depend only on the fact, its step and the seed), so that
+        # many passes over many facts do not hold every batch in memory at once
+        spf, n_steps = cfg.steps_per_fact, cfg.passes * len(group) * cfg.steps_per_fact
+
+        @functools.lru_cache(maxsize=64)
+        def batch_fn(step: int, group=group, spf=spf) -> dict:
+            p, rest = divmod(step, len(group) * spf)
+            f, j = divmod(rest, spf)
+            return fact_batch(tok, group[f], cfg.batch_size, cfg.loss_on, torch.device("cpu"), material=cfg.material,
                               step=p * spf + j, seed=seed)
-                   for p in range(cfg.passes) for f in group for j in range(spf)]
 
-        def batch_fn(step: int, batches=batches) -> dict:
-            return batches[step]
-
-        experiences.append(Experience(f"facts {k + 1}", batch_fn, len(batches), group,
+        experiences.append(Experience(f"facts {k + 1}", batch_fn, n_steps, group,
                                       {"fact_ids": [f.id for f in group]},
-                                      lambda i, batches=batches: batches[i % len(batches)], facts=group,
+                                      lambda i, batch_fn=batch_fn, n=n_steps: batch_fn(i % n), facts=group,
                                       skip=skip_learned(tok, group, spf) if cfg.skip_learned else None))
     track = FactTrack([f for e in experiences for f in e.test], evaluator, cfg.steps_per_fact)
     return Stream(name="facts", kind="facts", metric="exact_match", higher_is_better=True, experiences=experiences,
@@ -303,21 +308,35 @@ def skip_learned(tok, group: list[Fact], steps_per_fact: int) -> Callable[[nn.Mo
     """``Experience.skip`` of a fact experience taught in passes: from the second pass on, a fact's
     steps are left out when the model, at the first of them, already answers every one of its
     ``taught_prompts`` (never the held-out probe). Facts that later teaching overwrote are taught again.
-    The checks (greedy answers) count as training time."""
+
+    The passes stop early when they stop making progress: a pass is taught only while the checks
+    of the pass before it found more facts answering their taught prompts than the checks of the
+    pass before that (none are counted before the first checks). So a stream the model does not
+    learn (no fact answers its taught prompts after a whole pass) is taught twice, not N times, and
+    a stream that stalls is not hammered further. The checks (greedy answers) count as training time."""
     per_pass = len(group) * steps_per_fact
     decided: dict[tuple[int, int], bool] = {}
+    passed: dict[int, int] = {}  # pass -> facts that answered every taught prompt at its checks
+    stopped: list[int] = []  # the pass at which the passes stopped
 
     def skip(model: nn.Module, step: int) -> bool:
         p, f = step // per_pass, (step % per_pass) // steps_per_fact
         if p == 0:  # every fit starts here: decisions of an earlier fit (another method) do not carry over
-            decided.clear()
+            decided.clear(), passed.clear(), stopped.clear()
             return False
+        if stopped:
+            return True
+        if p >= 2 and f == 0 and (p, f) not in decided and passed.get(p - 1, 0) <= passed.get(p - 2, 0):
+            stopped.append(p)  # the last pass made no progress on the taught prompts: stop
+            return True
         if (p, f) not in decided:
             prompts = taught_prompts(group[f])
             answers = greedy_answers(model, tok, prompts) if prompts else []
             decided[p, f] = bool(prompts) and all(exact_match(a, group[f].answer) for a in answers)
+            passed[p] = passed.get(p, 0) + decided[p, f]
         return decided[p, f]
 
+    skip.stopped_at = stopped  # for the caller's report: [] while the passes run
     return skip
 
 

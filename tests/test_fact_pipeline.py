@@ -31,20 +31,19 @@ def test_eval_every_counts_optimizer_steps_and_the_cli_converts_facts():
         StreamConfig(kind="facts", eval_every=-1)
 
 
-def test_learn_teaches_in_passes_that_skip_learned_facts_by_default_and_bench_in_one_pass():
-    from forgetless.experiments.facts import LEARN_PASSES, LEARN_SMF_OPTIONS
-
+def test_learn_teaches_one_pass_by_default_and_skips_learned_facts_when_given_passes():
     def cfg(*argv):
         return _stream_config(build_parser().parse_args(list(argv)))
 
     learn = cfg("learn", "--facts", "f.jsonl")
-    assert (learn.passes, learn.skip_learned) == (LEARN_PASSES, True) and LEARN_PASSES >= 2
-    assert LEARN_SMF_OPTIONS == {"top_t": 1000}
-    one = cfg("learn", "--facts", "f.jsonl", "--passes", "1")
-    assert (one.passes, one.skip_learned) == (1, False)  # nothing to skip with one pass: off, not an error
-    assert not cfg("learn", "--facts", "f.jsonl", "--no-skip-learned").skip_learned
-    bench = cfg("bench", "facts")
-    assert (bench.passes, bench.skip_learned) == (1, False)
+    assert (learn.passes, learn.skip_learned) == (1, False)  # nothing to skip with one pass: off, not an error
+    args = build_parser().parse_args(["learn", "--facts", "f.jsonl"])
+    assert args.top_t is None  # SMF keeps the method's own defaults
+    many = cfg("learn", "--facts", "f.jsonl", "--passes", "10")
+    assert (many.passes, many.skip_learned) == (10, True)  # learn skips learned facts once there are passes
+    assert not cfg("learn", "--facts", "f.jsonl", "--passes", "10", "--no-skip-learned").skip_learned
+    bench = cfg("bench", "facts", "--passes", "3")
+    assert (bench.passes, bench.skip_learned) == (3, False)  # bench facts keeps the paper's protocol unless asked
     assert cfg("bench", "facts", "--passes", "3", "--skip-learned").skip_learned
 
 

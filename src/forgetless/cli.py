@@ -209,7 +209,7 @@ def cmd_learn(args: argparse.Namespace) -> int:
     from .data.factfile import load_fact_file
     from .evaluate.known import known_facts
     from .errors import ConfigError
-    from .experiments.facts import LEARN_SMF_OPTIONS, FactEvaluator, choose_levers, learn_facts, pick_lever, save_learned
+    from .experiments.facts import FactEvaluator, choose_levers, learn_facts, pick_lever, save_learned
     from .methods import make_method
     from .models.folder import load_heldout_ids, open_model
     from .training import MethodContext
@@ -217,8 +217,6 @@ def cmd_learn(args: argparse.Namespace) -> int:
     model_dir = Path(args.model or default_model_dir())
     facts = load_fact_file(args.facts)  # validated before anything is trained
     opts = _method_options(args)
-    if args.method == "smf" and not args.choose_levers:  # learn's own SMF defaults (chosen with its passes)
-        opts = {**LEARN_SMF_OPTIONS, **opts}
     method = make_method(args.method, **opts)  # missing options: the method's Options defaults
     if args.choose_levers:
         if args.method != "smf":
@@ -511,7 +509,6 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(func=cmd_generate)
     from .methods import default_options, fact_methods
     from .methods.smf import BACKGROUNDS, RANKINGS
-    from .experiments.facts import LEARN_PASSES, LEARN_SMF_OPTIONS
 
     learnable = fact_methods()
     lrs = ", ".join(f"{m} {default_options(m).lr:g}" for m in learnable)
@@ -527,8 +524,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--lr", type=POSITIVE, default=None, help=f"learning rate (default: the method's: {lrs})")
     sp.add_argument("--rank", type=POSITIVE_INT, default=None, help=f"lora: rank (default {default_options('lora').rank})")
     sp.add_argument("--top-t", type=POSITIVE_INT, default=None,
-                    help=f"smf: memory slots trained per step (default {LEARN_SMF_OPTIONS['top_t']} here, "
-                         f"chosen with the default passes; the method's own default is {default_options('smf').top_t})")
+                    help=f"smf: memory slots trained per step (default {default_options('smf').top_t})")
     sp.add_argument("--ranking", choices=RANKINGS, default=None,
                     help=f"smf: slot ranking, for ablations (default {default_options('smf').ranking})")
     sp.add_argument("--background", choices=list(BACKGROUNDS), default=None,
@@ -553,7 +549,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--choose-on", type=POSITIVE_INT, default=20, help="facts the choice is made on (default 20)")
     sp.add_argument("--max-drop", type=float, default=0.25,
                     help="largest retained drop a chosen setting may cause, relative (default 0.25)")
-    _stream_args(sp, eval_every=0, passes=LEARN_PASSES, skip_learned=True)
+    _stream_args(sp, eval_every=0, skip_learned=True)
     sp.set_defaults(func=cmd_learn, resumable=False)
 
     sp = sub.add_parser("methods", help="list the methods and plugins with their options and defaults",

@@ -29,15 +29,8 @@ from .results import FactRecord
 from .runner import learn_stream, method_result, new_record
 from .streams import StreamConfig, facts_to_stream
 
-__all__ = ["LEARN_PASSES", "LEARN_SMF_OPTIONS", "SMF_LEVERS", "FactEvaluator", "FactRecord", "FactScores", "LeverTrial", "StreamConfig", "choose_levers",
+__all__ = ["SMF_LEVERS", "FactEvaluator", "FactRecord", "FactScores", "LeverTrial", "StreamConfig", "choose_levers",
            "learn_facts", "pick_lever", "save_learned", "statement_prompt"]
-
-# `forgetless learn`'s defaults (docs/smf.md, "Passes that skip what is learned"): ten passes over the
-# facts, each later pass leaving out the facts already answered under their taught prompts, and sparse
-# memory finetuning on 1,000 rows per step. Chosen on validation facts (80% learned at a 15.3% retained
-# drop, against 55% at 15.3% for one pass at 500 rows). `bench facts` and run configs keep one pass.
-LEARN_PASSES = 10
-LEARN_SMF_OPTIONS: dict = {"top_t": 1000}
 
 # Settings of sparse memory finetuning that `learn --choose-levers` tries (docs/smf.md): the defaults,
 # which suit relations the base has read about, and more rows with less protection, which a relation

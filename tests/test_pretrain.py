@@ -137,3 +137,65 @@ def test_pretraining_a_base_with_a_continuum_memory_block_steps_its_slow_level_o
     slow = block.levels[1]
     # the slow level's down projection starts at exactly zero and moves only at step 4
     assert bool((slow.down_proj.weight != 0).any()) == slow_level_moved
+
+
+def test_the_two_memory_recipe_loads_and_fits_the_shipped_size():
+    # issue 12's re-pretraining recipe: two memory layers whose bf16 values take the shipped layer's room
+    cfg = load_pretrain_config(ROOT / "configs" / "forgetless-tiny-2mem.yaml")
+    shipped = load_pretrain_config(ROOT / "configs" / "forgetless-tiny.yaml")
+    assert cfg.memory.layers == [1, 3] and cfg.memory.n_keys**2 == 65_536
+    def values(c):  # v_dim unset: the hidden size
+        return len(c.memory.layers) * c.memory.n_keys**2 * (c.memory.v_dim or c.model.hidden_size)
+
+    assert cfg.memory.v_dim == 128 and values(cfg) == values(shipped)
+    assert values(cfg) * 2 < 60e6  # bf16 value tables under the 60 MB the repository allows for weights
+
+
+@pytest.mark.e2e
+def test_a_base_with_two_memory_layers_pretrains_and_smf_trains_selected_rows_of_both(smoke, tmp_path):
+    import copy
+
+    from forgetless.data.facts import load_known_facts, read_builtin_facts
+    from forgetless.evaluate.facts import FactEvaluator
+    from forgetless.experiments.facts import learn_facts
+    from forgetless.experiments.streams import StreamConfig
+    from forgetless.methods import make_method
+    from forgetless.models.folder import load_heldout_ids, open_model
+    from forgetless.models.memory import named_memory_layers
+    from forgetless.training import MethodContext
+
+    cfg, data = smoke
+    cfg = copy.deepcopy(cfg)
+    cfg.memory.layers = [0, 1]
+    model_dir = pretrain(cfg, tmp_path / "two", progress=False, log=lambda *a: None, data_dir=data)
+    model, tok = open_model(model_dir)
+    names = list(named_memory_layers(model))
+    assert len(names) == 2
+    before = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    ctx = MethodContext.for_folder(model_dir, tok)
+    facts = read_builtin_facts(model_dir / "facts_new.jsonl")[:2]
+    stream = StreamConfig(kind="facts", batch_size=4, steps_per_fact=2, eval_every=0, retained_sample=5,
+                          heldout_tokens=256)
+    ev = FactEvaluator(tok, load_known_facts(model_dir)[:5], load_heldout_ids(model_dir, tok, 256), stream)
+    method = make_method("smf", lr=50.0, top_t=8, protect=0.0)
+    selected: dict[str, set[int]] = {n: set() for n in names}
+    orig = method.after_backward
+
+    def record(m, step):
+        orig(m, step)
+        for n, rows in method.last_selected.items():
+            selected[n].update(rows.tolist())
+
+    method.after_backward = record
+    model, res = learn_facts(model, tok, facts, method, ev, stream, ctx, progress=False, log=lambda s: None)
+    after = model.state_dict()
+    for k, v in before.items():
+        if k.removesuffix(".values") in names:
+            continue
+        assert torch.equal(v, after[k]), f"{k} changed"
+    for n in names:
+        changed = (after[f"{n}.values"] != before[f"{n}.values"]).any(dim=1).nonzero().flatten().tolist()
+        assert changed and set(changed) <= selected[n], n  # each layer: only its own selected rows
+        assert len(selected[n]) <= 8 * stream.steps_per_fact * len(facts)
+    v_dim = after[f"{names[0]}.values"].shape[1]
+    assert res.trainable_params_per_step == 2 * 8 * v_dim

@@ -144,6 +144,7 @@ def test_the_two_memory_recipe_loads_and_fits_the_shipped_size():
     cfg = load_pretrain_config(ROOT / "configs" / "forgetless-tiny-2mem.yaml")
     shipped = load_pretrain_config(ROOT / "configs" / "forgetless-tiny.yaml")
     assert cfg.memory.layers == [1, 3] and cfg.memory.n_keys**2 == 65_536
+
     def values(c):  # v_dim unset: the hidden size
         return len(c.memory.layers) * c.memory.n_keys**2 * (c.memory.v_dim or c.model.hidden_size)
 

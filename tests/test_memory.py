@@ -131,6 +131,7 @@ def test_candidate_matmul_equals_index_select_sums(monkeypatch, heads, knn):
     (``set_float32_matmul_precision("medium")``) the layer takes the index_select path."""
     import forgetless.models.memory as memory
 
+    monkeypatch.setenv("FORGETLESS_NATIVE", "0")  # the PyTorch selection (tests/test_native.py: the kernel)
     torch.manual_seed(heads + knn)
     cfg = MemoryConfig(n_keys=64, heads=heads, knn=knn, k_dim=32, query_norm="layernorm")
     mem = ProductKeyMemory(24, 24, cfg).train()

@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
+from .native import product_topk
 
 QUERY_NORMS = ("none", "layernorm", "whiten")
 
@@ -159,6 +160,28 @@ def exact_fp32_matmul(device: torch.device) -> bool:
     if device.type == "cuda" and getattr(matmul, "allow_tf32", False):
         return False
     return getattr(matmul, "fp32_precision", "none") in ("none", "ieee")
+
+
+class _ProductScores(torch.autograd.Function):
+    """The gradient of the compiled selection (``models.native.product_topk``): each chosen
+    score is s[half 0, row] + s[half 1, col] of its slot (slot = row * n_keys + col), so the
+    gradient of the sub-key scores adds each score's gradient at those two places (what the
+    PyTorch path's topk, gather and sum backwards add up to)."""
+
+    @staticmethod
+    def forward(ctx, s, scores, slots, n_keys):
+        ctx.save_for_backward(slots)
+        ctx.shape, ctx.n_keys = s.shape, n_keys
+        return scores.view_as(scores)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (slots,) = ctx.saved_tensors
+        rows = torch.div(slots, ctx.n_keys, rounding_mode="floor")
+        gs = grad.new_zeros(ctx.shape)
+        gs[:, :, 0].scatter_add_(-1, rows, grad)
+        gs[:, :, 1].scatter_add_(-1, slots - rows * ctx.n_keys, grad)
+        return gs, None, None, None
 
 
 class _SparseValueGrad(torch.autograd.Function):
@@ -356,9 +379,23 @@ class ProductKeyMemory(nn.Module):
         if cfg.key_norm:
             keys = F.normalize(keys, dim=-1)
         s = torch.einsum("nhsd,hskd->nhsk", q, keys)  # both halves: (BT, H, 2, n_keys)
+        pi, pj, _ = self._pairs(x.device)
+        with torch.no_grad():
+            native = product_topk(s.detach(), cfg.knn, pi, pj)  # the compiled selection, where it runs
+        if native is None:
+            return self._select_reference(s)
+        scores, slots = native
+        if s.requires_grad:
+            scores = _ProductScores.apply(s, scores, slots, cfg.n_keys)
+        return scores, slots
+
+    def _select_reference(self, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The selection in PyTorch: (scores, slots) of the sub-key scores s (BT, H, 2, n_keys).
+        The reference of the compiled kernel (``models.native``), and the path on GPUs."""
+        cfg = self.config
         v, i = s.topk(cfg.knn, dim=-1)  # sorted: candidate_pairs relies on it
-        pi, pj, pick = self._pairs(x.device)
-        if exact_fp32_matmul(x.device):
+        pi, pj, pick = self._pairs(s.device)
+        if exact_fp32_matmul(s.device):
             # v1[pi] + v2[pj] as one matmul with a 0/1 matrix: each output adds exactly two
             # scores (and zeros), so it is the same sum bit for bit, at a fraction of the cost
             # of two index_selects (and a matmul backward instead of two index_adds)

@@ -1,0 +1,152 @@
+"""A compiled CPU kernel for the product-key lookup's top-k, with the PyTorch code as reference.
+
+Why: torch.profiler puts ``torch.topk`` over the sub-key scores at 60% (2^16 slots) to 75%
+(2^20 slots) of a lookup on CPU (docs/performance.md). ``pk_topk.cpp`` does the whole
+selection (both halves' top-k, the candidate sums, the final top-k) in one pass per row; the
+layer's PyTorch path (``ProductKeyMemory._select_reference``) stays the reference that
+``tests/test_native.py`` compares it with, and is what runs on GPUs, when a score is NaN, and
+wherever the kernel cannot be built.
+
+The kernel is built on first use with the C++ compiler of the machine (``$CXX``, else ``c++``
+or ``g++``; ``-O3 -march=native``, about a second) into ``$FORGETLESS_CACHE/native`` (default
+``~/.cache/forgetless/native``), under a name that hashes the source, the flags and the CPU's
+instruction sets, written atomically. No compiler, or a failed build: one warning, and the
+PyTorch path. ``FORGETLESS_NATIVE=0`` turns the kernel off (``1``, the default, uses it when it
+builds).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+from ...errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+NATIVE_ENV = "FORGETLESS_NATIVE"
+SOURCE = Path(__file__).with_name("pk_topk.cpp")
+FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-std=c++17", "-shared", "-fPIC", "-pthread"]
+
+_lib: ctypes.CDLL | None = None
+_tried = False
+_status = "not built yet"
+
+
+def native_enabled() -> bool:
+    """Whether ``FORGETLESS_NATIVE`` allows the compiled kernel (default: yes)."""
+    value = os.environ.get(NATIVE_ENV, "1").strip().lower()
+    if value not in ("0", "1", "off", "on", "false", "true", "no", "yes"):
+        raise ConfigError(f"{NATIVE_ENV} must be 1 or 0, got {value!r}.")
+    return value in ("1", "on", "true", "yes")
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("FORGETLESS_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "forgetless")
+    return Path(root) / "native"
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CXX"), "c++", "g++", "clang++"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def _build() -> Path:
+    """Compile the kernel (or find it already compiled) and return the library's path."""
+    cxx = _compiler()
+    if cxx is None:
+        raise OSError("no C++ compiler found (set CXX, or install g++)")
+    src = SOURCE.read_bytes()
+    key = hashlib.sha256(src + " ".join([cxx, *FLAGS]).encode() + _cpu_flags().encode()).hexdigest()[:16]
+    out = _cache_dir() / f"pk_topk-{key}.so"
+    if out.is_file():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+    os.close(fd)
+    try:
+        res = subprocess.run([cxx, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True, timeout=300)
+        if res.returncode != 0:
+            raise OSError(f"{Path(cxx).name} failed: {res.stderr.strip()[-500:]}")
+        os.replace(tmp, out)  # atomic: a concurrent build of the same key writes the same bytes
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return out
+
+
+def _load() -> ctypes.CDLL | None:
+    global _lib, _tried, _status
+    if _tried:
+        return _lib
+    _tried = True
+    try:
+        lib = ctypes.CDLL(str(_build()))
+        fn = lib.forgetless_pk_topk
+    except (OSError, subprocess.SubprocessError) as e:
+        _status = f"unavailable ({e})"
+        log.warning("the compiled product-key top-k is unavailable, using the PyTorch path: %s", e)
+        return None
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    fn.argtypes = [ptr, i64, i64, i64, i64, i64, i64, i64, ptr, ptr, i64, ptr, ptr, i64]
+    fn.restype = ctypes.c_int
+    _lib, _status = lib, "compiled"
+    return _lib
+
+
+def kernel_status() -> str:
+    """What the lookup's top-k runs on, for benchmark headers: "compiled", "off (...)", or why not."""
+    if not native_enabled():
+        return f"off ({NATIVE_ENV}=0)"
+    _load()
+    return _status
+
+
+def product_topk(s: torch.Tensor, k: int, pi: torch.Tensor, pj: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The product-key selection of ``ProductKeyMemory`` on sub-key scores ``s`` (tokens, heads,
+    2, n_keys), float32 on CPU: (scores, slots), each (tokens, heads, k), best first (ties: lower
+    sub-key, then lower slot). ``pi``, ``pj``: the candidate pairs (``candidate_pairs(k)``).
+    None when the kernel cannot run here (not built, switched off, another device or dtype, a NaN
+    score): the caller then uses the PyTorch reference. Not differentiable by itself."""
+    if s.device.type != "cpu" or s.dtype != torch.float32 or s.dim() != 4 or s.shape[2] != 2 or not native_enabled():
+        return None
+    lib = _load()
+    if lib is None:
+        return None
+    if s.stride(-1) != 1:
+        s = s.contiguous()
+    tokens, heads, _, n = s.shape
+    if n * n >= 2**32 or not 1 <= k <= n:  # the kernel packs slot ids in 32 bits
+        return None
+    pi = pi.to(torch.int64).contiguous()
+    pj = pj.to(torch.int64).contiguous()
+    scores = torch.empty(tokens, heads, k, dtype=torch.float32)
+    slots = torch.empty(tokens, heads, k, dtype=torch.int64)
+    if tokens == 0:
+        return scores, slots
+    bad = lib.forgetless_pk_topk(s.data_ptr(), tokens, heads, n, k, s.stride(0), s.stride(1), s.stride(2),
+                                 pi.data_ptr(), pj.data_ptr(), pi.numel(), scores.data_ptr(), slots.data_ptr(),
+                                 torch.get_num_threads())
+    return None if bad else (scores, slots)

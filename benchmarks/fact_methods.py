@@ -87,10 +87,11 @@ def main() -> None:
     import torch
     print(f"torch {torch.__version__}, {args.threads or torch.get_num_threads()} threads, load average before "
           f"{os.getloadavg()[0]:.2f}; {args.facts} facts x {args.steps_per_fact} steps, batch {args.batch}")
+    from forgetless.models.native import kernel_status
     from forgetless.models.precision import autocast_dtype, describe
     prec = "bf16 autocast" if autocast_dtype("cpu") is not None else "fp32"
     print(f"{describe()}; fact steps run in {prec} (fit_experience's choice; FORGETLESS_PRECISION overrides); "
-          f"malloc: {malloc}")
+          f"malloc: {malloc}; compiled lookup kernels: {kernel_status()}")
     rows = []
     for name in METHODS:
         cmd = [sys.executable, __file__, "--one", name, "--facts", str(args.facts), "--steps-per-fact",

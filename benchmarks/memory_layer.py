@@ -53,6 +53,7 @@ from forgetless.experiments.pretrain import (
 )
 from forgetless.models.base import build_base
 from forgetless.models.memory import MemoryConfig, ProductKeyMemory
+from forgetless.models.native import NATIVE_ENV, kernel_status
 from forgetless.models.precision import autocast_dtype, describe
 from forgetless.runtime import keep_freed_memory
 
@@ -201,7 +202,8 @@ def main() -> None:
     load0 = os.getloadavg()[0]
     print(f"torch {torch.__version__}, {threads} threads, CPU: {cpu_model()} ({os.cpu_count()} cores), "
           f"load average (1 min) before: {load0:.2f}")
-    print(f"{describe()}; training runs in {'bf16 autocast' if args.bf16 else 'fp32'}; malloc: {malloc}")
+    print(f"{describe()}; training runs in {'bf16 autocast' if args.bf16 else 'fp32'}; malloc: {malloc}; "
+          f"compiled lookup kernels: {kernel_status()} ({NATIVE_ENV}=0: the PyTorch path)")
 
     t0 = time.time()
     lookup = [bench_lookup(n, args) for n in ((256, 512) if args.quick else (256, 512, 1024))]
@@ -227,7 +229,7 @@ def main() -> None:
         print(f"WARNING: load average {max(load0, load1):.2f} exceeds {threads} threads: "
               "the machine is shared and these timings are noisy.")
     if args.json:
-        env = {"torch": torch.__version__, "threads": threads, "cpu": cpu_model(), "load_before": load0,
+        env = {"torch": torch.__version__, "threads": threads, "cpu": cpu_model(), "load_before": load0, "kernels": kernel_status(),
                "load_after": load1, "peak_rss_mb": rss_mb, "args": {k: str(v) for k, v in vars(args).items()}}
         args.json.write_text(json.dumps({"env": env, "lookup": lookup, "training": train}, indent=2))
         print(f"wrote {args.json}")

@@ -136,3 +136,21 @@ def test_the_kernel_is_built_once_into_the_cache(tmp_path, monkeypatch):
     monkeypatch.setattr(shutil, "which", lambda name: None)
     with pytest.raises(OSError, match="no C\\+\\+ compiler"):
         native._build()
+
+
+def test_bag_weight_gradient_equals_embedding_bag_backward():
+    """gw[m, r] = <dL/dy[m], V[idx[m, r]]>: the kernel against F.embedding_bag's per-sample-weights
+    backward, widths with and without a remainder of 32."""
+    import torch.nn.functional as F
+
+    torch.manual_seed(3)
+    for dim in (256, 40, 7):
+        values = torch.randn(500, dim)
+        idx = torch.randint(0, 500, (300, 24))
+        w = torch.rand(300, 24, requires_grad=True)
+        grad = torch.randn(300, dim)
+        F.embedding_bag(idx, values, per_sample_weights=w, mode="sum").backward(grad)
+        got = native.bag_weight_grad(values, idx, grad)
+        assert got.shape == (300, 24) and got.dtype == torch.float32
+        torch.testing.assert_close(got, w.grad, rtol=1e-5, atol=1e-5)
+    assert native.bag_weight_grad(values.double(), idx, grad) is None  # not float32: the caller's path

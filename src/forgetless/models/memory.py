@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
-from .native import product_topk
+from .native import bag_weight_grad, native_available, product_topk
 
 QUERY_NORMS = ("none", "layernorm", "whiten")
 
@@ -198,19 +198,25 @@ class _SparseValueGrad(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, y, idx, w, values, mem):
-        ctx.save_for_backward(idx, w)
+        ctx.save_for_backward(idx, w, values)
         ctx.shape, ctx.dtype, ctx.mem = values.shape, values.dtype, mem
         return y.view_as(y)
 
     @staticmethod
     def backward(ctx, grad):
-        idx, w = ctx.saved_tensors
+        idx, w, values = ctx.saved_tensors
         mem = ctx.mem
         rows = getattr(mem, "value_grad_rows", None)
         gv = value_rows_grad(idx, w, grad, ctx.shape, ctx.dtype, rows() if callable(rows) else rows)
         if mem is not None:
             mem._fresh_value_grad = gv._indices().data_ptr()
-        return grad, None, None, gv, None
+        gw = None
+        if ctx.needs_input_grad[2]:  # the weights' gradient, when weighted_bag left it to us
+            gw = bag_weight_grad(values, idx, grad)
+            if gw is None:  # the kernel went away between forward and backward: the same dots in PyTorch
+                gw = torch.einsum("mrd,md->mr", values.detach()[idx], grad.to(values.dtype))
+            gw = gw.to(w.dtype)
+        return grad, None, gw, gv, None
 
 
 def _keep_coalesced(param: torch.Tensor, mem: "ProductKeyMemory") -> None:
@@ -257,6 +263,11 @@ def weighted_bag(idx: torch.Tensor, w: torch.Tensor, values: torch.Tensor, spars
     w = w.to(values.dtype)
     if not (sparse and values.requires_grad and torch.is_grad_enabled()):
         return F.embedding_bag(idx, values, per_sample_weights=w, mode="sum")
+    if w.requires_grad and native_available(values):
+        # the compiled kernel computes the weights' gradient in the backward (models.native)
+        with torch.no_grad():
+            y = F.embedding_bag(idx, values.detach(), per_sample_weights=w.detach(), mode="sum")
+        return _SparseValueGrad.apply(y, idx, w, values, mem)
     y = F.embedding_bag(idx, values.detach(), per_sample_weights=w, mode="sum")
     return _SparseValueGrad.apply(y, idx, w.detach(), values, mem)
 

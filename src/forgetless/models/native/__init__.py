@@ -112,6 +112,9 @@ def _load() -> ctypes.CDLL | None:
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     fn.argtypes = [ptr, i64, i64, i64, i64, i64, i64, i64, ptr, ptr, i64, ptr, ptr, i64]
     fn.restype = ctypes.c_int
+    bag = lib.forgetless_bag_weight_grad
+    bag.argtypes = [ptr, i64, ptr, i64, i64, ptr, ptr, i64]
+    bag.restype = None
     _lib, _status = lib, "compiled"
     return _lib
 
@@ -122,6 +125,11 @@ def kernel_status() -> str:
         return f"off ({NATIVE_ENV}=0)"
     _load()
     return _status
+
+
+def native_available(t: torch.Tensor) -> bool:
+    """Whether the kernels run for a CPU float32 tensor like ``t`` (allowed, and built)."""
+    return t.device.type == "cpu" and t.dtype == torch.float32 and native_enabled() and _load() is not None
 
 
 def product_topk(s: torch.Tensor, k: int, pi: torch.Tensor, pj: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -150,3 +158,25 @@ def product_topk(s: torch.Tensor, k: int, pi: torch.Tensor, pj: torch.Tensor) ->
                                  pi.data_ptr(), pj.data_ptr(), pi.numel(), scores.data_ptr(), slots.data_ptr(),
                                  torch.get_num_threads())
     return None if bad else (scores, slots)
+
+
+def bag_weight_grad(values: torch.Tensor, idx: torch.Tensor, grad: torch.Tensor) -> torch.Tensor | None:
+    """The weights' gradient of ``y[m] = sum_r w[m, r] values[idx[m, r]]`` given ``grad`` = dL/dy
+    (tokens, dim): ``gw[m, r] = <grad[m], values[idx[m, r]]>``, (tokens, reads) float32. What
+    ``F.embedding_bag``'s per-sample-weights backward computes, at about half its time here
+    (docs/performance.md). None where the kernel cannot run (the caller then lets
+    ``F.embedding_bag`` compute it)."""
+    if not (values.device.type == idx.device.type == grad.device.type == "cpu") or values.dtype != torch.float32 \
+            or values.dim() != 2 or idx.dim() != 2 or not native_enabled():
+        return None
+    lib = _load()
+    if lib is None:
+        return None
+    values = values.detach().contiguous()
+    idx = idx.to(torch.int64).contiguous()
+    grad = grad.detach().to(torch.float32).contiguous()
+    out = torch.empty(idx.shape, dtype=torch.float32)
+    if idx.numel():
+        lib.forgetless_bag_weight_grad(values.data_ptr(), values.shape[1], idx.data_ptr(), idx.shape[0], idx.shape[1],
+                                       grad.data_ptr(), out.data_ptr(), torch.get_num_threads())
+    return out

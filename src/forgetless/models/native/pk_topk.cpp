@@ -201,3 +201,62 @@ extern "C" int forgetless_pk_topk(const float* s, int64_t tokens, int64_t heads,
   for (auto& th : pool) th.join();
   return *std::max_element(bad.begin(), bad.end());
 }
+
+// The weights' gradient of the memory's weighted bag y[m] = sum_r w[m, r] V[idx[m, r]]:
+// gw[m, r] = <dL/dy[m], V[idx[m, r]]>, one dot product per read, rows prefetched a few reads
+// ahead (the reads are random rows of a table larger than the caches). Float32 throughout,
+// with partial sums (fused multiply-adds where AVX-512 is there), so the result differs from a
+// sequential sum by rounding.
+namespace {
+
+inline float dot(const float* a, const float* b, int64_t n) {
+  int64_t d = 0;
+  float s = 0.f;
+#ifdef __AVX512F__
+  __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+  for (; d + 32 <= n; d += 32) {
+    acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + d), _mm512_loadu_ps(b + d), acc0);
+    acc1 = _mm512_fmadd_ps(_mm512_loadu_ps(a + d + 16), _mm512_loadu_ps(b + d + 16), acc1);
+  }
+  s = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
+#else
+  float acc[16] = {0};
+  for (; d + 16 <= n; d += 16)
+    for (int l = 0; l < 16; ++l) acc[l] += a[d + l] * b[d + l];
+  for (int l = 0; l < 16; ++l) s += acc[l];
+#endif
+  for (; d < n; ++d) s += a[d] * b[d];
+  return s;
+}
+
+void bag_rows(const float* values, int64_t dim, const int64_t* idx, int64_t reads, const float* grad, float* out,
+              int64_t lo, int64_t hi) {
+  constexpr int64_t ahead = 8;
+  for (int64_t m = lo; m < hi; ++m) {
+    const float* g = grad + m * dim;
+    const int64_t* ids = idx + m * reads;
+    for (int64_t r = 0; r < reads; ++r) {
+      if (r + ahead < reads) {
+        const float* next = values + ids[r + ahead] * dim;
+        for (int64_t d = 0; d < dim; d += 16) __builtin_prefetch(next + d);
+      }
+      out[m * reads + r] = dot(values + ids[r] * dim, g, dim);
+    }
+  }
+}
+
+}  // namespace
+
+extern "C" void forgetless_bag_weight_grad(const float* values, int64_t dim, const int64_t* idx, int64_t tokens,
+                                           int64_t reads, const float* grad, float* out, int64_t threads) {
+  // values: (N, dim); idx, out: (tokens, reads); grad: (tokens, dim); all contiguous
+  const int64_t nt = std::max<int64_t>(1, std::min<int64_t>(threads, tokens / 64));
+  if (nt == 1) return bag_rows(values, dim, idx, reads, grad, out, 0, tokens);
+  std::vector<std::thread> pool;
+  const int64_t per = (tokens + nt - 1) / nt;
+  for (int64_t t = 1; t < nt; ++t)
+    pool.emplace_back([=] { bag_rows(values, dim, idx, reads, grad, out, std::min(tokens, t * per),
+                                     std::min(tokens, (t + 1) * per)); });
+  bag_rows(values, dim, idx, reads, grad, out, 0, std::min(tokens, per));
+  for (auto& th : pool) th.join();
+}

@@ -128,7 +128,7 @@ def test_layer_outputs_and_gradients_match_with_padding(monkeypatch, heads, norm
 def test_the_kernel_is_built_once_into_the_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("FORGETLESS_CACHE", str(tmp_path))
     path = native._build()
-    assert path.parent == tmp_path / "native" and path.name.startswith("pk_topk-") and path.suffix == ".so"
+    assert path.parent == tmp_path / "native" and path.name.startswith("memory_kernels-") and path.suffix == ".so"
     stamp = path.stat().st_mtime_ns
     assert native._build() == path and path.stat().st_mtime_ns == stamp  # found, not rebuilt
     assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary left behind

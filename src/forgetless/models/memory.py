@@ -13,6 +13,12 @@ One lookup, per head h and token x:
     y      = sum_h sum_j w_hj V[I_hj]          one weighted bag over all heads' slots
     out    = (y * silu(W1 x)) W2               "Memory+" gated output
 
+On CPU the selection (the three top-k steps and the candidate sums) and the weights' gradient
+of the bag run in a compiled kernel (``models.native``: same scores bit for bit, same slots but
+for ties at the k-th place, which go to the lower index; gradients to float tolerance); the
+PyTorch code (``_select_reference``, ``F.embedding_bag``'s backward) is the reference and runs on
+GPUs, on NaN scores, with ``FORGETLESS_NATIVE=0`` and where no C++ compiler is found.
+
 The value table V (N x v_dim) is read with ``F.embedding_bag`` (per-sample weights); with
 ``sparse_values`` its gradient is a coalesced sparse tensor over the rows actually read,
 computed in O(reads) (``value_rows_grad``), and an optimizer such as
@@ -186,7 +192,8 @@ class _ProductScores(torch.autograd.Function):
 
 class _SparseValueGrad(torch.autograd.Function):
     """Identity on the bag ``y = sum_r w[m, r] V[idx[m, r]]`` (computed by ``F.embedding_bag``
-    on the detached table, which also gives the weights their gradient with its fused kernel);
+    on the detached table, which also gives the weights their gradient with its fused kernel,
+    or, when ``w`` is passed with its graph, by ``models.native.bag_weight_grad`` here);
     in the backward it adds the gradient of the value table V as a *coalesced* sparse tensor:
     one row per distinct row read, computed by sorting the reads by row and summing each row's
     weighted output gradients with one ``F.embedding_bag`` over the output gradient. The cost

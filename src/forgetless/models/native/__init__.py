@@ -1,11 +1,19 @@
-"""A compiled CPU kernel for the product-key lookup's top-k, with the PyTorch code as reference.
+"""Compiled CPU kernels for the memory layer, with the PyTorch code as their reference.
 
-Why: torch.profiler puts ``torch.topk`` over the sub-key scores at 60% (2^16 slots) to 75%
-(2^20 slots) of a lookup on CPU (docs/performance.md). ``pk_topk.cpp`` does the whole
-selection (both halves' top-k, the candidate sums, the final top-k) in one pass per row; the
-layer's PyTorch path (``ProductKeyMemory._select_reference``) stays the reference that
-``tests/test_native.py`` compares it with, and is what runs on GPUs, when a score is NaN, and
-wherever the kernel cannot be built.
+Why: on CPU, ``torch.topk`` over the sub-key scores took 60% (2^16 slots) to 75% (2^20 slots)
+of a product-key lookup, and ``F.embedding_bag``'s per-sample-weights backward twice the time of
+its forward (docs/performance.md). ``memory_kernels.cpp`` holds two kernels:
+
+- ``product_topk``: the whole selection (both halves' top-k, the candidate sums, the final
+  top-k) in one pass per (token, head): a threshold that at least k scores reach (the least of
+  k group maxima), raised by bisection with vectorised counts, then a compaction of the few
+  scores above it and a branch-free ranking;
+- ``bag_weight_grad``: the gradient of the bag's weights, one dot product per read with the
+  rows prefetched.
+
+The layer's PyTorch path (``ProductKeyMemory._select_reference``, ``F.embedding_bag``'s
+backward) stays the reference that ``tests/test_native.py`` compares them with, and is what runs
+on GPUs, when a score is NaN, and wherever the kernels cannot be built.
 
 The kernel is built on first use with the C++ compiler of the machine (``$CXX``, else ``c++``
 or ``g++``; ``-O3 -march=native``, about a second) into ``$FORGETLESS_CACHE/native`` (default
@@ -33,7 +41,7 @@ from ...errors import ConfigError
 log = logging.getLogger(__name__)
 
 NATIVE_ENV = "FORGETLESS_NATIVE"
-SOURCE = Path(__file__).with_name("pk_topk.cpp")
+SOURCE = Path(__file__).with_name("memory_kernels.cpp")
 FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-std=c++17", "-shared", "-fPIC", "-pthread"]
 
 _lib: ctypes.CDLL | None = None
@@ -80,7 +88,7 @@ def _build() -> Path:
         raise OSError("no C++ compiler found (set CXX, or install g++)")
     src = SOURCE.read_bytes()
     key = hashlib.sha256(src + " ".join([cxx, *FLAGS]).encode() + _cpu_flags().encode()).hexdigest()[:16]
-    out = _cache_dir() / f"pk_topk-{key}.so"
+    out = _cache_dir() / f"memory_kernels-{key}.so"
     if out.is_file():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -120,7 +128,7 @@ def _load() -> ctypes.CDLL | None:
 
 
 def kernel_status() -> str:
-    """What the lookup's top-k runs on, for benchmark headers: "compiled", "off (...)", or why not."""
+    """What the memory layer's selection and bag backward run on, for benchmark headers: "compiled", "off (...)", or why not."""
     if not native_enabled():
         return f"off ({NATIVE_ENV}=0)"
     _load()

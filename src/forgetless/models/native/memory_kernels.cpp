@@ -1,4 +1,4 @@
-// Product-key top-k on CPU: the selection part of ProductKeyMemory's lookup in one pass.
+// The memory layer's CPU kernels (forgetless/models/native). First, the product-key top-k:
 //
 // For every (token, head) row of the sub-key scores s (two halves of n scores each):
 //   1. the k best sub-keys of each half, best first;

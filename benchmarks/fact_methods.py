@@ -91,7 +91,7 @@ def main() -> None:
     from forgetless.models.precision import autocast_dtype, describe
     prec = "bf16 autocast" if autocast_dtype("cpu") is not None else "fp32"
     print(f"{describe()}; fact steps run in {prec} (fit_experience's choice; FORGETLESS_PRECISION overrides); "
-          f"malloc: {malloc}; compiled lookup kernels: {kernel_status()}")
+          f"malloc: {malloc}; compiled memory kernels: {kernel_status()}")
     rows = []
     for name in METHODS:
         cmd = [sys.executable, __file__, "--one", name, "--facts", str(args.facts), "--steps-per-fact",

@@ -1,6 +1,7 @@
 """Benchmark of the product-key memory layer on CPU: lookup cost and training throughput.
 
 Run:  python benchmarks/memory_layer.py [--quick] [--threads N] [--json out.json]
+      FORGETLESS_NATIVE=0 python benchmarks/memory_layer.py    # the PyTorch path, without the compiled kernels
 
 Table 1, "product-key lookup vs exhaustive scoring": for N = 2^16, 2^18, 2^20 slots
 (n_keys = 256, 512, 1024; 4 heads, knn 32, k_dim 128, layernorm queries, eval mode, no grad)
@@ -53,7 +54,7 @@ from forgetless.experiments.pretrain import (
 )
 from forgetless.models.base import build_base
 from forgetless.models.memory import MemoryConfig, ProductKeyMemory
-from forgetless.models.native import NATIVE_ENV, kernel_status
+from forgetless.models.native import kernel_status
 from forgetless.models.precision import autocast_dtype, describe
 from forgetless.runtime import keep_freed_memory
 
@@ -203,7 +204,7 @@ def main() -> None:
     print(f"torch {torch.__version__}, {threads} threads, CPU: {cpu_model()} ({os.cpu_count()} cores), "
           f"load average (1 min) before: {load0:.2f}")
     print(f"{describe()}; training runs in {'bf16 autocast' if args.bf16 else 'fp32'}; malloc: {malloc}; "
-          f"compiled lookup kernels: {kernel_status()} ({NATIVE_ENV}=0: the PyTorch path)")
+          f"compiled memory kernels: {kernel_status()}")
 
     t0 = time.time()
     lookup = [bench_lookup(n, args) for n in ((256, 512) if args.quick else (256, 512, 1024))]

@@ -132,6 +132,12 @@ def test_the_kernel_is_built_once_into_the_cache(tmp_path, monkeypatch):
     stamp = path.stat().st_mtime_ns
     assert native._build() == path and path.stat().st_mtime_ns == stamp  # found, not rebuilt
     assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary left behind
+    monkeypatch.setenv(native.ARCH_ENV, "x86-64-v2")  # another target: another library beside it
+    other = native._build()
+    assert other != path and sorted(p.name for p in path.parent.iterdir()) == sorted([path.name, other.name])
+    monkeypatch.setenv(native.ARCH_ENV, "native; rm -rf /")
+    with pytest.raises(OSError, match="is not a -march target name"):
+        native._build()
     monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
     monkeypatch.setattr(shutil, "which", lambda name: None)
     with pytest.raises(OSError, match="no C\\+\\+ compiler"):

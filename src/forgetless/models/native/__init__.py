@@ -15,8 +15,9 @@ The layer's PyTorch path (``ProductKeyMemory._select_reference``, ``F.embedding_
 backward) stays the reference that ``tests/test_native.py`` compares them with, and is what runs
 on GPUs, when a score is NaN, and wherever the kernels cannot be built.
 
-The kernel is built on first use with the C++ compiler of the machine (``$CXX``, else ``c++``
-or ``g++``; ``-O3 -march=native``, about a second) into ``$FORGETLESS_CACHE/native`` (default
+The kernels are built on first use with the C++ compiler of the machine (``$CXX``, else ``c++``
+or ``g++``; ``-O3 -march=native``, about a second; ``FORGETLESS_NATIVE_ARCH=haswell`` builds for
+another target, e.g. AVX2 without AVX-512) into ``$FORGETLESS_CACHE/native`` (default
 ``~/.cache/forgetless/native``), under a name that hashes the source, the flags and the CPU's
 instruction sets, written atomically. No compiler, or a failed build: one warning, and the
 PyTorch path. ``FORGETLESS_NATIVE=0`` turns the kernel off (``1``, the default, uses it when it
@@ -42,7 +43,8 @@ log = logging.getLogger(__name__)
 
 NATIVE_ENV = "FORGETLESS_NATIVE"
 SOURCE = Path(__file__).with_name("memory_kernels.cpp")
-FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-std=c++17", "-shared", "-fPIC", "-pthread"]
+ARCH_ENV = "FORGETLESS_NATIVE_ARCH"  # the -march target, "native" by default (e.g. haswell: AVX2 only)
+FLAGS = ["-O3", "-ffp-contract=off", "-std=c++17", "-shared", "-fPIC", "-pthread"]
 
 _lib: ctypes.CDLL | None = None
 _tried = False
@@ -87,7 +89,11 @@ def _build() -> Path:
     if cxx is None:
         raise OSError("no C++ compiler found (set CXX, or install g++)")
     src = SOURCE.read_bytes()
-    key = hashlib.sha256(src + " ".join([cxx, *FLAGS]).encode() + _cpu_flags().encode()).hexdigest()[:16]
+    arch = os.environ.get(ARCH_ENV, "native").strip() or "native"
+    if not arch.replace("-", "").replace("_", "").replace(".", "").isalnum():
+        raise OSError(f"{ARCH_ENV}={arch!r} is not a -march target name")
+    flags = [f"-march={arch}", *FLAGS]
+    key = hashlib.sha256(src + " ".join([cxx, *flags]).encode() + _cpu_flags().encode()).hexdigest()[:16]
     out = _cache_dir() / f"memory_kernels-{key}.so"
     if out.is_file():
         return out
@@ -95,7 +101,7 @@ def _build() -> Path:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
     os.close(fd)
     try:
-        res = subprocess.run([cxx, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True, timeout=300)
+        res = subprocess.run([cxx, *flags, str(SOURCE), "-o", tmp], capture_output=True, text=True, timeout=300)
         if res.returncode != 0:
             raise OSError(f"{Path(cxx).name} failed: {res.stderr.strip()[-500:]}")
         os.replace(tmp, out)  # atomic: a concurrent build of the same key writes the same bytes
@@ -123,12 +129,14 @@ def _load() -> ctypes.CDLL | None:
     bag = lib.forgetless_bag_weight_grad
     bag.argtypes = [ptr, i64, ptr, i64, i64, ptr, ptr, i64]
     bag.restype = None
-    _lib, _status = lib, "compiled"
+    arch = os.environ.get(ARCH_ENV, "native").strip() or "native"
+    _lib, _status = lib, "compiled" if arch == "native" else f"compiled for -march={arch}"
     return _lib
 
 
 def kernel_status() -> str:
-    """What the memory layer's selection and bag backward run on, for benchmark headers: "compiled", "off (...)", or why not."""
+    """What the memory layer's selection and bag backward run on, for benchmark headers:
+    "compiled" (or "compiled for -march=..."), "off (...)", or why they are unavailable."""
     if not native_enabled():
         return f"off ({NATIVE_ENV}=0)"
     _load()

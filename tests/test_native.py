@@ -160,3 +160,28 @@ def test_bag_weight_gradient_equals_embedding_bag_backward():
         assert got.shape == (300, 24) and got.dtype == torch.float32
         torch.testing.assert_close(got, w.grad, rtol=1e-5, atol=1e-5)
     assert native.bag_weight_grad(values.double(), idx, grad) is None  # not float32: the caller's path
+    with pytest.raises(IndexError, match="bag index out of range"):
+        native.bag_weight_grad(values, idx + 500, grad)
+
+
+def test_without_a_compiler_the_layer_warns_once_and_runs_the_reference(monkeypatch, tmp_path, caplog):
+    monkeypatch.setattr(native, "_lib", None)
+    monkeypatch.setattr(native, "_tried", False)
+    monkeypatch.setattr(native, "_status", "not built yet")
+    monkeypatch.setenv("FORGETLESS_CACHE", str(tmp_path))  # nothing built there yet
+    monkeypatch.setattr(native, "_compiler", lambda: None)
+    cfg = MemoryConfig(n_keys=16, heads=2, knn=4, k_dim=8, query_norm="none")
+    mem = ProductKeyMemory(8, 8, cfg).eval()
+    x = torch.randn(5, 8)
+    with caplog.at_level("WARNING", logger="forgetless.models.native"):
+        scores, slots = mem.lookup(x)
+        mem.lookup(x)
+    assert [r.getMessage() for r in caplog.records] == [
+        "the compiled memory kernels are unavailable, using the PyTorch path: no C++ compiler found (set CXX, "
+        "or install g++)"]
+    assert native.kernel_status().startswith("unavailable (no C++ compiler")
+    assert not native.native_available(x)
+    with monkeypatch.context() as m:
+        m.setenv(native.NATIVE_ENV, "0")
+        ref = mem.lookup(x)
+    assert torch.equal(scores, ref[0]) and torch.equal(slots, ref[1])

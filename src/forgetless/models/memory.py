@@ -205,7 +205,7 @@ class _SparseValueGrad(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, y, idx, w, values, mem):
-        ctx.save_for_backward(idx, w, values)
+        ctx.save_for_backward(idx, w, values if ctx.needs_input_grad[2] else None)  # the table: for gw only
         ctx.shape, ctx.dtype, ctx.mem = values.shape, values.dtype, mem
         return y.view_as(y)
 

@@ -20,8 +20,8 @@ or ``g++``; ``-O3 -march=native``, about a second; ``FORGETLESS_NATIVE_ARCH=hasw
 another target, e.g. AVX2 without AVX-512) into ``$FORGETLESS_CACHE/native`` (default
 ``~/.cache/forgetless/native``), under a name that hashes the source, the flags and the CPU's
 instruction sets, written atomically. No compiler, or a failed build: one warning, and the
-PyTorch path. ``FORGETLESS_NATIVE=0`` turns the kernel off (``1``, the default, uses it when it
-builds).
+PyTorch path. ``FORGETLESS_NATIVE=0`` turns the kernels off (``1``, the default, uses them
+when they build).
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ _status = "not built yet"
 
 
 def native_enabled() -> bool:
-    """Whether ``FORGETLESS_NATIVE`` allows the compiled kernel (default: yes)."""
+    """Whether ``FORGETLESS_NATIVE`` allows the compiled kernels (default: yes)."""
     value = os.environ.get(NATIVE_ENV, "1").strip().lower()
     if value not in ("0", "1", "off", "on", "false", "true", "no", "yes"):
         raise ConfigError(f"{NATIVE_ENV} must be 1 or 0, got {value!r}.")
@@ -84,7 +84,7 @@ def _compiler() -> str | None:
 
 
 def _build() -> Path:
-    """Compile the kernel (or find it already compiled) and return the library's path."""
+    """Compile the kernels (or find them already compiled) and return the library's path."""
     cxx = _compiler()
     if cxx is None:
         raise OSError("no C++ compiler found (set CXX, or install g++)")
@@ -121,7 +121,7 @@ def _load() -> ctypes.CDLL | None:
         fn = lib.forgetless_pk_topk
     except (OSError, subprocess.SubprocessError) as e:
         _status = f"unavailable ({e})"
-        log.warning("the compiled product-key top-k is unavailable, using the PyTorch path: %s", e)
+        log.warning("the compiled memory kernels are unavailable, using the PyTorch path: %s", e)
         return None
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     fn.argtypes = [ptr, i64, i64, i64, i64, i64, i64, i64, ptr, ptr, i64, ptr, ptr, i64]
@@ -179,9 +179,9 @@ def product_topk(s: torch.Tensor, k: int, pi: torch.Tensor, pj: torch.Tensor) ->
 def bag_weight_grad(values: torch.Tensor, idx: torch.Tensor, grad: torch.Tensor) -> torch.Tensor | None:
     """The weights' gradient of ``y[m] = sum_r w[m, r] values[idx[m, r]]`` given ``grad`` = dL/dy
     (tokens, dim): ``gw[m, r] = <grad[m], values[idx[m, r]]>``, (tokens, reads) float32. What
-    ``F.embedding_bag``'s per-sample-weights backward computes, at about half its time here
+    ``F.embedding_bag``'s per-sample-weights backward computes, 1.1x to 1.8x faster here
     (docs/performance.md). None where the kernel cannot run (the caller then lets
-    ``F.embedding_bag`` compute it)."""
+    ``F.embedding_bag`` compute it); IndexError for an index outside the table."""
     if not (values.device.type == idx.device.type == grad.device.type == "cpu") or values.dtype != torch.float32 \
             or values.dim() != 2 or idx.dim() != 2 or not native_enabled():
         return None
@@ -193,6 +193,9 @@ def bag_weight_grad(values: torch.Tensor, idx: torch.Tensor, grad: torch.Tensor)
     grad = grad.detach().to(torch.float32).contiguous()
     out = torch.empty(idx.shape, dtype=torch.float32)
     if idx.numel():
+        lo, hi = torch.aminmax(idx)
+        if int(lo) < 0 or int(hi) >= values.shape[0]:  # the kernel reads rows unchecked
+            raise IndexError(f"bag index out of range: {int(lo)}..{int(hi)} for a table of {values.shape[0]} rows")
         lib.forgetless_bag_weight_grad(values.data_ptr(), values.shape[1], idx.data_ptr(), idx.shape[0], idx.shape[1],
                                        grad.data_ptr(), out.data_ptr(), torch.get_num_threads())
     return out

@@ -7,14 +7,17 @@
 //      same sum as the PyTorch reference);
 //   3. the k best candidates, best first, as (score, slot = i1 * n + i2).
 // Ties go to the lower sub-key index and then to the lower slot index, so the result does not
-// depend on the order of the work. torch.topk spends most of the lookup's time on step 1
-// (docs/performance.md): here each row first takes a threshold that at least k scores reach
-// (the smallest of the maxima of k interleaved groups, one vectorisable pass), keeps only the
-// scores at or above it (about a third of 256, a tenth of 1,024), and selects among those.
+// depend on the order of the work (-0.0 ranks below +0.0). torch.topk spends most of the
+// lookup's time on step 1 (docs/performance.md): here each row first takes a threshold that at
+// least k scores reach (the smallest of the maxima of k interleaved groups, one vectorisable
+// pass), raises it by bisection while k scores still reach it (vectorised counts), keeps only
+// the scores at or above it (about 36 of 256 or 1,024 for k = 32), and ranks those without
+// branches. Returns 1 when a row holds a NaN (the caller then uses the PyTorch reference).
+//
+// Second, the weights' gradient of the memory's weighted bag (at the end of the file).
 //
 // Plain C ABI, called through ctypes (forgetless/models/native/__init__.py); no Python or
-// PyTorch headers, so it builds in about a second. Returns 1 when a row holds a NaN (the
-// caller then uses the PyTorch reference), else 0.
+// PyTorch headers, so it builds in about a second.
 
 #include <algorithm>
 #include <cstdint>
@@ -195,8 +198,14 @@ extern "C" int forgetless_pk_topk(const float* s, int64_t tokens, int64_t heads,
   std::vector<int> bad(nt, 0);
   std::vector<std::thread> pool;
   const int64_t per = (rows + nt - 1) / nt;
-  for (int64_t t = 1; t < nt; ++t)
-    pool.emplace_back([&, t] { bad[t] = run_rows(a, std::min(rows, t * per), std::min(rows, (t + 1) * per)); });
+  for (int64_t t = 1; t < nt; ++t) {
+    const int64_t lo = std::min(rows, t * per), hi = std::min(rows, (t + 1) * per);
+    try {
+      pool.emplace_back([&, t, lo, hi] { bad[t] = run_rows(a, lo, hi); });
+    } catch (...) {  // no thread to be had: this one does that share too
+      bad[t] = run_rows(a, lo, hi);
+    }
+  }
   bad[0] = run_rows(a, 0, std::min(rows, per));
   for (auto& th : pool) th.join();
   return *std::max_element(bad.begin(), bad.end());
@@ -254,9 +263,14 @@ extern "C" void forgetless_bag_weight_grad(const float* values, int64_t dim, con
   if (nt == 1) return bag_rows(values, dim, idx, reads, grad, out, 0, tokens);
   std::vector<std::thread> pool;
   const int64_t per = (tokens + nt - 1) / nt;
-  for (int64_t t = 1; t < nt; ++t)
-    pool.emplace_back([=] { bag_rows(values, dim, idx, reads, grad, out, std::min(tokens, t * per),
-                                     std::min(tokens, (t + 1) * per)); });
+  for (int64_t t = 1; t < nt; ++t) {
+    const int64_t lo = std::min(tokens, t * per), hi = std::min(tokens, (t + 1) * per);
+    try {
+      pool.emplace_back([=] { bag_rows(values, dim, idx, reads, grad, out, lo, hi); });
+    } catch (...) {  // no thread to be had: this one does that share too
+      bag_rows(values, dim, idx, reads, grad, out, lo, hi);
+    }
+  }
   bag_rows(values, dim, idx, reads, grad, out, 0, std::min(tokens, per));
   for (auto& th : pool) th.join();
 }

@@ -30,3 +30,20 @@ def test_bad_options_are_one_clear_error():
     m = make_method("smf", lr=1.0, protect=0.5)
     assert m.describe()["protect"] == 0.5 and m.describe()["max_doc_rate"] == 1.0
     assert make_method("smf").describe()["protect"] == 0.9  # the default (docs/smf.md)
+
+
+def test_rows_kept_off_limits_are_never_selected_and_a_new_set_takes_effect():
+    from types import SimpleNamespace
+
+    from forgetless.methods.smf import select_read_slots
+
+    torch.manual_seed(0)
+    reads = torch.randint(0, 50, (400,))
+    mem = SimpleNamespace(n_slots=50, access_log=SimpleNamespace(last_indices=reads))
+    m = make_method("smf", lr=1.0, ranking="tf", top_t=8)
+    for excluded in (torch.tensor([3, 7, 11, 49]), torch.arange(0, 50, 2)):
+        m.excluded = {"x": excluded}  # a new set of rows kept off-limits: the cached mask follows it
+        got = m._select("x", mem)
+        assert not torch.isin(got, excluded).any()
+        assert torch.equal(got, select_read_slots(reads[~torch.isin(reads, excluded)], "tf", 8))
+        assert got.numel() == 8

@@ -27,7 +27,8 @@ Defaults (lr 30, protect 0.9) were chosen on validation facts (docs/smf.md); ``p
 lr 2-5 is the paper's method.
 
 Cost: the rows are chosen when the backward reaches the memory layer (scores on the slots
-read, not on all N), and that backward computes the gradient of those rows only; all other
+read, not on all N: read counts by ``bincount``, rows kept off-limits by a mask made once), and
+that backward computes the gradient of those rows only; all other
 parameters are frozen, so autograd computes nothing below the memory layer and no weight
 gradient above it.
 """
@@ -75,7 +76,9 @@ def select_read_slots(indices: torch.Tensor, ranking: str, top_t: int, doc_freq:
     ``indices``: the batch's reads (padding masked). Same result as ranking all N slots with
     ``tfidf_scores`` / ``select_top_slots`` (slots never read score 0 and are never chosen):
     sorted row ids, ties broken towards the lower index."""
-    rows, counts = torch.unique(indices.reshape(-1).cpu(), return_counts=True)  # sorted
+    per_slot = torch.bincount(indices.reshape(-1).cpu())  # O(reads + highest slot), cheaper than unique's sort
+    rows = per_slot.nonzero().flatten()  # sorted
+    counts = per_slot[rows]
     if ranking == "all" or rows.numel() <= top_t:
         return rows
     if ranking == "tfidf":
@@ -183,8 +186,20 @@ class SparseMemoryFinetune(Method):
         doc_freq, n_docs = self.idf_stats[name] if self.ranking == "tfidf" else (None, 0)
         reads = m.access_log.last_indices
         if name in self.excluded:  # rows kept off-limits are never chosen
-            reads = reads[~torch.isin(reads, self.excluded[name].to(reads.device))]
+            reads = reads[self._allowed(name, m, reads.device)[reads]]
         return select_read_slots(reads, self.ranking, self.top_t, doc_freq, n_docs)
+
+    def _allowed(self, name: str, m, device: torch.device) -> torch.Tensor:
+        """A (n_slots,) bool mask of the rows that may be trained (not in ``self.excluded``), made
+        once: indexing it with the reads is cheaper than ``torch.isin`` against the excluded rows."""
+        cache = self.__dict__.setdefault("_allowed_masks", {})
+        excluded = self.excluded[name]
+        made_from, mask = cache.get(name, (None, None))
+        if made_from is not excluded or mask.device != device:  # first use, or the excluded rows changed
+            mask = torch.ones(m.n_slots, dtype=torch.bool, device=device)
+            mask[excluded.to(device)] = False
+            cache[name] = (excluded, mask)
+        return mask
 
     def after_backward(self, model: nn.Module, step: int) -> None:
         for name, m in self.mems.items():

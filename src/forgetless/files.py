@@ -89,6 +89,13 @@ def _siblings(dest: Path, kind: str) -> list[Path]:
         return []
 
 
+def cache_dir(*parts: str) -> Path:
+    """The user's forgetless cache (``$FORGETLESS_CACHE``, default ``~/.cache/forgetless``), joined
+    with ``parts``; not created."""
+    root = os.environ.get("FORGETLESS_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "forgetless")
+    return Path(root).joinpath(*parts)
+
+
 def disk_error(e: OSError, what: str) -> OutputError:
     if e.errno == errno.ENOSPC:
         return OutputError(f"the disk is full: {what} could not be written (what was saved before is intact).")

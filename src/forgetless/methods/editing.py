@@ -51,6 +51,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, DataSourceError
+from ..files import cache_dir
 from .base import Method, MethodContext, MethodOptions
 
 STATS_FILE = "editing_stats.safetensors"
@@ -97,8 +98,7 @@ def _stats_path(model_dir: Path) -> Path:
     model_dir = Path(model_dir)
     if os.access(model_dir, os.W_OK):
         return model_dir / STATS_FILE
-    root = Path(os.environ.get("FORGETLESS_CACHE", Path.home() / ".cache" / "forgetless"))
-    return root / "editing" / hashlib.sha1(str(model_dir.resolve()).encode()).hexdigest()[:16] / STATS_FILE
+    return cache_dir("editing", hashlib.sha1(str(model_dir.resolve()).encode()).hexdigest()[:16], STATS_FILE)
 
 
 @torch.no_grad()

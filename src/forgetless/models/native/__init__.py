@@ -30,6 +30,7 @@ import ctypes
 import hashlib
 import logging
 import os
+import platform
 import shutil
 import subprocess
 import tempfile
@@ -38,6 +39,8 @@ from pathlib import Path
 import torch
 
 from ...errors import ConfigError
+from ...files import cache_dir
+from ..precision import cpu_flags
 
 log = logging.getLogger(__name__)
 
@@ -59,28 +62,16 @@ def native_enabled() -> bool:
     return value in ("1", "on", "true", "yes")
 
 
-def _cpu_flags() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("flags", "Features")):
-                return line
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or platform.machine()
-
-
-def _cache_dir() -> Path:
-    root = os.environ.get("FORGETLESS_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "forgetless")
-    return Path(root) / "native"
-
-
 def _compiler() -> str | None:
     for name in (os.environ.get("CXX"), "c++", "g++", "clang++"):
         if name and shutil.which(name):
             return shutil.which(name)
     return None
+
+
+def _arch() -> str:
+    """The -march target: ``$FORGETLESS_NATIVE_ARCH``, default "native"."""
+    return os.environ.get(ARCH_ENV, "native").strip() or "native"
 
 
 def _build() -> Path:
@@ -89,12 +80,13 @@ def _build() -> Path:
     if cxx is None:
         raise OSError("no C++ compiler found (set CXX, or install g++)")
     src = SOURCE.read_bytes()
-    arch = os.environ.get(ARCH_ENV, "native").strip() or "native"
+    arch = _arch()
     if not arch.replace("-", "").replace("_", "").replace(".", "").isalnum():
         raise OSError(f"{ARCH_ENV}={arch!r} is not a -march target name")
     flags = [f"-march={arch}", *FLAGS]
-    key = hashlib.sha256(src + " ".join([cxx, *flags]).encode() + _cpu_flags().encode()).hexdigest()[:16]
-    out = _cache_dir() / f"memory_kernels-{key}.so"
+    cpu = " ".join(sorted(cpu_flags())) or platform.machine()
+    key = hashlib.sha256(src + " ".join([cxx, *flags, cpu]).encode()).hexdigest()[:16]
+    out = cache_dir("native", f"memory_kernels-{key}.so")
     if out.is_file():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -129,8 +121,7 @@ def _load() -> ctypes.CDLL | None:
     bag = lib.forgetless_bag_weight_grad
     bag.argtypes = [ptr, i64, ptr, i64, i64, ptr, ptr, i64]
     bag.restype = None
-    arch = os.environ.get(ARCH_ENV, "native").strip() or "native"
-    _lib, _status = lib, "compiled" if arch == "native" else f"compiled for -march={arch}"
+    _lib, _status = lib, "compiled" if _arch() == "native" else f"compiled for -march={_arch()}"
     return _lib
 
 
